@@ -1,0 +1,120 @@
+//! Command-line surface: the clap definitions, shared flags, and one `exec` per subcommand.
+//! Each subcommand only turns flags into config overrides and options, then calls the library.
+
+mod fetch_data;
+mod validate;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use segctl::config::Config;
+use segctl::progress::ProgressMode;
+
+/// Exit code for "could not run" (bad flags, bad config, missing files).
+pub const EXIT_FAILURE: u8 = 2;
+/// Exit code for "ran, and the answer is no" (validation failed, model rejected, some inputs failed).
+pub const EXIT_REJECTED: u8 = 1;
+
+/// Fetch, validate, train, evaluate, export, serve and predict a pet-segmentation model.
+#[derive(Debug, Parser)]
+#[command(name = "segctl", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every subcommand takes.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// YAML configuration file (defaults apply to every key it leaves out).
+    #[arg(long, short = 'c', global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override one config value: dotted key, value parsed as YAML (repeatable).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// More log output (-v debug, -vv trace).
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only warnings and errors; no progress bars.
+    #[arg(long, short = 'q', global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Download and extract Oxford-IIIT Pet, or generate a synthetic dataset.
+    FetchData(fetch_data::FetchDataArgs),
+    /// Check a dataset against the data contract and report statistics.
+    Validate(validate::ValidateArgs),
+}
+
+/// Runs the chosen subcommand.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::FetchData(args) => fetch_data::exec(args, &cli.global),
+        Command::Validate(args) => validate::exec(args, &cli.global),
+    }
+}
+
+/// Sets up `log` through env_logger: `RUST_LOG` wins, else -q/-v pick the level.
+pub fn init_logging(global: &GlobalArgs) {
+    let level = match (global.quiet, global.verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = format!("segctl={level},warn");
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(filter))
+        .format_target(false)
+        .format_timestamp_secs()
+        .init();
+}
+
+impl GlobalArgs {
+    /// Loads the config with `--set` overrides, then the subcommand's own flag overrides.
+    pub fn load_config(&self, flags: Overrides) -> Result<Config> {
+        let mut overrides = Vec::new();
+        for item in &self.set {
+            let (key, value) = item
+                .split_once('=')
+                .with_context(|| format!("--set `{item}`: expected KEY=VALUE, e.g. train.epochs=5"))?;
+            overrides.push((key.trim().to_string(), value.to_string()));
+        }
+        overrides.extend(flags.0);
+        segctl::config::load(self.config.as_deref(), &overrides)
+    }
+
+    /// Progress bars unless quiet or the output is machine-readable.
+    pub fn progress(&self, json: bool) -> ProgressMode {
+        if self.quiet || json { ProgressMode::Hidden } else { ProgressMode::Auto }
+    }
+}
+
+/// Config overrides coming from typed flags (applied after `--set`).
+#[derive(Debug, Default)]
+pub struct Overrides(Vec<(String, String)>);
+
+impl Overrides {
+    /// Adds `key = value` when the flag was given.
+    pub fn add<T: serde::Serialize>(mut self, key: &str, value: Option<T>) -> Self {
+        if let Some(v) = value {
+            let yaml = serde_yaml::to_string(&v).expect("flag values serialize to YAML");
+            self.0.push((key.to_string(), yaml));
+        }
+        self
+    }
+}
+
+/// Writes a value as pretty JSON to stdout.
+pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}

@@ -1,0 +1,684 @@
+//! The one typed configuration tree shared by every subcommand: YAML in, defaults in one place
+//! (the `Default` impls below), overrides from `--set key=value` and flags, validated once at
+//! load with errors that name the file and the key.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// The class names, in class-id order (trimap value − 1).
+pub const CLASS_NAMES: [&str; 3] = ["pet", "background", "border"];
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    pub evaluate: EvaluateConfig,
+    pub export: ExportConfig,
+    pub serve: ServeConfig,
+}
+
+/// `data`: where the dataset lives and how it is read.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Dataset root (holds `images/` and `annotations/`).
+    pub root: PathBuf,
+    /// Side of the square model input, in pixels.
+    pub image_size: usize,
+    /// Fraction of trainval held out for validation.
+    pub val_fraction: f64,
+    /// Seed of the validation split and the shuffling.
+    pub seed: u64,
+    /// Decode threads (0 = one per core).
+    pub workers: usize,
+    /// Batches decoded ahead of the model.
+    pub prefetch_batches: usize,
+    /// Folder for the on-disk cache of preprocessed samples (none = no cache).
+    pub cache_dir: Option<PathBuf>,
+    /// Random horizontal flip while training.
+    pub hflip: bool,
+    /// How `fetch-data` downloads.
+    pub fetch: FetchConfig,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("data/oxford-iiit-pet"),
+            image_size: 128,
+            val_fraction: 0.1,
+            seed: 42,
+            workers: 0,
+            prefetch_batches: 4,
+            cache_dir: None,
+            hflip: true,
+            fetch: FetchConfig::default(),
+        }
+    }
+}
+
+/// `data.fetch`: download behaviour.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct FetchConfig {
+    /// URL prefix or local folder holding `images.tar.gz` and `annotations.tar.gz`
+    /// (none = the official URLs, then the official mirror).
+    pub source: Option<String>,
+    /// md5sum-format file replacing the official checksums.
+    pub checksums: Option<PathBuf>,
+    /// Attempts per archive before giving up.
+    pub retries: u32,
+    /// First retry delay; doubles on each attempt.
+    pub retry_backoff_ms: u64,
+    /// Connect and read timeout, in seconds.
+    pub timeout_s: u64,
+    /// Cap on the total bytes extracted from the archives (decompression bombs).
+    pub max_extract_bytes: u64,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            source: None,
+            checksums: None,
+            retries: 5,
+            retry_backoff_ms: 1000,
+            timeout_s: 60,
+            max_extract_bytes: 4 << 30,
+        }
+    }
+}
+
+/// Model architectures.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Arch {
+    /// Plain UNet trained from scratch.
+    Unet,
+    /// MobileNetV2 encoder + pix2pix decoder.
+    Mobilenetv2Unet,
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Arch::Unet => "unet",
+            Arch::Mobilenetv2Unet => "mobilenetv2_unet",
+        })
+    }
+}
+
+/// `model`: which network and its settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    /// Settings of `unet`.
+    pub unet: UnetConfig,
+    /// Settings of the `mobilenetv2_unet` encoder.
+    pub encoder: EncoderConfig,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { arch: Arch::Unet, unet: UnetConfig::default(), encoder: EncoderConfig::default() }
+    }
+}
+
+/// `model.unet`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct UnetConfig {
+    /// Number of 2× downsamplings.
+    pub depth: usize,
+    /// Channels of the first level; doubled at each level.
+    pub base_width: usize,
+}
+
+impl Default for UnetConfig {
+    fn default() -> Self {
+        Self { depth: 4, base_width: 32 }
+    }
+}
+
+/// `model.encoder` (for `mobilenetv2_unet`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EncoderConfig {
+    /// A Hugging Face repo id (`timm/mobilenetv2_100.ra_in1k`), a local `.safetensors` path,
+    /// or `none` for random initialisation.
+    pub weights: String,
+    /// `false` keeps the encoder out of the optimizer, with BatchNorm in eval mode.
+    pub trainable: bool,
+}
+
+impl Default for EncoderConfig {
+    fn default() -> Self {
+        Self { weights: "timm/mobilenetv2_100.ra_in1k".into(), trainable: true }
+    }
+}
+
+/// `train`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Where run folders are created.
+    pub output_dir: PathBuf,
+    /// Run folder name under `output_dir` (none = a timestamped name).
+    pub run_name: Option<String>,
+    /// Seed of weight initialisation, augmentation and data order.
+    pub seed: u64,
+    /// Cap on optimizer steps per epoch (none = the whole split); for quick checks.
+    pub max_steps_per_epoch: Option<usize>,
+    pub optimizer: OptimizerConfig,
+    pub schedule: ScheduleConfig,
+    pub loss: LossConfig,
+    pub checkpoint: CheckpointConfig,
+    pub early_stopping: EarlyStoppingConfig,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 30,
+            batch_size: 16,
+            device: "auto".into(),
+            output_dir: PathBuf::from("checkpoints"),
+            run_name: None,
+            seed: 1,
+            max_steps_per_epoch: None,
+            optimizer: OptimizerConfig::default(),
+            schedule: ScheduleConfig::default(),
+            loss: LossConfig::default(),
+            checkpoint: CheckpointConfig::default(),
+            early_stopping: EarlyStoppingConfig::default(),
+        }
+    }
+}
+
+/// `train.optimizer` (AdamW).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerConfig {
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self { lr: 1e-3, weight_decay: 1e-4, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+    }
+}
+
+/// Learning-rate schedule kinds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleKind {
+    Constant,
+    Step,
+    Cosine,
+}
+
+/// `train.schedule`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ScheduleConfig {
+    pub kind: ScheduleKind,
+    /// Linear warm-up from 0, in epochs (fractions allowed).
+    pub warmup_epochs: f64,
+    /// `step`: multiply by `gamma` every `step_epochs`.
+    pub step_epochs: usize,
+    pub gamma: f64,
+    /// `cosine`: the floor, as a fraction of `train.optimizer.lr`.
+    pub min_lr_fraction: f64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            kind: ScheduleKind::Cosine,
+            warmup_epochs: 1.0,
+            step_epochs: 10,
+            gamma: 0.1,
+            min_lr_fraction: 0.01,
+        }
+    }
+}
+
+/// Loss kinds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// Pixel-wise cross-entropy.
+    Ce,
+    /// Soft Dice over the classes.
+    Dice,
+    /// Cross-entropy + `dice_weight` × Dice.
+    CeDice,
+}
+
+/// `train.loss`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LossConfig {
+    pub kind: LossKind,
+    /// Per-class cross-entropy weights (pet, background, border); none = equal.
+    pub class_weights: Option<Vec<f32>>,
+    pub dice_weight: f64,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self { kind: LossKind::Ce, class_weights: None, dice_weight: 1.0 }
+    }
+}
+
+/// `train.checkpoint`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save every N epochs (the last epoch and the best are always saved).
+    pub every_epochs: usize,
+    /// Keep the last K periodic checkpoints.
+    pub keep_last: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every_epochs: 1, keep_last: 2 }
+    }
+}
+
+/// `train.early_stopping`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EarlyStoppingConfig {
+    /// Stop after this many epochs without a validation-mIoU improvement (none = never).
+    pub patience: Option<usize>,
+    /// Smallest change that counts as an improvement.
+    pub min_delta: f64,
+}
+
+impl Default for EarlyStoppingConfig {
+    fn default() -> Self {
+        Self { patience: None, min_delta: 1e-4 }
+    }
+}
+
+/// `evaluate`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvaluateConfig {
+    /// `test`, `trainval`, `train` or `val`.
+    pub split: String,
+    pub batch_size: usize,
+    /// Gate: reject below this mean IoU.
+    pub min_miou: Option<f64>,
+    /// Gate: reject more than this below the baseline's mean IoU.
+    pub max_drop: Option<f64>,
+}
+
+impl Default for EvaluateConfig {
+    fn default() -> Self {
+        Self { split: "test".into(), batch_size: 16, min_miou: None, max_drop: None }
+    }
+}
+
+/// `export`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExportConfig {
+    /// The model repository (`<repository>/<name>/<version>/`).
+    pub repository: PathBuf,
+    /// Fold inference BatchNorm into the convolutions when outputs stay within 1e-4.
+    pub fold_batchnorm: bool,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self { repository: PathBuf::from("models"), fold_batchnorm: true }
+    }
+}
+
+/// Which versions of a model the server loads: `all`, `{latest: N}` or `{specific: [..]}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(try_from = "RawVersionPolicy", into = "RawVersionPolicy")]
+pub enum VersionPolicy {
+    /// The newest N versions.
+    Latest(usize),
+    /// Every version present.
+    All,
+    /// Exactly these versions.
+    Specific(Vec<u64>),
+}
+
+/// The YAML shapes of [`VersionPolicy`] (serde_yaml cannot read externally tagged enums from a
+/// value tree, which `--set` needs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+enum RawVersionPolicy {
+    Word(String),
+    Latest { latest: usize },
+    Specific { specific: Vec<u64> },
+}
+
+impl TryFrom<RawVersionPolicy> for VersionPolicy {
+    type Error = String;
+    fn try_from(raw: RawVersionPolicy) -> std::result::Result<Self, String> {
+        match raw {
+            RawVersionPolicy::Word(w) if w == "all" => Ok(VersionPolicy::All),
+            RawVersionPolicy::Word(w) => Err(format!("`{w}` is not a version policy: use all, {{latest: N}} or {{specific: [..]}}")),
+            RawVersionPolicy::Latest { latest } => Ok(VersionPolicy::Latest(latest)),
+            RawVersionPolicy::Specific { specific } => Ok(VersionPolicy::Specific(specific)),
+        }
+    }
+}
+
+impl From<VersionPolicy> for RawVersionPolicy {
+    fn from(p: VersionPolicy) -> Self {
+        match p {
+            VersionPolicy::All => RawVersionPolicy::Word("all".into()),
+            VersionPolicy::Latest(latest) => RawVersionPolicy::Latest { latest },
+            VersionPolicy::Specific(specific) => RawVersionPolicy::Specific { specific },
+        }
+    }
+}
+
+impl Default for VersionPolicy {
+    fn default() -> Self {
+        VersionPolicy::Latest(1)
+    }
+}
+
+/// `serve.models[]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServedModelConfig {
+    pub name: String,
+    #[serde(default)]
+    pub version_policy: VersionPolicy,
+}
+
+/// `serve`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    pub host: String,
+    pub port: u16,
+    /// Model repository to serve (none = `export.repository`).
+    pub repository: Option<PathBuf>,
+    /// Models to serve (empty = every model in the repository, latest version).
+    pub models: Vec<ServedModelConfig>,
+    /// `/infer` serves this model (none = the only or first model).
+    pub default_model: Option<String>,
+    pub max_batch_size: usize,
+    pub max_delay_ms: u64,
+    /// Requests waiting per model version before 503.
+    pub queue_capacity: usize,
+    pub max_body_bytes: usize,
+    /// Largest decoded image, in pixels (decompression bombs).
+    pub max_pixels: u64,
+    pub request_timeout_ms: u64,
+    /// Inference threads per model version.
+    pub model_threads: usize,
+    /// How often the repository is rescanned for new or removed versions.
+    pub poll_interval_ms: u64,
+    /// Device for inference: `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            repository: None,
+            models: Vec::new(),
+            default_model: None,
+            max_batch_size: 16,
+            max_delay_ms: 5,
+            queue_capacity: 256,
+            max_body_bytes: 32 << 20,
+            max_pixels: 40_000_000,
+            request_timeout_ms: 30_000,
+            model_threads: 1,
+            poll_interval_ms: 1000,
+            device: "auto".into(),
+        }
+    }
+}
+
+/// Loads the configuration: the YAML file (or the defaults when `path` is `None`), then each
+/// `(dotted.key, yaml value)` override in order, then validation.
+pub fn load(path: Option<&Path>, overrides: &[(String, String)]) -> Result<Config> {
+    let (mut tree, origin) = match path {
+        Some(p) => {
+            let text = crate::util::fs::read_to_string(p)?;
+            let value: serde_yaml::Value = serde_yaml::from_str(&text)
+                .with_context(|| format!("config `{}` is not valid YAML", p.display()))?;
+            let value = match value {
+                serde_yaml::Value::Null => serde_yaml::Value::Mapping(Default::default()),
+                v => v,
+            };
+            (value, format!("config `{}`", p.display()))
+        }
+        None => (serde_yaml::Value::Mapping(Default::default()), "built-in config".to_string()),
+    };
+    for (key, raw) in overrides {
+        let value: serde_yaml::Value = serde_yaml::from_str(raw)
+            .with_context(|| format!("override `{key}={raw}`: value is not valid YAML"))?;
+        set_dotted(&mut tree, key, value).with_context(|| format!("override `{key}={raw}`"))?;
+    }
+    let config: Config = serde_path_to_error::deserialize(tree).map_err(|err| {
+        let key = err.path().to_string();
+        anyhow::anyhow!("{origin}: key `{key}`: {}", err.inner())
+    })?;
+    config.validate().map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+    Ok(config)
+}
+
+/// Sets `a.b.c` in a YAML mapping tree, creating intermediate mappings.
+fn set_dotted(tree: &mut serde_yaml::Value, key: &str, value: serde_yaml::Value) -> Result<()> {
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("`{key}` is not a dotted key like `train.epochs`");
+    }
+    let mut node = tree;
+    for (i, part) in parts.iter().enumerate() {
+        let map = match node {
+            serde_yaml::Value::Mapping(m) => m,
+            _ => bail!("`{}` is not a section, cannot set `{key}`", parts[..i].join(".")),
+        };
+        let k = serde_yaml::Value::String(part.to_string());
+        if i + 1 == parts.len() {
+            map.insert(k, value);
+            return Ok(());
+        }
+        if !map.contains_key(&k) || map.get(&k).is_some_and(|v| v.is_null()) {
+            map.insert(k.clone(), serde_yaml::Value::Mapping(Default::default()));
+        }
+        node = map.get_mut(&k).expect("inserted above");
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Checks values that types alone cannot; the message names the key.
+    pub fn validate(&self) -> Result<()> {
+        let d = &self.data;
+        ensure_key(d.image_size >= 32 && d.image_size % 32 == 0, "data.image_size", || {
+            format!("must be a positive multiple of 32, got {}", d.image_size)
+        })?;
+        ensure_key((0.0..1.0).contains(&d.val_fraction), "data.val_fraction", || {
+            format!("must be in [0, 1), got {}", d.val_fraction)
+        })?;
+        ensure_key(d.prefetch_batches >= 1, "data.prefetch_batches", || "must be at least 1".into())?;
+        ensure_key(d.fetch.retries >= 1, "data.fetch.retries", || "must be at least 1".into())?;
+        ensure_key(d.fetch.timeout_s >= 1, "data.fetch.timeout_s", || "must be at least 1".into())?;
+        let u = &self.model.unet;
+        ensure_key((1..=6).contains(&u.depth), "model.unet.depth", || {
+            format!("must be between 1 and 6, got {}", u.depth)
+        })?;
+        ensure_key(
+            self.model.arch != Arch::Unet || d.image_size % (1 << u.depth) == 0,
+            "model.unet.depth",
+            || format!("2^depth must divide data.image_size ({})", d.image_size),
+        )?;
+        ensure_key(u.base_width >= 1, "model.unet.base_width", || "must be at least 1".into())?;
+        let t = &self.train;
+        ensure_key(t.epochs >= 1, "train.epochs", || "must be at least 1".into())?;
+        ensure_key(t.batch_size >= 1, "train.batch_size", || "must be at least 1".into())?;
+        parse_device_spec(&t.device).map_err(|e| anyhow::anyhow!("key `train.device`: {e}"))?;
+        parse_device_spec(&self.serve.device).map_err(|e| anyhow::anyhow!("key `serve.device`: {e}"))?;
+        ensure_key(t.optimizer.lr > 0.0, "train.optimizer.lr", || "must be positive".into())?;
+        ensure_key(t.checkpoint.every_epochs >= 1, "train.checkpoint.every_epochs", || {
+            "must be at least 1".into()
+        })?;
+        ensure_key(t.checkpoint.keep_last >= 1, "train.checkpoint.keep_last", || {
+            "must be at least 1".into()
+        })?;
+        ensure_key(t.schedule.step_epochs >= 1, "train.schedule.step_epochs", || {
+            "must be at least 1".into()
+        })?;
+        if let Some(w) = &t.loss.class_weights {
+            ensure_key(
+                w.len() == CLASS_NAMES.len() && w.iter().all(|x| *x >= 0.0),
+                "train.loss.class_weights",
+                || format!("must be {} non-negative numbers (pet, background, border)", CLASS_NAMES.len()),
+            )?;
+        }
+        ensure_key(t.max_steps_per_epoch != Some(0), "train.max_steps_per_epoch", || {
+            "must be at least 1".into()
+        })?;
+        crate::data::Split::parse(&self.evaluate.split)
+            .map_err(|e| anyhow::anyhow!("key `evaluate.split`: {e}"))?;
+        ensure_key(self.evaluate.batch_size >= 1, "evaluate.batch_size", || "must be at least 1".into())?;
+        let s = &self.serve;
+        ensure_key(s.max_batch_size >= 1, "serve.max_batch_size", || "must be at least 1".into())?;
+        ensure_key(s.queue_capacity >= 1, "serve.queue_capacity", || "must be at least 1".into())?;
+        ensure_key(s.model_threads >= 1, "serve.model_threads", || "must be at least 1".into())?;
+        ensure_key(s.max_pixels >= 1, "serve.max_pixels", || "must be at least 1".into())?;
+        for (i, m) in s.models.iter().enumerate() {
+            ensure_key(is_valid_model_name(&m.name), &format!("serve.models[{i}].name"), || {
+                format!("`{}` is not a model name (letters, digits, `-`, `_`, `.`)", m.name)
+            })?;
+            if let VersionPolicy::Latest(0) = m.version_policy {
+                bail!("key `serve.models[{i}].version_policy`: latest must be at least 1");
+            }
+        }
+        Ok(())
+    }
+
+    /// The repository `serve` reads.
+    pub fn serve_repository(&self) -> PathBuf {
+        self.serve.repository.clone().unwrap_or_else(|| self.export.repository.clone())
+    }
+}
+
+fn ensure_key(ok: bool, key: &str, message: impl FnOnce() -> String) -> Result<()> {
+    if ok { Ok(()) } else { bail!("key `{key}`: {}", message()) }
+}
+
+/// A model name usable as a folder name and a URL segment.
+pub fn is_valid_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// A parsed `--device` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+/// Parses `auto`, `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device_spec(text: &str) -> Result<DeviceSpec> {
+    match text {
+        "auto" => Ok(DeviceSpec::Auto),
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" => Ok(DeviceSpec::Cuda(0)),
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => Ok(DeviceSpec::Cuda(n)),
+            None => bail!("`{other}` is not a device: use auto, cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(yaml: &str, overrides: &[(&str, &str)]) -> Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let ov: Vec<(String, String)> =
+            overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        load(Some(&path), &ov)
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(load_str("", &[]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = format!("{:#}", load_str("data:\n  roots: x\n", &[]).unwrap_err());
+        assert!(err.contains("data.roots") || err.contains("`roots`"), "{err}");
+        assert!(err.contains("c.yaml"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = format!("{:#}", load_str("train:\n  epochs: many\n", &[]).unwrap_err());
+        assert!(err.contains("train.epochs"), "{err}");
+    }
+
+    #[test]
+    fn set_overrides_and_is_checked() {
+        let c = load_str("train:\n  epochs: 3\n", &[("train.epochs", "5"), ("data.root", "/x")]).unwrap();
+        assert_eq!(c.train.epochs, 5);
+        assert_eq!(c.data.root, PathBuf::from("/x"));
+        let err = format!("{:#}", load_str("", &[("train.batch_size", "[1]")]).unwrap_err());
+        assert!(err.contains("train.batch_size"), "{err}");
+        let err = format!("{:#}", load_str("", &[("train.nope", "1")]).unwrap_err());
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_key() {
+        let err = format!("{:#}", load_str("data:\n  image_size: 100\n", &[]).unwrap_err());
+        assert!(err.contains("data.image_size"), "{err}");
+        let err = format!("{:#}", load_str("train:\n  device: gpu\n", &[]).unwrap_err());
+        assert!(err.contains("train.device"), "{err}");
+    }
+
+    #[test]
+    fn version_policy_forms() {
+        let c = load_str(
+            "serve:\n  models:\n    - name: pets\n      version_policy: {latest: 2}\n    - name: b\n      version_policy: all\n    - name: c\n      version_policy: {specific: [1, 3]}\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.serve.models[0].version_policy, VersionPolicy::Latest(2));
+        assert_eq!(c.serve.models[1].version_policy, VersionPolicy::All);
+        assert_eq!(c.serve.models[2].version_policy, VersionPolicy::Specific(vec![1, 3]));
+    }
+}

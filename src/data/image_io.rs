@@ -1,0 +1,425 @@
+//! Robust image decoding shared by validation, training, inference and serving: format
+//! sniffing by content (not extension), header reads before decoding (pixel limits), JPEG
+//! truncation checks, CMYK/grayscale/alpha detection, EXIF orientation, and trimap reading.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, GrayImage, ImageDecoder, RgbImage};
+
+/// What a file really is, judged by its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    Jpeg,
+    Png,
+    Gif,
+    Unknown,
+}
+
+impl std::fmt::Display for FileFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FileFormat::Jpeg => "JPEG",
+            FileFormat::Png => "PNG",
+            FileFormat::Gif => "GIF",
+            FileFormat::Unknown => "not an image",
+        })
+    }
+}
+
+/// Identifies JPEG, PNG and GIF by their magic bytes.
+pub fn sniff(bytes: &[u8]) -> FileFormat {
+    if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        FileFormat::Jpeg
+    } else if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
+        FileFormat::Png
+    } else if bytes.starts_with(b"GIF87a") || bytes.starts_with(b"GIF89a") {
+        FileFormat::Gif
+    } else {
+        FileFormat::Unknown
+    }
+}
+
+/// A colour conversion applied while decoding (a warning in `validate`, never an error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ColorNote {
+    /// Single-channel image expanded to RGB.
+    Grayscale,
+    /// CMYK/YCCK JPEG converted to RGB.
+    Cmyk,
+    /// Alpha channel dropped.
+    Alpha,
+    /// 16-bit samples reduced to 8 bits.
+    HighBitDepth,
+}
+
+impl ColorNote {
+    /// Short description for reports.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ColorNote::Grayscale => "grayscale image converted to RGB",
+            ColorNote::Cmyk => "CMYK image converted to RGB",
+            ColorNote::Alpha => "alpha channel dropped (RGBA converted to RGB)",
+            ColorNote::HighBitDepth => "16-bit image reduced to 8 bits",
+        }
+    }
+}
+
+/// Why an image could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty file")]
+    Empty,
+    #[error("not a JPEG, PNG or GIF image")]
+    NotAnImage,
+    #[error("truncated {0} file (ends before the image data does)")]
+    Truncated(FileFormat),
+    #[error("image is {width}x{height} = {pixels} pixels, over the limit of {limit}")]
+    TooLarge { width: u32, height: u32, pixels: u64, limit: u64 },
+    #[error("corrupt {format} data: {message}")]
+    Corrupt { format: FileFormat, message: String },
+}
+
+/// Width, height and channel layout read from the header, before any decoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderInfo {
+    pub format: FileFormat,
+    pub width: u32,
+    pub height: u32,
+    /// Components in a JPEG frame (1 gray, 3 YCbCr, 4 CMYK/YCCK); `None` for other formats.
+    pub jpeg_components: Option<u8>,
+}
+
+/// Reads dimensions from the header of a JPEG, PNG or GIF.
+pub fn read_header(bytes: &[u8]) -> Result<HeaderInfo, DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let format = sniff(bytes);
+    match format {
+        FileFormat::Png => {
+            if bytes.len() < 26 || &bytes[12..16] != b"IHDR" {
+                return Err(DecodeError::Truncated(format));
+            }
+            let width = u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
+            let height = u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
+            Ok(HeaderInfo { format, width, height, jpeg_components: None })
+        }
+        FileFormat::Gif => {
+            if bytes.len() < 10 {
+                return Err(DecodeError::Truncated(format));
+            }
+            let width = u16::from_le_bytes([bytes[6], bytes[7]]) as u32;
+            let height = u16::from_le_bytes([bytes[8], bytes[9]]) as u32;
+            Ok(HeaderInfo { format, width, height, jpeg_components: None })
+        }
+        FileFormat::Jpeg => {
+            let scan = scan_jpeg(bytes);
+            match scan.frame {
+                Some((width, height, components)) => Ok(HeaderInfo {
+                    format,
+                    width,
+                    height,
+                    jpeg_components: Some(components),
+                }),
+                None if scan.ran_out => Err(DecodeError::Truncated(format)),
+                None => Err(DecodeError::Corrupt { format, message: "no frame header".into() }),
+            }
+        }
+        FileFormat::Unknown => Err(DecodeError::NotAnImage),
+    }
+}
+
+struct JpegScan {
+    /// (width, height, components) of the first frame header.
+    frame: Option<(u32, u32, u8)>,
+    /// An end-of-image marker follows the first scan.
+    complete: bool,
+    /// The data ended inside a segment or before EOI.
+    ran_out: bool,
+}
+
+/// Walks the JPEG marker structure: frame header, scans, and the end-of-image marker. Inside
+/// entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker, so the first
+/// other marker after a scan is a real one; a file that ends before EOI is truncated.
+fn scan_jpeg(bytes: &[u8]) -> JpegScan {
+    let mut scan = JpegScan { frame: None, complete: false, ran_out: false };
+    let mut i = 2; // after SOI
+    loop {
+        // Find the next marker (skipping fill bytes).
+        while i < bytes.len() && bytes[i] != 0xFF {
+            i += 1;
+        }
+        while i < bytes.len() && bytes[i] == 0xFF {
+            i += 1;
+        }
+        if i >= bytes.len() {
+            scan.ran_out = true;
+            return scan;
+        }
+        let marker = bytes[i];
+        i += 1;
+        match marker {
+            0xD9 => {
+                scan.complete = true;
+                return scan;
+            }
+            0x01 | 0xD0..=0xD8 => continue,
+            _ => {}
+        }
+        if i + 2 > bytes.len() {
+            scan.ran_out = true;
+            return scan;
+        }
+        let length = u16::from_be_bytes([bytes[i], bytes[i + 1]]) as usize;
+        if length < 2 || i + length > bytes.len() {
+            scan.ran_out = true;
+            return scan;
+        }
+        let segment = &bytes[i + 2..i + length];
+        let is_sof = matches!(marker, 0xC0..=0xCF) && !matches!(marker, 0xC4 | 0xC8 | 0xCC);
+        if is_sof && scan.frame.is_none() && segment.len() >= 6 {
+            let height = u16::from_be_bytes([segment[1], segment[2]]) as u32;
+            let width = u16::from_be_bytes([segment[3], segment[4]]) as u32;
+            scan.frame = Some((width, height, segment[5]));
+        }
+        i += length;
+        if marker == 0xDA {
+            // Entropy-coded data: skip to the next real marker.
+            loop {
+                while i < bytes.len() && bytes[i] != 0xFF {
+                    i += 1;
+                }
+                if i + 1 >= bytes.len() {
+                    scan.ran_out = true;
+                    return scan;
+                }
+                let next = bytes[i + 1];
+                if next == 0x00 || (0xD0..=0xD7).contains(&next) || next == 0xFF {
+                    i += if next == 0xFF { 1 } else { 2 };
+                    continue;
+                }
+                break;
+            }
+        }
+    }
+}
+
+/// A decoded RGB image and what was converted on the way.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub image: RgbImage,
+    pub format: FileFormat,
+    pub notes: Vec<ColorNote>,
+}
+
+/// How to decode.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeOptions {
+    /// Refuse images with more pixels than this, before decoding them.
+    pub max_pixels: u64,
+    /// Rotate/flip by the EXIF orientation tag (photos from users; not dataset images, whose
+    /// trimaps were drawn on the stored pixel grid).
+    pub apply_exif_orientation: bool,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        Self { max_pixels: 100_000_000, apply_exif_orientation: false }
+    }
+}
+
+/// Decodes JPEG/PNG/GIF bytes to 8-bit RGB, whatever the extension said, refusing truncated
+/// files and oversized images.
+pub fn decode_rgb(bytes: &[u8], options: DecodeOptions) -> Result<Decoded, DecodeError> {
+    let header = read_header(bytes)?;
+    let pixels = header.width as u64 * header.height as u64;
+    if pixels > options.max_pixels {
+        return Err(DecodeError::TooLarge {
+            width: header.width,
+            height: header.height,
+            pixels,
+            limit: options.max_pixels,
+        });
+    }
+    if pixels == 0 {
+        return Err(DecodeError::Corrupt { format: header.format, message: "zero-sized image".into() });
+    }
+    if header.format == FileFormat::Jpeg && !scan_jpeg(bytes).complete {
+        return Err(DecodeError::Truncated(FileFormat::Jpeg));
+    }
+    let format = header.format;
+    // Decoders are third-party code fed with untrusted bytes: a panic must not take the
+    // caller (a training run, a server worker) down.
+    let decoded = std::panic::catch_unwind(|| decode_dynamic(bytes, format, options))
+        .unwrap_or_else(|_| {
+            Err(DecodeError::Corrupt { format, message: "decoder failed".into() })
+        })?;
+    let mut notes = Vec::new();
+    if header.jpeg_components == Some(4) {
+        notes.push(ColorNote::Cmyk);
+    }
+    use image::ColorType as C;
+    match decoded.color() {
+        C::L8 | C::L16 => notes.push(ColorNote::Grayscale),
+        C::La8 | C::La16 => notes.extend([ColorNote::Grayscale, ColorNote::Alpha]),
+        // GIF frames always decode as RGBA: only real transparency counts there.
+        C::Rgba8 if format == FileFormat::Gif => {
+            if decoded.as_rgba8().is_some_and(|i| i.pixels().any(|p| p.0[3] < 255)) {
+                notes.push(ColorNote::Alpha);
+            }
+        }
+        C::Rgba8 | C::Rgba16 | C::Rgba32F => notes.push(ColorNote::Alpha),
+        _ => {}
+    }
+    if matches!(decoded.color(), C::L16 | C::La16 | C::Rgb16 | C::Rgba16) {
+        notes.push(ColorNote::HighBitDepth);
+    }
+    Ok(Decoded { image: decoded.into_rgb8(), format, notes })
+}
+
+fn decode_dynamic(
+    bytes: &[u8],
+    format: FileFormat,
+    options: DecodeOptions,
+) -> Result<DynamicImage, DecodeError> {
+    let corrupt = |e: image::ImageError| match e {
+        image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            DecodeError::Truncated(format)
+        }
+        other => DecodeError::Corrupt { format, message: other.to_string() },
+    };
+    let image_format = match format {
+        FileFormat::Jpeg => image::ImageFormat::Jpeg,
+        FileFormat::Png => image::ImageFormat::Png,
+        FileFormat::Gif => image::ImageFormat::Gif,
+        FileFormat::Unknown => return Err(DecodeError::NotAnImage),
+    };
+    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), image_format);
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(options.max_pixels.saturating_mul(16).max(1 << 26));
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    let orientation = if options.apply_exif_orientation {
+        decoder.orientation().ok()
+    } else {
+        None
+    };
+    let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    if let Some(o) = orientation {
+        image.apply_orientation(o);
+    }
+    Ok(image)
+}
+
+/// Why a trimap could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MaskError {
+    #[error("mask is {0}, not PNG")]
+    NotPng(FileFormat),
+    #[error("mask has {0} channels, expected 1")]
+    NotSingleChannel(u8),
+    #[error("mask: {0}")]
+    Decode(DecodeError),
+}
+
+/// Reads a trimap PNG as one 8-bit channel (values as stored: 1, 2, 3).
+pub fn decode_trimap(bytes: &[u8]) -> Result<GrayImage, MaskError> {
+    let format = sniff(bytes);
+    if format != FileFormat::Png {
+        return Err(if bytes.is_empty() {
+            MaskError::Decode(DecodeError::Empty)
+        } else {
+            MaskError::NotPng(format)
+        });
+    }
+    let options = DecodeOptions::default();
+    let header = read_header(bytes).map_err(MaskError::Decode)?;
+    let pixels = header.width as u64 * header.height as u64;
+    if pixels > options.max_pixels {
+        return Err(MaskError::Decode(DecodeError::TooLarge {
+            width: header.width,
+            height: header.height,
+            pixels,
+            limit: options.max_pixels,
+        }));
+    }
+    let image = std::panic::catch_unwind(|| decode_dynamic(bytes, format, options))
+        .unwrap_or_else(|_| Err(DecodeError::Corrupt { format, message: "decoder failed".into() }))
+        .map_err(MaskError::Decode)?;
+    match image {
+        DynamicImage::ImageLuma8(gray) => Ok(gray),
+        other => Err(MaskError::NotSingleChannel(other.color().channel_count())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jpeg_bytes(w: u32, h: u32) -> Vec<u8> {
+        let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, 90]));
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+            .encode_image(&img)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn sniffing_and_headers() {
+        let jpg = jpeg_bytes(40, 30);
+        assert_eq!(sniff(&jpg), FileFormat::Jpeg);
+        let h = read_header(&jpg).unwrap();
+        assert_eq!((h.width, h.height, h.jpeg_components), (40, 30, Some(3)));
+        assert_eq!(sniff(b"hello"), FileFormat::Unknown);
+        assert_eq!(read_header(b""), Err(DecodeError::Empty));
+    }
+
+    #[test]
+    fn truncated_jpeg_is_refused() {
+        let jpg = jpeg_bytes(64, 64);
+        assert!(decode_rgb(&jpg, DecodeOptions::default()).is_ok());
+        let cut = &jpg[..jpg.len() * 2 / 3];
+        assert_eq!(
+            decode_rgb(cut, DecodeOptions::default()).unwrap_err(),
+            DecodeError::Truncated(FileFormat::Jpeg)
+        );
+    }
+
+    #[test]
+    fn pixel_limit_applies_before_decoding() {
+        // A PNG header claiming 100000x100000, with no data behind it.
+        let mut png = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+        png.extend_from_slice(&100_000u32.to_be_bytes());
+        png.extend_from_slice(&100_000u32.to_be_bytes());
+        png.extend_from_slice(&[8, 2, 0, 0, 0, 0, 0, 0, 0]);
+        let err = decode_rgb(&png, DecodeOptions { max_pixels: 1_000_000, ..Default::default() });
+        assert!(matches!(err, Err(DecodeError::TooLarge { width: 100_000, .. })), "{err:?}");
+    }
+
+    #[test]
+    fn png_in_jpg_decodes_by_content_and_alpha_is_noted() {
+        let img = image::RgbaImage::from_pixel(5, 4, image::Rgba([1, 2, 3, 4]));
+        let mut png = Vec::new();
+        img.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        let d = decode_rgb(&png, DecodeOptions::default()).unwrap();
+        assert_eq!(d.format, FileFormat::Png);
+        assert_eq!(d.notes, vec![ColorNote::Alpha]);
+        assert_eq!(d.image.dimensions(), (5, 4));
+    }
+
+    #[test]
+    fn trimap_must_be_single_channel_png() {
+        let gray = GrayImage::from_pixel(3, 3, image::Luma([2]));
+        let mut png = Vec::new();
+        gray.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        assert_eq!(decode_trimap(&png).unwrap().get_pixel(1, 1).0, [2]);
+        let rgb = RgbImage::from_pixel(3, 3, image::Rgb([1, 1, 1]));
+        let mut png = Vec::new();
+        rgb.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        assert_eq!(decode_trimap(&png), Err(MaskError::NotSingleChannel(3)));
+        assert!(matches!(decode_trimap(&jpeg_bytes(4, 4)), Err(MaskError::NotPng(FileFormat::Jpeg))));
+    }
+}

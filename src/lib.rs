@@ -1,0 +1,13 @@
+//! segctl: one library behind one binary that carries a pet-segmentation model through its
+//! whole life: fetch and validate the data, train, evaluate, export, serve, predict.
+//!
+//! Data flows one way: [`config`] → [`data`] → model → train/evaluate → export → infer →
+//! serve/predict. The `segctl` binary only parses flags and calls into these modules.
+
+pub mod config;
+pub mod data;
+pub mod progress;
+pub mod util;
+
+/// The library's result type.
+pub type Result<T> = anyhow::Result<T>;

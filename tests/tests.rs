@@ -1,0 +1,11 @@
+//! The one integration-test target (so the tests link once): each module drives the built
+//! `segctl` binary end to end against real files, archives and loopback HTTP.
+
+mod util;
+
+/// `fetch-data`: downloads from a loopback server, resume, checksums, hostile archives.
+mod fetch;
+/// `validate`: every defect of the real archive, injected into a synthetic dataset.
+mod validate;
+/// Config loading errors as a user sees them.
+mod config;

@@ -1,0 +1,227 @@
+//! Test helpers: a `segctl` command runner, synthetic datasets, archives, and a small loopback
+//! HTTP file server with Range support and fault injection.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
+
+/// A `segctl` invocation with logs kept quiet unless asked.
+pub fn segctl() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_segctl"));
+    cmd.env("RUST_LOG", "segctl=warn");
+    cmd.env_remove("HF_HOME");
+    cmd
+}
+
+/// Runs and returns the output, with stdout/stderr shown on failure of later asserts.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("segctl runs");
+    eprintln!("$ {cmd:?}\n--- status {:?}\n--- stdout\n{}\n--- stderr\n{}", out.status.code(), stdout(&out), stderr(&out));
+    out
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Writes a synthetic dataset of `n` samples into `root`.
+pub fn synthetic_dataset(root: &Path, n: usize, seed: u64) {
+    let out = run(segctl().args(["fetch-data", "--synthetic", &n.to_string(), "--seed", &seed.to_string(), "--root"]).arg(root));
+    assert!(out.status.success(), "synthetic dataset generation failed");
+}
+
+/// Packs `root/<top>` into a `.tar.gz` at `dest`, like the published archives.
+pub fn tar_gz_dir(root: &Path, top: &str, dest: &Path) {
+    let file = std::fs::File::create(dest).unwrap();
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    let mut builder = tar::Builder::new(gz);
+    builder.append_dir_all(top, root.join(top)).unwrap();
+    builder.into_inner().unwrap().finish().unwrap();
+}
+
+/// A `.tar.gz` with raw members, bypassing the tar crate's path checks (hostile archives).
+pub enum RawMember<'a> {
+    File(&'a str, &'a [u8]),
+    Symlink(&'a str, &'a str),
+    CharDevice(&'a str),
+}
+
+pub fn hostile_tar_gz(dest: &Path, members: &[RawMember]) {
+    let file = std::fs::File::create(dest).unwrap();
+    let gz = flate2::write::GzEncoder::new(file, flate2::Compression::fast());
+    let mut builder = tar::Builder::new(gz);
+    for member in members {
+        let mut header = tar::Header::new_old();
+        let (name, data, kind): (&str, &[u8], tar::EntryType) = match member {
+            RawMember::File(name, data) => (name, data, tar::EntryType::Regular),
+            RawMember::Symlink(name, target) => {
+                let raw = header.as_old_mut();
+                raw.linkname[..target.len()].copy_from_slice(target.as_bytes());
+                (name, &[], tar::EntryType::Symlink)
+            }
+            RawMember::CharDevice(name) => (name, &[], tar::EntryType::Char),
+        };
+        let raw = header.as_old_mut();
+        raw.name = [0; 100];
+        raw.name[..name.len()].copy_from_slice(name.as_bytes());
+        header.set_entry_type(kind);
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder.append(&header, data).unwrap();
+    }
+    builder.into_inner().unwrap().finish().unwrap();
+}
+
+/// Hex MD5 of a file.
+pub fn md5_hex(path: &Path) -> String {
+    use md5::Digest;
+    hex::encode(md5::Md5::digest(std::fs::read(path).unwrap()))
+}
+
+/// Builds `images.tar.gz` + `annotations.tar.gz` from a synthetic dataset of `n` samples, and
+/// an md5sum file for them. Returns (archive folder, checksum file).
+pub fn synthetic_archives(work: &Path, n: usize) -> (PathBuf, PathBuf) {
+    let src = work.join("src-dataset");
+    synthetic_dataset(&src, n, 3);
+    let archives = work.join("archives");
+    std::fs::create_dir_all(&archives).unwrap();
+    tar_gz_dir(&src, "images", &archives.join("images.tar.gz"));
+    tar_gz_dir(&src, "annotations", &archives.join("annotations.tar.gz"));
+    let sums = work.join("md5sums.txt");
+    let text = format!(
+        "{}  images.tar.gz\n{}  annotations.tar.gz\n",
+        md5_hex(&archives.join("images.tar.gz")),
+        md5_hex(&archives.join("annotations.tar.gz"))
+    );
+    std::fs::write(&sums, text).unwrap();
+    (archives, sums)
+}
+
+/// One request as the server saw it.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub path: String,
+    pub range: Option<String>,
+}
+
+/// A loopback HTTP/1.1 file server: serves a folder, honours `Range: bytes=N-`, and can cut the
+/// connection after some bytes of a file (once) to simulate a dropped download.
+pub struct FileServer {
+    pub port: u16,
+    pub requests: Arc<Mutex<Vec<SeenRequest>>>,
+}
+
+#[derive(Clone, Default)]
+pub struct Faults {
+    /// file name → bytes to send before dropping the connection, on the first request only.
+    pub cut_after: HashMap<String, usize>,
+    /// Answer this many requests with 503 first.
+    pub fail_first: usize,
+}
+
+impl FileServer {
+    pub fn start(dir: &Path, faults: Faults) -> FileServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let dir = dir.to_path_buf();
+        let faults = Arc::new(Mutex::new(faults));
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let (dir, seen, faults) = (dir.clone(), seen.clone(), faults.clone());
+                std::thread::spawn(move || {
+                    let _ = serve_one(stream, &dir, &seen, &faults);
+                });
+            }
+        });
+        FileServer { port, requests }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+fn serve_one(mut stream: TcpStream, dir: &Path, seen: &Mutex<Vec<SeenRequest>>, faults: &Mutex<Faults>) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let mut range = None;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        if line.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("range") {
+                range = Some(v.trim().to_string());
+            }
+        }
+    }
+    seen.lock().unwrap().push(SeenRequest { path: path.clone(), range: range.clone() });
+    {
+        let mut f = faults.lock().unwrap();
+        if f.fail_first > 0 {
+            f.fail_first -= 1;
+            stream.write_all(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+            return Ok(());
+        }
+    }
+    let name = path.trim_start_matches('/');
+    let Ok(mut body) = std::fs::read(dir.join(name)) else {
+        stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+        return Ok(());
+    };
+    let total = body.len();
+    let start = range
+        .as_deref()
+        .and_then(|r| r.strip_prefix("bytes="))
+        .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok());
+    let header = match start {
+        Some(s) if s < total => {
+            body = body[s..].to_vec();
+            format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {s}-{}/{total}\r\nConnection: close\r\n\r\n", body.len(), total - 1)
+        }
+        Some(_) => format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{total}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        None => format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\nConnection: close\r\n\r\n"),
+    };
+    stream.write_all(header.as_bytes())?;
+    if header.contains(" 416 ") {
+        return Ok(());
+    }
+    let cut = faults.lock().unwrap().cut_after.remove(name);
+    match cut {
+        Some(n) => {
+            stream.write_all(&body[..n.min(body.len())])?;
+            stream.flush()?;
+            stream.shutdown(std::net::Shutdown::Both)?;
+        }
+        None => stream.write_all(&body)?,
+    }
+    let mut sink = Vec::new();
+    let _ = stream.read_to_end(&mut sink);
+    Ok(())
+}
+
+/// Parses stdout as JSON.
+pub fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", stdout(out)))
+}
