@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod data;
+pub mod model;
 pub mod progress;
 pub mod util;
 

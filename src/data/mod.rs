@@ -4,6 +4,7 @@
 pub mod fetch;
 pub mod image_io;
 pub mod synthetic;
+pub mod transform;
 pub mod validate;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,436 @@
+//! Tensor operations the models need beyond candle's built-ins, written for speed on CPU:
+//! convolutions as im2col + one GEMM (and transposed convolutions as GEMM + col2im), whose
+//! backward passes are GEMMs too instead of candle's direct-loop transposed convolution, and a
+//! direct depthwise convolution (candle splits grouped convolutions into one call per group).
+//! On other devices the same functions fall back to candle's own kernels.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+/// Geometry shared by im2col and col2im: an image side `[N, C, H, W]` and a column side
+/// `[C·kh·kw, N·Ho·Wo]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ColGeometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl ColGeometry {
+    fn out_h(&self) -> usize {
+        (self.h + 2 * self.pad - self.kh) / self.stride + 1
+    }
+    fn out_w(&self) -> usize {
+        (self.w + 2 * self.pad - self.kw) / self.stride + 1
+    }
+    fn rows(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+    fn cols(&self) -> usize {
+        self.n * self.out_h() * self.out_w()
+    }
+}
+
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let data = match storage {
+        CpuStorage::F32(d) => d,
+        _ => bail!("{what}: only f32 is supported"),
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// Image `[N, C, H, W]` → columns `[C·kh·kw, N·Ho·Wo]`; its backward is [`Col2Im`].
+struct Im2Col(ColGeometry);
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "segctl-im2col"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let x = contiguous_f32(storage, layout, "im2col")?;
+        let (oh, ow) = (g.out_h(), g.out_w());
+        let ncols = g.cols();
+        let mut out = vec![0f32; g.rows() * ncols];
+        out.par_chunks_mut(ncols).enumerate().for_each(|(row, dst)| {
+            let c = row / (g.kh * g.kw);
+            let ky = (row / g.kw) % g.kh;
+            let kx = row % g.kw;
+            for n in 0..g.n {
+                let plane = &x[(n * g.c + c) * g.h * g.w..][..g.h * g.w];
+                let dst = &mut dst[n * oh * ow..][..oh * ow];
+                for oy in 0..oh {
+                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                    let dst_row = &mut dst[oy * ow..][..ow];
+                    if iy < 0 || iy >= g.h as isize {
+                        continue; // already zero
+                    }
+                    let src_row = &plane[iy as usize * g.w..][..g.w];
+                    for (ox, d) in dst_row.iter_mut().enumerate() {
+                        let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                        if ix >= 0 && ix < g.w as isize {
+                            *d = src_row[ix as usize];
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((g.rows(), ncols))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.contiguous()?.apply_op1(Col2Im(self.0))?))
+    }
+}
+
+/// Columns `[C·kh·kw, N·Ho·Wo]` → image `[N, C, H, W]`, summing overlaps; its backward is
+/// [`Im2Col`].
+struct Col2Im(ColGeometry);
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "segctl-col2im"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let cols = contiguous_f32(storage, layout, "col2im")?;
+        let (oh, ow) = (g.out_h(), g.out_w());
+        let ncols = g.cols();
+        let mut out = vec![0f32; g.n * g.c * g.h * g.w];
+        out.par_chunks_mut(g.h * g.w).enumerate().for_each(|(plane_index, plane)| {
+            let n = plane_index / g.c;
+            let c = plane_index % g.c;
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let row = (c * g.kh + ky) * g.kw + kx;
+                    let src = &cols[row * ncols + n * oh * ow..][..oh * ow];
+                    for oy in 0..oh {
+                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        let dst_row = &mut plane[iy as usize * g.w..][..g.w];
+                        let src_row = &src[oy * ow..][..ow];
+                        for (ox, s) in src_row.iter().enumerate() {
+                            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                            if ix >= 0 && ix < g.w as isize {
+                                dst_row[ix as usize] += *s;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.c, g.h, g.w))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.contiguous()?.apply_op1(Im2Col(self.0))?))
+    }
+}
+
+fn uses_gemm_path(x: &Tensor) -> bool {
+    matches!(x.device(), Device::Cpu) && x.dtype() == candle_core::DType::F32
+}
+
+/// 2-D convolution, `x [N, Cin, H, W]`, `weight [Cout, Cin, k, k]`, optional `bias [Cout]`.
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
+    let out = if uses_gemm_path(x) {
+        let (n, c, h, w) = x.dims4()?;
+        let (cout, cin, kh, kw) = weight.dims4()?;
+        if cin != c {
+            bail!("conv2d: input has {c} channels, weight expects {cin}");
+        }
+        let g = ColGeometry { n, c, h, w, kh, kw, stride, pad };
+        let (oh, ow) = (g.out_h(), g.out_w());
+        let cols = if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
+            x.transpose(0, 1)?.reshape((c, n * h * w))?
+        } else {
+            x.contiguous()?.apply_op1(Im2Col(g))?
+        };
+        let y = weight.reshape((cout, cin * kh * kw))?.matmul(&cols)?; // [Cout, N·L]
+        y.reshape((cout, n, oh, ow))?.transpose(0, 1)?.contiguous()?
+    } else {
+        x.conv2d(weight, pad, stride, 1, 1)?
+    };
+    match bias {
+        Some(b) => out.broadcast_add(&b.reshape((1, (), 1, 1))?),
+        None => Ok(out),
+    }
+}
+
+/// Transposed 2-D convolution (PyTorch `ConvTranspose2d`, no output padding),
+/// `x [N, Cin, h, w]`, `weight [Cin, Cout, k, k]`.
+pub fn conv_transpose2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
+    let out = if uses_gemm_path(x) {
+        let (n, c, h, w) = x.dims4()?;
+        let (cin, cout, kh, kw) = weight.dims4()?;
+        if cin != c {
+            bail!("conv_transpose2d: input has {c} channels, weight expects {cin}");
+        }
+        let out_h = (h - 1) * stride + kh - 2 * pad;
+        let out_w = (w - 1) * stride + kw - 2 * pad;
+        let g = ColGeometry { n, c: cout, h: out_h, w: out_w, kh, kw, stride, pad };
+        debug_assert_eq!((g.out_h(), g.out_w()), (h, w));
+        let x_flat = x.transpose(0, 1)?.reshape((cin, n * h * w))?;
+        let cols = weight.reshape((cin, cout * kh * kw))?.t()?.matmul(&x_flat)?; // [Cout·k·k, N·h·w]
+        cols.apply_op1(Col2Im(g))?
+    } else {
+        x.conv_transpose2d(weight, pad, 0, stride, 1)?
+    };
+    match bias {
+        Some(b) => out.broadcast_add(&b.reshape((1, (), 1, 1))?),
+        None => Ok(out),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DwGeometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl DwGeometry {
+    fn oh(&self) -> usize {
+        (self.h + 2 * self.pad - self.k) / self.stride + 1
+    }
+    fn ow(&self) -> usize {
+        (self.w + 2 * self.pad - self.k) / self.stride + 1
+    }
+    /// Calls `f(oy, ox, iy, ix, tap)` for every in-bounds (output, input, kernel-tap) triple.
+    #[inline]
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize, usize, usize)) {
+        let (oh, ow) = (self.oh(), self.ow());
+        for oy in 0..oh {
+            for ky in 0..self.k {
+                let iy = (oy * self.stride + ky) as isize - self.pad as isize;
+                if iy < 0 || iy >= self.h as isize {
+                    continue;
+                }
+                for ox in 0..ow {
+                    for kx in 0..self.k {
+                        let ix = (ox * self.stride + kx) as isize - self.pad as isize;
+                        if ix >= 0 && ix < self.w as isize {
+                            f(oy, ox, iy as usize, ix as usize, ky * self.k + kx);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Depthwise convolution forward: `(x [N,C,H,W], w [C,1,k,k]) → [N,C,Ho,Wo]`.
+struct Depthwise(DwGeometry);
+
+impl CustomOp2 for Depthwise {
+    fn name(&self) -> &'static str {
+        "segctl-depthwise"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let x = contiguous_f32(s1, l1, "depthwise")?;
+        let w = contiguous_f32(s2, l2, "depthwise")?;
+        let (oh, ow) = (g.oh(), g.ow());
+        let mut out = vec![0f32; g.n * g.c * oh * ow];
+        out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane_index, dst)| {
+            let c = plane_index % g.c;
+            let src = &x[plane_index * g.h * g.w..][..g.h * g.w];
+            let taps = &w[c * g.k * g.k..][..g.k * g.k];
+            g.for_each_tap(|oy, ox, iy, ix, t| dst[oy * ow + ox] += taps[t] * src[iy * g.w + ix]);
+        });
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.c, oh, ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = grad.apply_op2_no_bwd(&w.contiguous()?, &DepthwiseGradInput(self.0))?;
+        let gw = x.contiguous()?.apply_op2_no_bwd(&grad, &DepthwiseGradWeight(self.0))?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
+/// `(grad_out [N,C,Ho,Wo], w [C,1,k,k]) → grad_x [N,C,H,W]`.
+struct DepthwiseGradInput(DwGeometry);
+
+impl CustomOp2 for DepthwiseGradInput {
+    fn name(&self) -> &'static str {
+        "segctl-depthwise-grad-input"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let go = contiguous_f32(s1, l1, "depthwise grad")?;
+        let w = contiguous_f32(s2, l2, "depthwise grad")?;
+        let (oh, ow) = (g.oh(), g.ow());
+        let mut out = vec![0f32; g.n * g.c * g.h * g.w];
+        out.par_chunks_mut(g.h * g.w).enumerate().for_each(|(plane_index, dst)| {
+            let c = plane_index % g.c;
+            let src = &go[plane_index * oh * ow..][..oh * ow];
+            let taps = &w[c * g.k * g.k..][..g.k * g.k];
+            g.for_each_tap(|oy, ox, iy, ix, t| dst[iy * g.w + ix] += taps[t] * src[oy * ow + ox]);
+        });
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.c, g.h, g.w))))
+    }
+}
+
+/// `(x [N,C,H,W], grad_out [N,C,Ho,Wo]) → grad_w [C,1,k,k]`.
+struct DepthwiseGradWeight(DwGeometry);
+
+impl CustomOp2 for DepthwiseGradWeight {
+    fn name(&self) -> &'static str {
+        "segctl-depthwise-grad-weight"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let x = contiguous_f32(s1, l1, "depthwise grad")?;
+        let go = contiguous_f32(s2, l2, "depthwise grad")?;
+        let (oh, ow) = (g.oh(), g.ow());
+        let kk = g.k * g.k;
+        let mut out = vec![0f32; g.c * kk];
+        out.par_chunks_mut(kk).enumerate().for_each(|(c, dst)| {
+            for n in 0..g.n {
+                let plane = n * g.c + c;
+                let src = &x[plane * g.h * g.w..][..g.h * g.w];
+                let grad = &go[plane * oh * ow..][..oh * ow];
+                g.for_each_tap(|oy, ox, iy, ix, t| dst[t] += grad[oy * ow + ox] * src[iy * g.w + ix]);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((g.c, 1, g.k, g.k))))
+    }
+}
+
+/// Depthwise 3×3-style convolution, `x [N,C,H,W]`, `weight [C,1,k,k]`, symmetric padding.
+pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (wc, one, k, k2) = weight.dims4()?;
+    if wc != c || one != 1 || k != k2 {
+        bail!("depthwise_conv2d: weight {:?} does not fit input {:?}", weight.dims(), x.dims());
+    }
+    if uses_gemm_path(x) {
+        let g = DwGeometry { n, c, h, w, k, stride, pad };
+        x.contiguous()?.apply_op2(&weight.contiguous()?, Depthwise(g))
+    } else {
+        x.conv2d(weight, pad, stride, 1, c)
+    }
+}
+
+/// Nearest-neighbour 2× upsampling through broadcasting (differentiable on every device;
+/// candle's own upsample backward is slow and overwrites other gradients of its input).
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    x.reshape((n, c, h, 1, w, 1))?.broadcast_as((n, c, h, 2, w, 2))?.reshape((n, c, 2 * h, 2 * w))
+}
+
+/// Depth-to-space: `[N, C·r², H, W]` → `[N, C, H·r, W·r]`.
+pub fn pixel_shuffle(x: &Tensor, r: usize) -> Result<Tensor> {
+    let (n, crr, h, w) = x.dims4()?;
+    let c = crr / (r * r);
+    x.reshape((n, c, r, r, h, w))?.permute((0, 1, 4, 2, 5, 3))?.reshape((n, c, h * r, w * r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = crate::util::rng::Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// Compares an op and candle's reference for outputs and for gradients of a weighted sum.
+    fn check(
+        ours: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+        reference: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+        x_shape: &[usize],
+        w_shape: &[usize],
+    ) {
+        let x = Var::from_tensor(&rand(x_shape, 1)).unwrap();
+        let w = Var::from_tensor(&rand(w_shape, 2)).unwrap();
+        let a = ours(x.as_tensor(), w.as_tensor()).unwrap();
+        let b = reference(x.as_tensor(), w.as_tensor()).unwrap();
+        assert_eq!(a.dims(), b.dims());
+        assert!(max_diff(&a, &b) < 1e-4, "forward differs by {}", max_diff(&a, &b));
+        let probe = rand(a.dims(), 3);
+        let ga = (&a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (&b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            let (da, db) = (ga.get(v).unwrap(), gb.get(v).unwrap());
+            assert!(max_diff(da, db) < 1e-3, "gradient differs by {}", max_diff(da, db));
+        }
+    }
+
+    #[test]
+    fn gemm_conv_matches_candle() {
+        for (stride, pad, k) in [(1, 1, 3), (2, 1, 3), (1, 0, 1), (2, 0, 1)] {
+            check(
+                |x, w| conv2d(x, w, None, stride, pad),
+                |x, w| x.conv2d(w, pad, stride, 1, 1),
+                &[2, 3, 9, 9], // square: candle's reference backward mishandles unequal H and W
+                &[5, 3, k, k],
+            );
+        }
+    }
+
+    #[test]
+    fn gemm_conv_transpose_matches_candle() {
+        check(
+            |x, w| conv_transpose2d(x, w, None, 2, 1),
+            |x, w| x.conv_transpose2d(w, 1, 0, 2, 1),
+            &[2, 4, 5, 6],
+            &[4, 3, 4, 4],
+        );
+    }
+
+    #[test]
+    fn depthwise_matches_grouped_conv() {
+        for stride in [1, 2] {
+            check(
+                |x, w| depthwise_conv2d(x, w, stride, 1),
+                |x, w| x.conv2d(w, 1, stride, 1, 4),
+                &[2, 4, 7, 7],
+                &[4, 1, 3, 3],
+            );
+        }
+    }
+
+    #[test]
+    fn upsample_and_shuffle() {
+        let x = Tensor::arange(0f32, 4., &Device::Cpu).unwrap().reshape((1, 1, 2, 2)).unwrap();
+        let up = upsample_nearest2x(&x).unwrap();
+        assert_eq!(up.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![0., 0., 1., 1., 0., 0., 1., 1., 2., 2., 3., 3., 2., 2., 3., 3.]);
+        let y = Tensor::arange(0f32, 4., &Device::Cpu).unwrap().reshape((1, 4, 1, 1)).unwrap();
+        let s = pixel_shuffle(&y, 2).unwrap();
+        assert_eq!(s.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![0., 1., 2., 3.]);
+    }
+}

@@ -1,0 +1,75 @@
+//! `unet`: the plain encoder-decoder of Ronneberger et al. (2015) with BatchNorm: per level two
+//! 3×3 Conv-BN-ReLU units and 2×2 max-pooling down, learned 2× up-sampling, skip
+//! concatenation and two more units on the way up, a 1×1 convolution to class logits.
+
+use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::blocks::{BnMode, Conv, ConvBnPair, ConvKind, DoubleConv, UpConv2x2};
+
+/// `unet` settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnetSettings {
+    /// Number of 2× down-samplings.
+    pub depth: usize,
+    /// Channels at full resolution, doubled per level.
+    pub base_width: usize,
+}
+
+/// The network.
+#[derive(Debug, Clone)]
+pub struct Unet {
+    down: Vec<DoubleConv>,
+    bottleneck: DoubleConv,
+    up: Vec<UpConv2x2>,
+    merge: Vec<DoubleConv>,
+    head: Conv,
+}
+
+impl Unet {
+    pub fn new(settings: UnetSettings, num_classes: usize, mode: BnMode, vb: VarBuilder) -> Result<Self> {
+        let width = |level: usize| settings.base_width << level;
+        let mut down = Vec::with_capacity(settings.depth);
+        for level in 0..settings.depth {
+            let cin = if level == 0 { 3 } else { width(level - 1) };
+            down.push(DoubleConv::new(cin, width(level), mode, vb.pp("down").pp(level))?);
+        }
+        let bottleneck = DoubleConv::new(width(settings.depth - 1), width(settings.depth), mode, vb.pp("bottleneck"))?;
+        let mut up = Vec::with_capacity(settings.depth);
+        let mut merge = Vec::with_capacity(settings.depth);
+        for level in 0..settings.depth {
+            up.push(UpConv2x2::new(width(level + 1), width(level), mode, vb.pp("up").pp(level))?);
+            merge.push(DoubleConv::new(2 * width(level), width(level), mode, vb.pp("merge").pp(level))?);
+        }
+        let head = Conv::new(ConvKind::Dense, width(0), num_classes, 1, 1, 0, true, vb.pp("head"))?;
+        Ok(Self { down, bottleneck, up, merge, head })
+    }
+
+    pub fn conv_bn_pairs(&self, out: &mut Vec<ConvBnPair>) {
+        for block in self.down.iter().chain([&self.bottleneck]).chain(&self.merge) {
+            block.pairs(out);
+        }
+        for u in &self.up {
+            u.pairs(out);
+        }
+    }
+}
+
+impl ModuleT for Unet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut skips = Vec::with_capacity(self.down.len());
+        let mut x = x.clone();
+        for block in &self.down {
+            x = block.forward_t(&x, train)?;
+            skips.push(x.clone());
+            x = x.max_pool2d(2)?;
+        }
+        x = self.bottleneck.forward_t(&x, train)?;
+        for level in (0..self.down.len()).rev() {
+            let up = self.up[level].forward_t(&x, train)?;
+            x = Tensor::cat(&[&skips[level], &up], 1)?;
+            x = self.merge[level].forward_t(&x, train)?;
+        }
+        self.head.forward(&x)
+    }
+}
