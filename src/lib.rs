@@ -4,10 +4,22 @@
 //! Data flows one way: [`config`] → [`data`] → model → train/evaluate → export → infer →
 //! serve/predict. The `segctl` binary only parses flags and calls into these modules.
 
+pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod evaluate;
+pub mod export;
+pub mod infer;
+pub mod loss;
+pub mod metrics;
+pub mod optim;
+pub mod plot;
+pub mod predict;
+pub mod train;
 pub mod model;
+pub mod model_store;
 pub mod progress;
+pub mod server;
 pub mod util;
 
 /// The library's result type.

@@ -7,7 +7,23 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+// Training and inference allocate and free many large tensors per step; glibc's allocator
+// returns them to the kernel each time (page faults and zeroing dominated CPU profiles).
+/// `mi_option_purge_delay` in mimalloc.h (v2 and v3); libmimalloc-sys does not export it.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Keeps freed pages mapped for reuse instead of returning them to the kernel, which would
+/// fault and zero them again on the next step (about half of a training step's CPU time).
+fn keep_freed_memory() {
+    // SAFETY: sets a process-wide allocator option; no memory is touched.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let args = cli::Cli::parse();
     cli::init_logging(&args.global);
     match cli::run(args) {

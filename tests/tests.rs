@@ -9,3 +9,8 @@ mod fetch;
 mod validate;
 /// Config loading errors as a user sees them.
 mod config;
+/// train → evaluate → export → predict, and resumption after an interruption.
+mod pipeline;
+/// `serve` over real loopback HTTP: every endpoint, hostile input, batching, hot reload,
+/// graceful shutdown.
+mod serve;

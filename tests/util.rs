@@ -225,3 +225,41 @@ fn serve_one(mut stream: TcpStream, dir: &Path, seen: &Mutex<Vec<SeenRequest>>, 
 pub fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", stdout(out)))
 }
+
+/// A tiny, fast configuration (32×32 input, 2-level UNet 4 channels wide) over `root`,
+/// writing runs to `runs`.
+pub fn tiny_config(dir: &Path, root: &Path, epochs: usize) -> PathBuf {
+    let path = dir.join("tiny.yaml");
+    let yaml = format!(
+        "data:\n  root: {}\n  image_size: 32\n  val_fraction: 0.25\n  seed: 1\n  prefetch_batches: 2\n\
+         model:\n  arch: unet\n  unet:\n    depth: 2\n    base_width: 4\n\
+         train:\n  epochs: {epochs}\n  batch_size: 4\n  device: cpu\n  output_dir: {}\n  run_name: tiny\n  seed: 3\n  optimizer:\n    lr: 0.01\n  schedule:\n    kind: cosine\n    warmup_epochs: 0\n  loss:\n    kind: ce_dice\n\
+         evaluate:\n  batch_size: 8\n\
+         serve:\n  device: cpu\n",
+        root.display(),
+        dir.join("runs").display()
+    );
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+/// A synthetic dataset, a tiny trained run and its export as `pets` version 1. Returns
+/// (config, run folder, repository).
+pub fn trained_model(dir: &Path, samples: usize) -> (PathBuf, PathBuf, PathBuf) {
+    let root = dir.join("pets");
+    synthetic_dataset(&root, samples, 5);
+    let config = tiny_config(dir, &root, 2);
+    let out = run(segctl().args(["train", "--config"]).arg(&config));
+    assert!(out.status.success(), "training failed");
+    let run_dir = dir.join("runs/tiny");
+    let repo = dir.join("models");
+    let out = run(segctl().args(["export", "--config"]).arg(&config).arg("--checkpoint").arg(&run_dir).args(["--name", "pets", "--repository"]).arg(&repo));
+    assert!(out.status.success(), "export failed");
+    (config, run_dir, repo)
+}
+
+/// Sends a signal to a process.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success());
+}

@@ -1,7 +1,12 @@
 //! Command-line surface: the clap definitions, shared flags, and one `exec` per subcommand.
 //! Each subcommand only turns flags into config overrides and options, then calls the library.
 
+mod evaluate;
+mod export;
 mod fetch_data;
+mod predict;
+mod serve;
+mod train;
 mod validate;
 
 use std::io::Write;
@@ -51,6 +56,17 @@ pub enum Command {
     FetchData(fetch_data::FetchDataArgs),
     /// Check a dataset against the data contract and report statistics.
     Validate(validate::ValidateArgs),
+    /// Train a model; checkpoints, metrics log and curves go to a run folder.
+    Train(train::TrainArgs),
+    /// Score a model on a split and gate it on its mean IoU (exit 0 accepted, 1 rejected).
+    Evaluate(evaluate::EvaluateArgs),
+    /// Turn a checkpoint into a versioned model in the model repository.
+    #[command(disable_version_flag = true)]
+    Export(export::ExportArgs),
+    /// Serve the model repository over HTTP (TF-Serving-style API, dynamic batching).
+    Serve(serve::ServeArgs),
+    /// Segment photos: class-id and colour masks at each photo's size, overlays on request.
+    Predict(predict::PredictArgs),
 }
 
 /// Runs the chosen subcommand.
@@ -58,6 +74,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::FetchData(args) => fetch_data::exec(args, &cli.global),
         Command::Validate(args) => validate::exec(args, &cli.global),
+        Command::Train(args) => train::exec(args, &cli.global),
+        Command::Evaluate(args) => evaluate::exec(args, &cli.global),
+        Command::Export(args) => export::exec(args, &cli.global),
+        Command::Serve(args) => serve::exec(args, &cli.global),
+        Command::Predict(args) => predict::exec(args, &cli.global),
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod fetch;
 pub mod image_io;
+pub mod pipeline;
 pub mod synthetic;
 pub mod transform;
 pub mod validate;
@@ -170,25 +171,39 @@ pub fn read_split_rows(path: &Path) -> Result<Vec<SplitRow>> {
     Ok(rows)
 }
 
-/// Carves a validation set out of trainval rows: per class, a `val_fraction` share chosen by a
-/// seeded shuffle of the sorted stems, so the split is the same on every machine and run.
+/// Carves a validation set out of trainval rows: the classes' stems are each shuffled with the
+/// seed and dealt round-robin, and the first `val_fraction` of that order is validation, so the
+/// split is stratified, the same on every machine, and never empty for tiny datasets.
 pub fn carve_train_val(rows: &[SplitRow], val_fraction: f64, seed: u64) -> (Vec<String>, Vec<String>) {
     let mut by_class: BTreeMap<u32, Vec<String>> = BTreeMap::new();
     for row in rows {
         by_class.entry(row.class_id).or_default().push(row.stem.clone());
     }
-    let mut train = Vec::new();
-    let mut val = Vec::new();
     let mut rng = Rng::new(seed);
-    for (_, mut stems) in by_class {
-        stems.sort();
-        stems.dedup();
-        rng.shuffle(&mut stems);
-        let n_val = ((stems.len() as f64) * val_fraction).round() as usize;
-        let n_val = if val_fraction > 0.0 && stems.len() > 1 { n_val.max(1) } else { n_val };
-        val.extend(stems.drain(..n_val.min(stems.len())));
-        train.extend(stems);
+    let mut queues: Vec<std::collections::VecDeque<String>> = by_class
+        .into_values()
+        .map(|mut stems| {
+            stems.sort();
+            stems.dedup();
+            rng.shuffle(&mut stems);
+            stems.into()
+        })
+        .collect();
+    let mut order = Vec::new();
+    while queues.iter().any(|q| !q.is_empty()) {
+        for q in queues.iter_mut() {
+            if let Some(stem) = q.pop_front() {
+                order.push(stem);
+            }
+        }
     }
+    let total = order.len();
+    let mut n_val = (total as f64 * val_fraction).round() as usize;
+    if val_fraction > 0.0 && total > 1 {
+        n_val = n_val.clamp(1, total - 1);
+    }
+    let mut train = order.split_off(n_val.min(total));
+    let mut val = order;
     train.sort();
     val.sort();
     (train, val)

@@ -17,9 +17,9 @@ use crate::progress::{ProgressMode, Unit};
 use crate::util::rng::Rng;
 
 /// Bumped whenever the images a seed produces change.
-const GENERATOR_VERSION: u32 = 1;
+const GENERATOR_VERSION: u32 = 2;
 /// Half-width of the border ring, as a fraction of the image's shorter side.
-const BORDER_HALF_WIDTH: f32 = 0.03;
+const BORDER_HALF_WIDTH: f32 = 0.04;
 /// Marker file written into a generated dataset root.
 pub const MARKER_FILE: &str = ".segctl-synthetic.json";
 
@@ -218,7 +218,9 @@ fn render_sample(rng: &mut Rng, family: ShapeFamily) -> (RgbImage, GrayImage) {
                 }
             }
             let (u, v) = shape.local(fx, fy);
-            let pet = shade(fur.sample(u, v), 1.0 - 0.25 * (u * u + v * v).min(1.5));
+            // Every coat has a fine grain along the body axis (fur), unlike the backgrounds.
+            let grain = 0.75 + 0.5 * fbm(fuzz_seed ^ 0x5eed, u * 70.0, v * 9.0, 2);
+            let pet = shade(fur.sample(u, v), grain * (1.0 - 0.25 * (u * u + v * v).min(1.5)));
             let sd = signed[y * width + x];
             // A fuzzy transition across the ring, like fur against a background.
             let fuzz = fbm(fuzz_seed, fx / (0.4 * ring), fy / (0.4 * ring), 2) - 0.5;
@@ -589,7 +591,7 @@ impl Texture {
             TextureKind::Plaid => {
                 let sq = |t: f32| if (t * 6.0 * f).fract() < 0.35 { 1.0 } else { 0.0 };
                 let t = 0.5 * (sq(along) + sq(across));
-                shade(mix(self.a, self.b, t), 0.92 + 0.16 * fbm(self.seed, x * 60.0, y * 60.0, 1))
+                shade(mix(self.a, self.b, t), 0.96 + 0.08 * fbm(self.seed, x * 8.0, y * 8.0, 1))
             }
             TextureKind::Tiles => {
                 let (tx, ty) = ((along * 5.0 * f).fract(), (across * 5.0 * f).fract());
@@ -608,7 +610,8 @@ impl Texture {
                 c
             }
             TextureKind::Carpet => {
-                let n = fbm(self.seed, x * 40.0 * f, y * 40.0 * f, 3);
+                // Out-of-focus clutter: soft, low-frequency blotches.
+                let n = fbm(self.seed, x * 3.0 * f, y * 3.0 * f, 3);
                 mix(self.a, self.b, n)
             }
             TextureKind::Gradient => {

@@ -5,6 +5,7 @@
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
+use super::batchnorm::BatchNorm;
 use super::ops;
 
 /// BatchNorm epsilon (PyTorch/timm's value; timm checkpoints were trained with it).
@@ -37,7 +38,7 @@ pub enum Act {
 }
 
 impl Act {
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Act::Relu => x.relu(),
             Act::Relu6 => x.clamp(0f32, 6f32),
@@ -115,7 +116,7 @@ impl Module for Conv {
 #[derive(Debug, Clone)]
 pub struct ConvBnAct {
     conv: Conv,
-    bn: Option<candle_nn::BatchNorm>,
+    bn: Option<BatchNorm>,
     act: Act,
     pair: ConvBnPair,
 }
@@ -141,8 +142,7 @@ impl ConvBnAct {
         let bn = if folded {
             None
         } else {
-            let config = candle_nn::BatchNormConfig { eps: BN_EPS, remove_mean: true, affine: true, momentum: BN_MOMENTUM };
-            Some(candle_nn::batch_norm(spec.cout, config, vb.pp(bn_name))?)
+            Some(BatchNorm::new(spec.cout, BN_EPS, BN_MOMENTUM, vb.pp(bn_name))?)
         };
         let pair = ConvBnPair {
             conv: join(&vb.prefix(), conv_name),
@@ -164,11 +164,10 @@ fn join(prefix: &str, name: &str) -> String {
 impl ModuleT for ConvBnAct {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.conv.forward(x)?;
-        let y = match &self.bn {
-            Some(bn) => bn.forward_t(&y, train)?,
-            None => y,
-        };
-        self.act.apply(&y)
+        match &self.bn {
+            Some(bn) => bn.forward_act(&y, self.act, train),
+            None => self.act.apply(&y),
+        }
     }
 }
 

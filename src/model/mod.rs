@@ -2,6 +2,7 @@
 //! (architecture, settings, input size, normalization, class names), construction into a
 //! candle `VarMap`, deterministic initialisation, timm checkpoint loading, and BatchNorm folding.
 
+pub mod batchnorm;
 pub mod blocks;
 pub mod mobilenetv2;
 pub mod ops;

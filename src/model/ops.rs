@@ -139,6 +139,289 @@ impl CustomOp1 for Col2Im {
     }
 }
 
+/// Spatial sizes at or above which one sample's GEMM is worth splitting across threads;
+/// below it, samples run in parallel with single-threaded GEMMs.
+const PARALLEL_GEMM_COLUMNS: usize = 4096;
+
+/// Writes the columns of one image `[C, H, W]` into `out [C·kh·kw, Ho·Wo]`.
+fn im2col_single(x: &[f32], g: &ColGeometry, out: &mut [f32], parallel: bool) {
+    let (oh, ow) = (g.out_h(), g.out_w());
+    let l = oh * ow;
+    let fill = |row: usize, dst: &mut [f32]| {
+        let c = row / (g.kh * g.kw);
+        let ky = (row / g.kw) % g.kh;
+        let kx = row % g.kw;
+        let plane = &x[c * g.h * g.w..][..g.h * g.w];
+        for oy in 0..oh {
+            let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+            let dst_row = &mut dst[oy * ow..][..ow];
+            if iy < 0 || iy >= g.h as isize {
+                dst_row.fill(0.0);
+                continue;
+            }
+            let src_row = &plane[iy as usize * g.w..][..g.w];
+            if g.stride == 1 {
+                // Contiguous copy with zero padding at both ends.
+                let shift = kx as isize - g.pad as isize;
+                for (ox, d) in dst_row.iter_mut().enumerate() {
+                    let ix = ox as isize + shift;
+                    *d = if ix >= 0 && ix < g.w as isize { src_row[ix as usize] } else { 0.0 };
+                }
+            } else {
+                for (ox, d) in dst_row.iter_mut().enumerate() {
+                    let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                    *d = if ix >= 0 && ix < g.w as isize { src_row[ix as usize] } else { 0.0 };
+                }
+            }
+        }
+    };
+    if parallel {
+        out.par_chunks_mut(l).enumerate().for_each(|(row, dst)| fill(row, dst));
+    } else {
+        out.chunks_mut(l).enumerate().for_each(|(row, dst)| fill(row, dst));
+    }
+}
+
+/// Accumulates columns `[C·kh·kw, Ho·Wo]` of one image back into `out [C, H, W]`.
+fn col2im_single(cols: &[f32], g: &ColGeometry, out: &mut [f32], parallel: bool) {
+    let (oh, ow) = (g.out_h(), g.out_w());
+    let l = oh * ow;
+    let plane_fn = |c: usize, plane: &mut [f32]| {
+        plane.fill(0.0);
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let row = (c * g.kh + ky) * g.kw + kx;
+                let src = &cols[row * l..][..l];
+                for oy in 0..oh {
+                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    let dst_row = &mut plane[iy as usize * g.w..][..g.w];
+                    for (ox, v) in src[oy * ow..][..ow].iter().enumerate() {
+                        let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                        if ix >= 0 && ix < g.w as isize {
+                            dst_row[ix as usize] += *v;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if parallel {
+        out.par_chunks_mut(g.h * g.w).enumerate().for_each(|(c, p)| plane_fn(c, p));
+    } else {
+        out.chunks_mut(g.h * g.w).enumerate().for_each(|(c, p)| plane_fn(c, p));
+    }
+}
+
+/// `dst[m×n] (+)= lhs[m×k] · rhs[k×n]` on row-major slices, with explicit strides for the
+/// operands (`(row stride, column stride)`).
+#[allow(clippy::too_many_arguments)]
+fn matmul_into(
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+    (m, n, k): (usize, usize, usize),
+    parallel: bool,
+) {
+    debug_assert!(dst.len() >= m * n);
+    let parallelism = if parallel && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the slices hold at least the m×k, k×n and m×n elements the strides address.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_strides.1 as isize,
+            lhs_strides.0 as isize,
+            rhs.as_ptr(),
+            rhs_strides.1 as isize,
+            rhs_strides.0 as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Runs `f(sample index, scratch buffer)` for every sample, either one after the other (each
+/// call free to use every thread) or in parallel (single-threaded calls), by output size.
+fn per_sample<T: Send>(
+    n: usize,
+    columns: usize,
+    scratch_len: usize,
+    out: &mut [T],
+    out_per_sample: usize,
+    f: impl Fn(usize, &mut [f32], &mut [T], bool) + Sync,
+) {
+    if columns >= PARALLEL_GEMM_COLUMNS {
+        let mut scratch = vec![0f32; scratch_len];
+        for (i, dst) in out.chunks_mut(out_per_sample).enumerate().take(n) {
+            f(i, &mut scratch, dst, true);
+        }
+    } else {
+        out.par_chunks_mut(out_per_sample).enumerate().take(n).for_each_init(
+            || vec![0f32; scratch_len],
+            |scratch, (i, dst)| f(i, scratch, dst, false),
+        );
+    }
+}
+
+/// Dense convolution `(x [N,C,H,W], w [Cout,C,kh,kw]) → [N,Cout,Ho,Wo]`, one image at a time
+/// (im2col into a cache-sized buffer, then one GEMM straight into the output).
+struct Conv2dOp {
+    stride: usize,
+    pad: usize,
+}
+
+impl Conv2dOp {
+    fn geometry(&self, x: &Layout, w: &Layout) -> Result<(ColGeometry, usize)> {
+        let (n, c, h, wd) = x.shape().dims4()?;
+        let (cout, cin, kh, kw) = w.shape().dims4()?;
+        if cin != c {
+            bail!("conv2d: input has {c} channels, weight expects {cin}");
+        }
+        Ok((ColGeometry { n, c, h, w: wd, kh, kw, stride: self.stride, pad: self.pad }, cout))
+    }
+}
+
+impl CustomOp2 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "segctl-conv2d"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "conv2d")?;
+        let w = contiguous_f32(s2, l2, "conv2d")?;
+        let (g, cout) = self.geometry(l1, l2)?;
+        let (l, k) = (g.out_h() * g.out_w(), g.rows());
+        let mut out = vec![0f32; g.n * cout * l];
+        per_sample(g.n, l, k * l, &mut out, cout * l, |i, cols, dst, parallel| {
+            im2col_single(&x[i * g.c * g.h * g.w..][..g.c * g.h * g.w], &g, cols, parallel);
+            matmul_into(dst, false, w, (k, 1), cols, (l, 1), (cout, l, k), parallel);
+        });
+        Ok((CpuStorage::F32(out), Shape::from((g.n, cout, g.out_h(), g.out_w()))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (cout, c, kh, kw) = w.dims4()?;
+        let same_size = self.stride == 1 && kh == kw && 2 * self.pad == kh - 1;
+        let dx = if same_size {
+            // Stride 1, "same" padding: the input gradient is the convolution of the output
+            // gradient with the transposed, spatially flipped kernel.
+            let flip = Tensor::new((0..kh as u32).rev().collect::<Vec<u32>>(), w.device())?;
+            let wt = w.transpose(0, 1)?.contiguous()?.index_select(&flip, 2)?.index_select(&flip, 3)?;
+            dy.apply_op2_no_bwd(&wt, &Conv2dOp { stride: 1, pad: self.pad })?
+        } else {
+            let (_, _, h, wd) = x.dims4()?;
+            dy.apply_op2_no_bwd(&w.contiguous()?, &ConvGradInput { stride: self.stride, pad: self.pad, h, w: wd })?
+        };
+        let dw = x.contiguous()?.apply_op2_no_bwd(&dy, &ConvGradWeight { stride: self.stride, pad: self.pad, kh, kw })?;
+        debug_assert_eq!(dw.dims(), &[cout, c, kh, kw]);
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `(dy [N,Cout,Ho,Wo], w [Cout,C,kh,kw]) → dx [N,C,H,W]` through columns and col2im (any stride).
+struct ConvGradInput {
+    stride: usize,
+    pad: usize,
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp2 for ConvGradInput {
+    fn name(&self) -> &'static str {
+        "segctl-conv2d-grad-input"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dy = contiguous_f32(s1, l1, "conv2d grad")?;
+        let w = contiguous_f32(s2, l2, "conv2d grad")?;
+        let (n, cout, oh, ow) = l1.shape().dims4()?;
+        let (_, c, kh, kw) = l2.shape().dims4()?;
+        let g = ColGeometry { n, c, h: self.h, w: self.w, kh, kw, stride: self.stride, pad: self.pad };
+        let (l, k) = (oh * ow, g.rows());
+        let mut out = vec![0f32; n * c * self.h * self.w];
+        per_sample(n, l, k * l, &mut out, c * self.h * self.w, |i, cols, dst, parallel| {
+            // cols [K, L] = wᵀ [K, Cout] · dy_i [Cout, L]
+            matmul_into(cols, false, w, (1, k), &dy[i * cout * l..][..cout * l], (l, 1), (k, l, cout), parallel);
+            col2im_single(cols, &g, dst, parallel);
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, self.h, self.w))))
+    }
+}
+
+/// `(x [N,C,H,W], dy [N,Cout,Ho,Wo]) → dw [Cout,C,kh,kw] = Σ_n dy_n · im2col(x_n)ᵀ`.
+struct ConvGradWeight {
+    stride: usize,
+    pad: usize,
+    kh: usize,
+    kw: usize,
+}
+
+impl CustomOp2 for ConvGradWeight {
+    fn name(&self) -> &'static str {
+        "segctl-conv2d-grad-weight"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "conv2d grad")?;
+        let dy = contiguous_f32(s2, l2, "conv2d grad")?;
+        let (n, c, h, w) = l1.shape().dims4()?;
+        let (_, cout, oh, ow) = l2.shape().dims4()?;
+        let g = ColGeometry { n, c, h, w, kh: self.kh, kw: self.kw, stride: self.stride, pad: self.pad };
+        let (l, k) = (oh * ow, g.rows());
+        let sample = |i: usize, cols: &mut [f32], dst: &mut [f32], accumulate: bool, parallel: bool| {
+            im2col_single(&x[i * c * h * w..][..c * h * w], &g, cols, parallel);
+            // dst [Cout, K] += dy_i [Cout, L] · colsᵀ [L, K]
+            matmul_into(dst, accumulate, &dy[i * cout * l..][..cout * l], (l, 1), cols, (1, l), (cout, k, l), parallel);
+        };
+        let out = if l >= PARALLEL_GEMM_COLUMNS {
+            let mut cols = vec![0f32; k * l];
+            let mut out = vec![0f32; cout * k];
+            for i in 0..n {
+                sample(i, &mut cols, &mut out, i > 0, true);
+            }
+            out
+        } else {
+            // Per-thread partial sums, added at the end.
+            (0..n)
+                .into_par_iter()
+                .fold(
+                    || (vec![0f32; k * l], vec![0f32; cout * k], false),
+                    |(mut cols, mut acc, started), i| {
+                        sample(i, &mut cols, &mut acc, started, false);
+                        (cols, acc, true)
+                    },
+                )
+                .map(|(_, acc, _)| acc)
+                .reduce(|| vec![0f32; cout * k], |mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    a
+                })
+        };
+        Ok((CpuStorage::F32(out), Shape::from((cout, c, self.kh, self.kw))))
+    }
+}
+
 fn uses_gemm_path(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == candle_core::DType::F32
 }
@@ -146,20 +429,7 @@ fn uses_gemm_path(x: &Tensor) -> bool {
 /// 2-D convolution, `x [N, Cin, H, W]`, `weight [Cout, Cin, k, k]`, optional `bias [Cout]`.
 pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, stride: usize, pad: usize) -> Result<Tensor> {
     let out = if uses_gemm_path(x) {
-        let (n, c, h, w) = x.dims4()?;
-        let (cout, cin, kh, kw) = weight.dims4()?;
-        if cin != c {
-            bail!("conv2d: input has {c} channels, weight expects {cin}");
-        }
-        let g = ColGeometry { n, c, h, w, kh, kw, stride, pad };
-        let (oh, ow) = (g.out_h(), g.out_w());
-        let cols = if kh == 1 && kw == 1 && stride == 1 && pad == 0 {
-            x.transpose(0, 1)?.reshape((c, n * h * w))?
-        } else {
-            x.contiguous()?.apply_op1(Im2Col(g))?
-        };
-        let y = weight.reshape((cout, cin * kh * kw))?.matmul(&cols)?; // [Cout, N·L]
-        y.reshape((cout, n, oh, ow))?.transpose(0, 1)?.contiguous()?
+        x.contiguous()?.apply_op2(&weight.contiguous()?, Conv2dOp { stride, pad })?
     } else {
         x.conv2d(weight, pad, stride, 1, 1)?
     };
@@ -338,6 +608,73 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, stride: usize, pad: usize) 
     }
 }
 
+/// 2×2 max pooling with stride 2 (`[N,C,H,W] → [N,C,H/2,W/2]`, odd edges dropped); its
+/// backward routes each gradient to the first maximum of its window.
+struct MaxPool2x2;
+
+impl CustomOp1 for MaxPool2x2 {
+    fn name(&self) -> &'static str {
+        "segctl-maxpool2x2"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, "max-pool")?;
+        let (n, c, h, w) = layout.shape().dims4()?;
+        let (oh, ow) = (h / 2, w / 2);
+        let mut out = vec![0f32; n * c * oh * ow];
+        out.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w)).for_each(|(dst, src)| {
+            for oy in 0..oh {
+                let (r0, r1) = (&src[2 * oy * w..][..w], &src[(2 * oy + 1) * w..][..w]);
+                for ox in 0..ow {
+                    dst[oy * ow + ox] = r0[2 * ox].max(r0[2 * ox + 1]).max(r1[2 * ox]).max(r1[2 * ox + 1]);
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &MaxPool2x2Grad)?))
+    }
+}
+
+/// `(x, dy) → dx` for [`MaxPool2x2`].
+struct MaxPool2x2Grad;
+
+impl CustomOp2 for MaxPool2x2Grad {
+    fn name(&self) -> &'static str {
+        "segctl-maxpool2x2-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "max-pool grad")?;
+        let dy = contiguous_f32(s2, l2, "max-pool grad")?;
+        let (n, c, h, w) = l1.shape().dims4()?;
+        let (oh, ow) = (h / 2, w / 2);
+        let mut out = vec![0f32; n * c * h * w];
+        out.par_chunks_mut(h * w).zip(x.par_chunks(h * w)).zip(dy.par_chunks(oh * ow)).for_each(|((dst, src), g)| {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let idx = [2 * oy * w + 2 * ox, 2 * oy * w + 2 * ox + 1, (2 * oy + 1) * w + 2 * ox, (2 * oy + 1) * w + 2 * ox + 1];
+                    let mut best = idx[0];
+                    for &i in &idx[1..] {
+                        if src[i] > src[best] {
+                            best = i;
+                        }
+                    }
+                    dst[best] = g[oy * ow + ox];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
+    }
+}
+
+/// 2×2 max pooling, stride 2.
+pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
+    if uses_gemm_path(x) { x.contiguous()?.apply_op1(MaxPool2x2) } else { x.max_pool2d(2) }
+}
+
 /// Nearest-neighbour 2× upsampling through broadcasting (differentiable on every device;
 /// candle's own upsample backward is slow and overwrites other gradients of its input).
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
@@ -421,6 +758,35 @@ mod tests {
                 &[2, 4, 7, 7],
                 &[4, 1, 3, 3],
             );
+        }
+    }
+
+    #[test]
+    fn max_pool_forward_and_gradient() {
+        let x = Var::from_tensor(&rand(&[2, 3, 6, 6], 5)).unwrap();
+        let ours = max_pool2x2(x.as_tensor()).unwrap();
+        assert_eq!(max_diff(&ours, &x.as_tensor().max_pool2d(2).unwrap()), 0.0);
+        // The gradient lands on each window's maximum, unscaled (candle's own max-pool
+        // backward multiplies it by 1/4, so it is no reference here).
+        let probe = rand(ours.dims(), 6);
+        let grads = (&ours * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = grads.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let xs = x.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ps = probe.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for plane in 0..6 {
+            for oy in 0..3 {
+                for ox in 0..3 {
+                    let idx: Vec<usize> = [(0, 0), (0, 1), (1, 0), (1, 1)]
+                        .iter()
+                        .map(|(dy, dx)| plane * 36 + (2 * oy + dy) * 6 + 2 * ox + dx)
+                        .collect();
+                    let best = *idx.iter().max_by(|a, b| xs[**a].partial_cmp(&xs[**b]).unwrap()).unwrap();
+                    for i in idx {
+                        let expect = if i == best { ps[plane * 9 + oy * 3 + ox] } else { 0.0 };
+                        assert_eq!(dx[i], expect);
+                    }
+                }
+            }
         }
     }
 

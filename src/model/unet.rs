@@ -5,6 +5,7 @@
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::ops;
 use super::blocks::{BnMode, Conv, ConvBnPair, ConvKind, DoubleConv, UpConv2x2};
 
 /// `unet` settings.
@@ -62,7 +63,7 @@ impl ModuleT for Unet {
         for block in &self.down {
             x = block.forward_t(&x, train)?;
             skips.push(x.clone());
-            x = x.max_pool2d(2)?;
+            x = ops::max_pool2x2(&x)?;
         }
         x = self.bottleneck.forward_t(&x, train)?;
         for level in (0..self.down.len()).rev() {

@@ -42,6 +42,13 @@ pub fn write_atomic_with(
         .tempfile_in(&dir)
         .with_context(|| format!("failed to create a temporary file in `{}`", dir.display()))?;
     fill(tmp.as_file_mut()).with_context(|| format!("failed to write `{}`", path.display()))?;
+    // Temporary files are private (0600); what we write is meant to be read by others too
+    // (a model repository served by another user, a CI artifact).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644));
+    }
     tmp.as_file()
         .sync_all()
         .with_context(|| format!("failed to write `{}`", path.display()))?;

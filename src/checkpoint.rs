@@ -1,0 +1,332 @@
+//! Training checkpoints and run folders. A checkpoint is one safetensors file written
+//! atomically: model tensors (`model.*`), optimizer state (`optim.*`) and, in the header
+//! metadata, the model spec, the resolved config and the exact training position (epoch,
+//! step, batch within the epoch, RNG state, best score so far). Checkpoint retention (last K
+//! plus the best) lives here too.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::model::ModelSpec;
+
+/// Bumped when the checkpoint layout changes incompatibly.
+pub const FORMAT_VERSION: u32 = 1;
+/// Header-metadata key holding [`CheckpointMeta`] as JSON.
+const METADATA_KEY: &str = "segctl";
+const MODEL_PREFIX: &str = "model.";
+const OPTIM_PREFIX: &str = "optim.";
+
+/// Sums over the batches of an epoch (kept across an interruption so a resumed epoch reports
+/// the same numbers as an uninterrupted one).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochTotals {
+    pub loss_sum: f64,
+    pub batches: usize,
+    pub correct_pixels: u64,
+    pub pixels: u64,
+    pub images: usize,
+    /// Seconds spent in training steps (for images/s).
+    pub step_seconds: f64,
+}
+
+/// Where training stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingProgress {
+    /// Fully completed epochs.
+    pub epochs_completed: usize,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Batches already done in epoch `epochs_completed` (0 at an epoch boundary).
+    pub batch_in_epoch: usize,
+    /// Data-order seed of epoch `epochs_completed` (valid when `batch_in_epoch > 0`).
+    pub epoch_seed: u64,
+    /// State of the trainer's RNG (draws each epoch's data-order seed).
+    pub rng_state: u64,
+    pub best_mean_iou: Option<f64>,
+    pub best_epoch: Option<usize>,
+    pub epochs_without_improvement: usize,
+    /// Totals of the unfinished epoch.
+    pub partial: EpochTotals,
+}
+
+/// Header metadata of a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub format_version: u32,
+    pub segctl_version: String,
+    pub created: String,
+    pub spec: ModelSpec,
+    pub config: Config,
+    pub progress: TrainingProgress,
+    /// Validation mean IoU of the epoch this checkpoint closes, if any.
+    pub val_mean_iou: Option<f64>,
+    /// SHA-256 of the resolved config (YAML).
+    pub config_digest: String,
+    /// Digest of the training data files.
+    pub dataset_digest: String,
+}
+
+/// A loaded checkpoint.
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub meta: CheckpointMeta,
+    pub model: HashMap<String, Tensor>,
+    pub optimizer: HashMap<String, Tensor>,
+}
+
+fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+}
+
+/// Writes a checkpoint atomically (temporary file, fsync, rename).
+pub fn save(
+    path: &Path,
+    meta: &CheckpointMeta,
+    model: &HashMap<String, Tensor>,
+    optimizer: &HashMap<String, Tensor>,
+) -> Result<()> {
+    let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(model.len() + optimizer.len());
+    for (prefix, map) in [(MODEL_PREFIX, model), (OPTIM_PREFIX, optimizer)] {
+        for (name, t) in map {
+            named.push((format!("{prefix}{name}"), t.dims().to_vec(), tensor_bytes(t)?));
+        }
+    }
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let views = named
+        .iter()
+        .map(|(name, shape, bytes)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).map(|v| (name.clone(), v))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .context("failed to lay out checkpoint tensors")?;
+    let metadata = HashMap::from([(METADATA_KEY.to_string(), serde_json::to_string(meta)?)]);
+    let bytes = safetensors::tensor::serialize(views, Some(metadata)).context("failed to serialize checkpoint")?;
+    crate::util::fs::write_atomic(path, &bytes)
+}
+
+/// Reads only the metadata of a checkpoint.
+pub fn read_meta(path: &Path) -> Result<CheckpointMeta> {
+    let bytes = crate::util::fs::read(path)?;
+    meta_from_bytes(&bytes, path)
+}
+
+fn meta_from_bytes(bytes: &[u8], path: &Path) -> Result<CheckpointMeta> {
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|e| anyhow::anyhow!("`{}` is not a safetensors file: {e}", path.display()))?;
+    let json = metadata
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(METADATA_KEY))
+        .with_context(|| format!("`{}` is not a segctl checkpoint (no `{METADATA_KEY}` metadata)", path.display()))?;
+    let meta: CheckpointMeta = serde_json::from_str(json)
+        .with_context(|| format!("`{}` has unreadable checkpoint metadata", path.display()))?;
+    if meta.format_version != FORMAT_VERSION {
+        bail!("`{}` has checkpoint format {}, this segctl reads {FORMAT_VERSION}", path.display(), meta.format_version);
+    }
+    Ok(meta)
+}
+
+/// Loads a checkpoint's tensors onto `device`.
+pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
+    let bytes = crate::util::fs::read(path)?;
+    let meta = meta_from_bytes(&bytes, path)?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+        .with_context(|| format!("failed to read tensors of `{}`", path.display()))?;
+    let mut model = HashMap::new();
+    let mut optimizer = HashMap::new();
+    for (name, t) in tensors {
+        if let Some(n) = name.strip_prefix(MODEL_PREFIX) {
+            model.insert(n.to_string(), t);
+        } else if let Some(n) = name.strip_prefix(OPTIM_PREFIX) {
+            optimizer.insert(n.to_string(), t);
+        }
+    }
+    Ok(Checkpoint { path: path.to_path_buf(), meta, model, optimizer })
+}
+
+/// The files of one training run.
+#[derive(Debug, Clone)]
+pub struct RunLayout {
+    pub root: PathBuf,
+}
+
+impl RunLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn checkpoints_dir(&self) -> PathBuf {
+        self.root.join("checkpoints")
+    }
+    pub fn best(&self) -> PathBuf {
+        self.checkpoints_dir().join("best.safetensors")
+    }
+    pub fn epoch_checkpoint(&self, epoch: usize) -> PathBuf {
+        self.checkpoints_dir().join(format!("epoch-{epoch:04}.safetensors"))
+    }
+    pub fn interrupted(&self) -> PathBuf {
+        self.checkpoints_dir().join("interrupted.safetensors")
+    }
+    pub fn metrics_log(&self) -> PathBuf {
+        self.root.join("metrics.jsonl")
+    }
+    pub fn curves(&self) -> PathBuf {
+        self.root.join("curves.png")
+    }
+    pub fn config(&self) -> PathBuf {
+        self.root.join("config.yaml")
+    }
+    pub fn summary(&self) -> PathBuf {
+        self.root.join("summary.json")
+    }
+
+    /// Periodic checkpoints, oldest first.
+    pub fn epoch_checkpoints(&self) -> Vec<(usize, PathBuf)> {
+        let mut out: Vec<(usize, PathBuf)> = std::fs::read_dir(self.checkpoints_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let epoch = name.strip_prefix("epoch-")?.strip_suffix(".safetensors")?.parse().ok()?;
+                Some((epoch, e.path()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Deletes periodic checkpoints beyond the newest `keep`.
+    pub fn prune(&self, keep: usize) -> Result<()> {
+        let all = self.epoch_checkpoints();
+        for (_, path) in all.iter().take(all.len().saturating_sub(keep)) {
+            crate::util::fs::remove_file_if_exists(path)?;
+        }
+        Ok(())
+    }
+
+    /// The checkpoint furthest along (highest step) — what `--resume` continues from.
+    pub fn latest(&self) -> Result<PathBuf> {
+        let mut best: Option<(u64, usize, PathBuf)> = None;
+        let candidates = self.epoch_checkpoints().into_iter().map(|(_, p)| p).chain([self.interrupted(), self.best()]);
+        for path in candidates.filter(|p| p.is_file()) {
+            let meta = read_meta(&path)?;
+            let key = (meta.progress.step, meta.progress.batch_in_epoch);
+            if best.as_ref().is_none_or(|(s, b, _)| key > (*s, *b)) {
+                best = Some((key.0, key.1, path));
+            }
+        }
+        best.map(|(_, _, p)| p).with_context(|| format!("`{}` holds no checkpoint to resume from", self.root.display()))
+    }
+}
+
+/// Resolves a `--checkpoint PATH`: a checkpoint file, a run folder (its best checkpoint, or
+/// its latest when no best exists), or a run's `checkpoints/` folder.
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if !path.exists() {
+        bail!("checkpoint `{}` does not exist", path.display());
+    }
+    let run = if path.join("checkpoints").is_dir() {
+        RunLayout::new(path)
+    } else if path.file_name().is_some_and(|n| n == "checkpoints") {
+        RunLayout::new(path.parent().unwrap_or(path))
+    } else {
+        bail!("`{}` is neither a checkpoint file nor a run folder", path.display());
+    };
+    if run.best().is_file() {
+        return Ok(run.best());
+    }
+    run.latest()
+}
+
+/// The run folder a checkpoint file belongs to (`<run>/checkpoints/<file>`).
+pub fn run_of(checkpoint: &Path) -> Option<PathBuf> {
+    let dir = checkpoint.parent()?;
+    (dir.file_name()? == "checkpoints").then(|| dir.parent().map(Path::to_path_buf)).flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ModelSpec, ModelState};
+
+    fn meta(spec: ModelSpec, step: u64) -> CheckpointMeta {
+        CheckpointMeta {
+            format_version: FORMAT_VERSION,
+            segctl_version: "test".into(),
+            created: "now".into(),
+            spec,
+            config: Config::default(),
+            progress: TrainingProgress {
+                epochs_completed: 1,
+                step,
+                batch_in_epoch: 0,
+                epoch_seed: 9,
+                rng_state: 12345,
+                best_mean_iou: Some(0.5),
+                best_epoch: Some(1),
+                epochs_without_improvement: 0,
+                partial: EpochTotals::default(),
+            },
+            val_mean_iou: Some(0.5),
+            config_digest: "c".into(),
+            dataset_digest: "d".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip_is_bit_exact() {
+        let mut config = Config::default();
+        config.model.unet.depth = 2;
+        config.model.unet.base_width = 4;
+        config.data.image_size = 32;
+        let spec = ModelSpec::from_config(&config);
+        let state = ModelState::new(&spec, &Device::Cpu, 3).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunLayout::new(dir.path());
+        let path = run.epoch_checkpoint(1);
+        let model = state.named_tensors();
+        let optim = HashMap::from([("m.x".to_string(), Tensor::new(&[1.5f32, -2.25], &Device::Cpu).unwrap())]);
+        save(&path, &meta(spec.clone(), 7), &model, &optim).unwrap();
+        let loaded = load(&path, &Device::Cpu).unwrap();
+        assert_eq!(loaded.meta.progress, meta(spec.clone(), 7).progress);
+        assert_eq!(loaded.meta.spec, spec);
+        for (name, t) in &model {
+            let a = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = loaded.model[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs");
+        }
+        assert_eq!(loaded.optimizer["m.x"].to_vec1::<f32>().unwrap(), vec![1.5, -2.25]);
+    }
+
+    #[test]
+    fn retention_latest_and_resolution() {
+        let mut config = Config::default();
+        config.model.unet.depth = 1;
+        config.model.unet.base_width = 2;
+        let spec = ModelSpec::from_config(&config);
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunLayout::new(dir.path().join("run"));
+        let empty = HashMap::new();
+        for epoch in 1..=4 {
+            save(&run.epoch_checkpoint(epoch), &meta(spec.clone(), epoch as u64 * 10), &empty, &empty).unwrap();
+        }
+        save(&run.best(), &meta(spec.clone(), 20), &empty, &empty).unwrap();
+        run.prune(2).unwrap();
+        assert_eq!(run.epoch_checkpoints().iter().map(|(e, _)| *e).collect::<Vec<_>>(), vec![3, 4]);
+        assert_eq!(run.latest().unwrap(), run.epoch_checkpoint(4));
+        assert_eq!(resolve(&run.root).unwrap(), run.best());
+        assert_eq!(resolve(&run.checkpoints_dir()).unwrap(), run.best());
+        assert_eq!(resolve(&run.epoch_checkpoint(3)).unwrap(), run.epoch_checkpoint(3));
+        assert_eq!(run_of(&run.best()).unwrap(), run.root);
+        assert!(resolve(&dir.path().join("nope")).is_err());
+    }
+}

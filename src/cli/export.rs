@@ -1,0 +1,66 @@
+//! `segctl export`: flags → `export::export` → the new version's folder.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Args;
+use segctl::export::{ExportOptions, export};
+
+use super::{GlobalArgs, Overrides, print_json};
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Checkpoint file or run folder (its best checkpoint).
+    #[arg(long, value_name = "PATH")]
+    checkpoint: PathBuf,
+    /// Model name (a folder in the repository and a URL segment).
+    #[arg(long, value_name = "NAME")]
+    name: String,
+    /// Version number (default: the next one); an existing version is never overwritten.
+    #[arg(long, value_name = "N")]
+    version: Option<u64>,
+    /// Model repository [config: export.repository].
+    #[arg(long, value_name = "DIR")]
+    repository: Option<PathBuf>,
+    /// Record this `segctl evaluate --json` report as the model's metrics.
+    #[arg(long, value_name = "FILE.json")]
+    metrics: Option<PathBuf>,
+    /// Keep BatchNorm layers instead of folding them into the convolutions [config:
+    /// export.fold_batchnorm].
+    #[arg(long)]
+    no_fold: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn exec(args: ExportArgs, global: &GlobalArgs) -> Result<ExitCode> {
+    let config = global.load_config(
+        Overrides::default()
+            .add("export.repository", args.repository)
+            .add("export.fold_batchnorm", args.no_fold.then_some(false)),
+    )?;
+    let options = ExportOptions {
+        checkpoint: args.checkpoint,
+        name: args.name,
+        version: args.version,
+        repository: config.export.repository.clone(),
+        fold_batchnorm: config.export.fold_batchnorm,
+        metrics: args.metrics,
+    };
+    let report = export(&options)?;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        println!("exported {} version {} to {}", report.name, report.version, report.path.display());
+        println!(
+            "  {} parameters, BatchNorm {}{}, weights sha256 {}",
+            report.parameters,
+            if report.batchnorm_folded { "folded" } else { "kept" },
+            report.fold_max_abs_diff.map(|d| format!(" (max logit change {d:.1e})")).unwrap_or_default(),
+            &report.weights_sha256[..16]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

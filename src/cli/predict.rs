@@ -1,0 +1,96 @@
+//! `segctl predict`: flags → a local `infer::Predictor` (or a server as backend) →
+//! `predict::predict`; exit 1 when some inputs failed.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::Args;
+use segctl::infer::Predictor;
+use segctl::predict::{Backend, PredictOptions, predict};
+
+use super::{EXIT_REJECTED, GlobalArgs, Overrides, print_json};
+
+/// Photos segmented per model call.
+const DEFAULT_BATCH: usize = 8;
+
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// Photos, or folders of photos (.jpg, .jpeg, .png, .gif).
+    #[arg(required = true, value_name = "IMAGE|DIR")]
+    inputs: Vec<PathBuf>,
+    /// Checkpoint file or run folder (its best checkpoint).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["model", "server"])]
+    checkpoint: Option<PathBuf>,
+    /// Exported model: `<repository>/<name>` (newest version) or `<repository>/<name>/<version>`.
+    #[arg(long, value_name = "DIR", conflicts_with = "server")]
+    model: Option<PathBuf>,
+    /// Send the photos to a running `segctl serve` at URL instead of running a model here.
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// With --server: the model name (default: the server's default model).
+    #[arg(long, value_name = "NAME", requires = "server")]
+    name: Option<String>,
+    /// Output folder.
+    #[arg(long, value_name = "DIR", default_value = "predictions")]
+    out: PathBuf,
+    /// Also write the photo with the mask blended over it.
+    #[arg(long)]
+    overlay: bool,
+    /// Also write photo | mask | overlay side by side.
+    #[arg(long)]
+    side_by_side: bool,
+    /// Photos per model call.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH)]
+    batch_size: usize,
+    /// auto, cpu, cuda or cuda:N [config: serve.device].
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn exec(args: PredictArgs, global: &GlobalArgs) -> Result<ExitCode> {
+    let config = global.load_config(Overrides::default().add("serve.device", args.device))?;
+    let options = PredictOptions {
+        inputs: args.inputs,
+        out_dir: args.out,
+        overlay: args.overlay,
+        side_by_side: args.side_by_side,
+        batch_size: args.batch_size.max(1),
+        max_pixels: config.serve.max_pixels,
+        progress: global.progress(args.json),
+    };
+    let predictor;
+    let backend = match (args.checkpoint, args.model, args.server) {
+        (_, _, Some(url)) => Backend::Server {
+            url,
+            model: args.name,
+            timeout: Duration::from_millis(config.serve.request_timeout_ms.saturating_add(5_000)),
+        },
+        (Some(path), None, None) | (None, Some(path), None) => {
+            let device = segctl::model::select_device(segctl::config::parse_device_spec(&config.serve.device)?)?;
+            predictor = Predictor::load(&path, &device)?;
+            Backend::Local(&predictor)
+        }
+        _ => bail!("say which model to use: --checkpoint PATH, --model DIR or --server URL"),
+    };
+    let report = predict(&backend, &options)?;
+    if args.json {
+        print_json(&report)?;
+    } else {
+        println!(
+            "{} images segmented into {} ({:.1} images/s) with {}",
+            report.images.len(),
+            report.out_dir.display(),
+            report.images_per_s,
+            report.model
+        );
+        for f in &report.failures {
+            println!("FAILED {}: {}", f.input.display(), f.error);
+        }
+    }
+    Ok(if report.failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_REJECTED) })
+}

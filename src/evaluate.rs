@@ -1,0 +1,215 @@
+//! `evaluate`: runs a model over a split and reports pixel accuracy, dataset-level mean IoU,
+//! per-class IoU, Dice, fg/bg IoU, per-image mean IoU and the confusion matrix, then applies
+//! the CI gate (minimum mIoU, maximum drop against a baseline). The batch loop here also
+//! serves `train`'s per-epoch validation.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::data::pipeline::{Batch, Loader, LoaderConfig};
+use crate::data::{PetDataset, Split};
+use crate::loss::SegLoss;
+use crate::metrics::{ConfusionMatrix, PerImageIou, SegmentationReport};
+use crate::model::ModelState;
+use crate::model_store::{self, ModelOrigin};
+use crate::progress::{ProgressMode, Unit};
+
+/// Model inputs and targets of a batch, on `device`.
+pub fn batch_tensors(batch: &Batch, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let (n, s) = (batch.len(), batch.size);
+    let images = Tensor::from_slice(&batch.images, (n, 3, s, s), &Device::Cpu)?.to_device(device)?;
+    let targets = Tensor::from_slice(&batch.masks, (n, s, s), &Device::Cpu)?.to_dtype(DType::U32)?.to_device(device)?;
+    Ok((images, targets))
+}
+
+/// Class ids `[N·H·W]` from logits `[N, C, H, W]`.
+pub fn predictions(logits: &Tensor) -> candle_core::Result<Vec<u8>> {
+    logits.argmax(1)?.to_dtype(DType::U8)?.flatten_all()?.to_vec1::<u8>()
+}
+
+/// Result of one pass over a loader.
+pub struct EvalOutcome {
+    pub confusion: ConfusionMatrix,
+    pub per_image: PerImageIou,
+    pub samples: usize,
+    /// Mean loss per batch, when a loss was given.
+    pub loss: Option<f64>,
+}
+
+/// Runs `state` in inference mode over every batch of `loader`.
+pub fn evaluate_loader(state: &ModelState, loader: &Loader, loss: Option<&SegLoss>, progress: ProgressMode, label: &str) -> Result<EvalOutcome> {
+    let classes = state.spec.num_classes();
+    let mut confusion = ConfusionMatrix::new(classes);
+    let mut per_image = PerImageIou::default();
+    let mut samples = 0;
+    let (mut loss_sum, mut batches) = (0.0, 0usize);
+    let bar = progress.bar(label, Some(loader.dataset().len() as u64), Unit::Items("images"));
+    for batch in loader.epoch(0, 0) {
+        if batch.is_empty() {
+            continue;
+        }
+        let (images, targets) = batch_tensors(&batch, &state.device)?;
+        let logits = state.forward(&images, false)?;
+        if let Some(l) = loss {
+            loss_sum += l.compute(&logits, &targets)?.to_scalar::<f32>()? as f64;
+            batches += 1;
+        }
+        let predicted = predictions(&logits)?;
+        confusion.update(&batch.masks, &predicted);
+        let plane = batch.size * batch.size;
+        for (t, p) in batch.masks.chunks(plane).zip(predicted.chunks(plane)) {
+            per_image.update(classes, t, p);
+        }
+        samples += batch.len();
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish();
+    Ok(EvalOutcome { confusion, per_image, samples, loss: (batches > 0).then(|| loss_sum / batches as f64) })
+}
+
+/// The loader configuration for inference over a split (no shuffle, no flips, every sample).
+pub fn eval_loader_config(config: &Config, state: &ModelState, batch_size: usize) -> LoaderConfig {
+    LoaderConfig {
+        batch_size,
+        image_size: state.spec.input_size as u32,
+        normalization: state.spec.normalization,
+        shuffle: false,
+        hflip: false,
+        seed: config.data.seed,
+        drop_last: false,
+        prefetch: config.data.prefetch_batches,
+        cache_dir: config.data.cache_dir.clone(),
+    }
+}
+
+/// What `evaluate` does.
+#[derive(Debug, Clone)]
+pub struct EvaluateOptions {
+    pub checkpoint: PathBuf,
+    pub split: Split,
+    /// A previous `evaluate --json` report, or any model path (evaluated on the same split).
+    pub baseline: Option<PathBuf>,
+    pub min_miou: Option<f64>,
+    pub max_drop: Option<f64>,
+    pub device: Device,
+    pub progress: ProgressMode,
+}
+
+/// The baseline's score and how far the candidate is from it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BaselineComparison {
+    pub source: PathBuf,
+    pub mean_iou: f64,
+    /// Baseline mIoU − candidate mIoU (positive = worse than the baseline).
+    pub drop: f64,
+}
+
+/// The CI decision.
+#[derive(Debug, Clone, Serialize)]
+pub struct Gate {
+    pub accepted: bool,
+    pub min_miou: Option<f64>,
+    pub max_drop: Option<f64>,
+    /// Why the model was rejected (empty when accepted).
+    pub reasons: Vec<String>,
+}
+
+/// The evaluation report (`--json` prints it; its top level carries the metrics).
+#[derive(Debug, Clone, Serialize)]
+pub struct EvaluateReport {
+    #[serde(flatten)]
+    pub metrics: SegmentationReport,
+    /// How `mean_iou` is computed.
+    pub mean_iou_definition: &'static str,
+    pub split: Split,
+    pub model: ModelOrigin,
+    pub model_description: String,
+    pub device: String,
+    /// Samples skipped as unreadable.
+    pub skipped_samples: usize,
+    pub baseline: Option<BaselineComparison>,
+    pub gate: Gate,
+    pub elapsed_s: f64,
+    pub images_per_s: f64,
+}
+
+/// Executes `segctl evaluate`.
+pub fn evaluate(config: &Config, options: &EvaluateOptions) -> Result<EvaluateReport> {
+    let start = Instant::now();
+    let loaded = model_store::load_any(&options.checkpoint, &options.device)?;
+    let (metrics, skipped) = score(config, &loaded.state, options.split, options.progress)?;
+    let baseline = match &options.baseline {
+        None => None,
+        Some(path) => {
+            let mean_iou = baseline_miou(config, path, options)?;
+            Some(BaselineComparison { source: path.clone(), mean_iou, drop: mean_iou - metrics.mean_iou })
+        }
+    };
+    let mut reasons = Vec::new();
+    if let Some(min) = options.min_miou {
+        if metrics.mean_iou < min {
+            reasons.push(format!("mean IoU {:.4} is below --min-miou {min}", metrics.mean_iou));
+        }
+    }
+    if let (Some(max_drop), Some(b)) = (options.max_drop, &baseline) {
+        if b.drop > max_drop {
+            reasons.push(format!(
+                "mean IoU {:.4} is {:.4} below the baseline's {:.4} (--max-drop {max_drop})",
+                metrics.mean_iou, b.drop, b.mean_iou
+            ));
+        }
+    }
+    if options.max_drop.is_some() && baseline.is_none() {
+        bail!("--max-drop needs --baseline");
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(EvaluateReport {
+        images_per_s: metrics.samples as f64 / elapsed.max(1e-9),
+        mean_iou_definition: "mean over classes of IoU from the confusion matrix summed over the whole split, at the model's input resolution",
+        split: options.split,
+        model_description: loaded.state.spec.describe(),
+        device: crate::model::device_name(&options.device),
+        model: loaded.origin,
+        skipped_samples: skipped,
+        gate: Gate { accepted: reasons.is_empty(), min_miou: options.min_miou, max_drop: options.max_drop, reasons },
+        baseline,
+        metrics,
+        elapsed_s: elapsed,
+    })
+}
+
+/// Scores one model on one split. Returns the metrics and the number of skipped samples.
+pub fn score(config: &Config, state: &ModelState, split: Split, progress: ProgressMode) -> Result<(SegmentationReport, usize)> {
+    let dataset = Arc::new(PetDataset::open(&config.data.root, split, config.data.val_fraction, config.data.seed)?);
+    let loader = Loader::new(dataset.clone(), eval_loader_config(config, state, config.evaluate.batch_size))?;
+    let outcome = evaluate_loader(state, &loader, None, progress, &format!("evaluate {}", split.name()))?;
+    if outcome.samples == 0 {
+        bail!("no readable samples in split `{}` of `{}`", split.name(), config.data.root.display());
+    }
+    Ok((SegmentationReport::new(&outcome.confusion, &outcome.per_image, &state.spec.class_names, outcome.samples), dataset.skipped()))
+}
+
+fn baseline_miou(config: &Config, path: &Path, options: &EvaluateOptions) -> Result<f64> {
+    if path.extension().is_some_and(|e| e == "json") {
+        let text = crate::util::fs::read_to_string(path)?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("baseline `{}` is not JSON", path.display()))?;
+        if let Some(split) = value.get("split").and_then(|s| s.as_str()) {
+            if split != options.split.name() {
+                bail!("baseline `{}` was measured on split `{split}`, not `{}`", path.display(), options.split.name());
+            }
+        }
+        return value
+            .get("mean_iou")
+            .and_then(|v| v.as_f64())
+            .with_context(|| format!("baseline `{}` has no `mean_iou`", path.display()));
+    }
+    let loaded = model_store::load_any(path, &options.device).with_context(|| format!("baseline `{}`", path.display()))?;
+    Ok(score(config, &loaded.state, options.split, options.progress)?.0.mean_iou)
+}

@@ -1,0 +1,207 @@
+//! Inference, shared by `predict` and `serve`: a loaded model that turns photos of any size
+//! into class-id masks at their own size (the same preprocessing as training, bilinear
+//! up-sampling of the logits, then argmax), and the renderings users look at: the colour
+//! mask, the overlay on the photo and the side-by-side figure.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use image::{GrayImage, Luma, Rgb, RgbImage};
+use rayon::prelude::*;
+
+use crate::data::transform;
+use crate::model::ModelSpec;
+use crate::model_store::{self, LoadedModel, ModelManifest, ModelOrigin};
+
+/// Display colours of the classes (pet, background, border); the serving page's legend uses
+/// the same ones.
+pub const PALETTE: [[u8; 3]; 3] = [[0xff, 0x8c, 0x00], [0x1e, 0x90, 0xff], [0xff, 0xe1, 0x19]];
+/// Opacity of the colour mask over the photo in overlays.
+const OVERLAY_ALPHA: f32 = 0.45;
+
+/// A model ready to segment photos.
+pub struct Predictor {
+    loaded: LoadedModel,
+}
+
+impl Predictor {
+    /// Loads a checkpoint file, run folder, exported model folder or version folder.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        Ok(Self { loaded: model_store::load_any(path, device)? })
+    }
+
+    pub fn from_loaded(loaded: LoadedModel) -> Self {
+        Self { loaded }
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.loaded.state.spec
+    }
+
+    pub fn origin(&self) -> &ModelOrigin {
+        &self.loaded.origin
+    }
+
+    pub fn manifest(&self) -> Option<&ModelManifest> {
+        self.loaded.manifest.as_ref()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.loaded.state.device
+    }
+
+    /// Normalized model input `[3, S, S]` for one photo (the training preprocessing).
+    pub fn prepare(&self, image: &RgbImage) -> Vec<f32> {
+        let spec = self.spec();
+        transform::preprocess(image, spec.input_size as u32, &spec.normalization)
+    }
+
+    /// Logits `[classes, S, S]` for each prepared input, in one model call.
+    pub fn logits(&self, inputs: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let spec = self.spec();
+        let size = spec.input_size;
+        let mut flat = Vec::with_capacity(inputs.len() * 3 * size * size);
+        for input in inputs {
+            if input.len() != 3 * size * size {
+                anyhow::bail!("input has {} values, the model expects 3x{size}x{size}", input.len());
+            }
+            flat.extend_from_slice(input);
+        }
+        let batch = Tensor::from_vec(flat, (inputs.len(), 3, size, size), &Device::Cpu)?.to_device(self.device())?;
+        let logits = self.loaded.state.forward(&batch, false).context("inference failed")?;
+        let values = logits.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(values.chunks(spec.num_classes() * size * size).map(|c| c.to_vec()).collect())
+    }
+
+    /// The class-id mask at `width`×`height` from one image's logits.
+    pub fn mask_from_logits(&self, logits: &[f32], width: u32, height: u32) -> GrayImage {
+        let spec = self.spec();
+        upsample_argmax(logits, spec.num_classes(), spec.input_size, width, height)
+    }
+
+    /// Class-id masks, each at its photo's size.
+    pub fn segment(&self, images: &[&RgbImage]) -> Result<Vec<GrayImage>> {
+        let inputs: Vec<Vec<f32>> = images.par_iter().map(|img| self.prepare(img)).collect();
+        let logits = self.logits(&inputs)?;
+        Ok(logits.par_iter().zip(images.par_iter()).map(|(l, img)| self.mask_from_logits(l, img.width(), img.height())).collect())
+    }
+}
+
+/// Bilinearly resizes `classes` logit planes of `size`×`size` to `width`×`height` (pixel-centre
+/// alignment, like PyTorch's `align_corners=False`) and takes the argmax per pixel.
+pub fn upsample_argmax(logits: &[f32], classes: usize, size: usize, width: u32, height: u32) -> GrayImage {
+    let scale_x = size as f32 / width as f32;
+    let scale_y = size as f32 / height as f32;
+    let axis = |dst: u32, scale: f32| {
+        let src = ((dst as f32 + 0.5) * scale - 0.5).clamp(0.0, (size - 1) as f32);
+        let lo = src.floor() as usize;
+        let hi = (lo + 1).min(size - 1);
+        (lo, hi, src - lo as f32)
+    };
+    let xs: Vec<(usize, usize, f32)> = (0..width).map(|x| axis(x, scale_x)).collect();
+    let mut mask = GrayImage::new(width, height);
+    mask.par_chunks_mut(width as usize).enumerate().for_each(|(y, row)| {
+        let (y0, y1, fy) = axis(y as u32, scale_y);
+        for (x, out) in row.iter_mut().enumerate() {
+            let (x0, x1, fx) = xs[x];
+            let mut best = (f32::NEG_INFINITY, 0u8);
+            for c in 0..classes {
+                let p = &logits[c * size * size..];
+                let top = p[y0 * size + x0] * (1.0 - fx) + p[y0 * size + x1] * fx;
+                let bottom = p[y1 * size + x0] * (1.0 - fx) + p[y1 * size + x1] * fx;
+                let v = top * (1.0 - fy) + bottom * fy;
+                if v > best.0 {
+                    best = (v, c as u8);
+                }
+            }
+            *out = best.1;
+        }
+    });
+    mask
+}
+
+/// The colour-palette rendering of a class-id mask.
+pub fn colorize(mask: &GrayImage) -> RgbImage {
+    RgbImage::from_fn(mask.width(), mask.height(), |x, y| {
+        let Luma([c]) = *mask.get_pixel(x, y);
+        Rgb(PALETTE.get(c as usize).copied().unwrap_or([0, 0, 0]))
+    })
+}
+
+/// The photo with the colour mask blended over it.
+pub fn overlay(photo: &RgbImage, mask: &GrayImage) -> RgbImage {
+    RgbImage::from_fn(photo.width(), photo.height(), |x, y| {
+        let Rgb(p) = *photo.get_pixel(x, y);
+        let Luma([c]) = *mask.get_pixel(x.min(mask.width() - 1), y.min(mask.height() - 1));
+        let color = PALETTE.get(c as usize).copied().unwrap_or([0, 0, 0]);
+        Rgb(std::array::from_fn(|i| (p[i] as f32 * (1.0 - OVERLAY_ALPHA) + color[i] as f32 * OVERLAY_ALPHA) as u8))
+    })
+}
+
+/// Photo | colour mask | overlay, side by side with a thin white gap.
+pub fn side_by_side(photo: &RgbImage, mask: &GrayImage) -> RgbImage {
+    const GAP: u32 = 8;
+    let (w, h) = photo.dimensions();
+    let mut out = RgbImage::from_pixel(3 * w + 2 * GAP, h, Rgb([255, 255, 255]));
+    for (i, panel) in [photo.clone(), colorize(mask), overlay(photo, mask)].iter().enumerate() {
+        image::imageops::replace(&mut out, panel, (i as u32 * (w + GAP)) as i64, 0);
+    }
+    out
+}
+
+/// PNG bytes of any 8-bit image.
+pub fn encode_png<P, C>(image: &image::ImageBuffer<P, C>) -> Result<Vec<u8>>
+where
+    P: image::PixelWithColorType<Subpixel = u8>,
+    C: std::ops::Deref<Target = [u8]>,
+{
+    let mut out = Vec::new();
+    image
+        .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .context("PNG encoding failed")?;
+    Ok(out)
+}
+
+/// Share of each class in a mask.
+pub fn class_fractions(mask: &GrayImage, classes: usize) -> Vec<f64> {
+    let mut counts = vec![0u64; classes];
+    for Luma([c]) in mask.pixels() {
+        if let Some(n) = counts.get_mut(*c as usize) {
+            *n += 1;
+        }
+    }
+    let total = mask.len().max(1) as f64;
+    counts.iter().map(|n| *n as f64 / total).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upsampling_keeps_the_argmax_layout() {
+        // 2×2 logits: class 0 wins on the left column, class 1 on the right.
+        let logits = [5.0, -5.0, 5.0, -5.0, -5.0, 5.0, -5.0, 5.0];
+        let mask = upsample_argmax(&logits, 2, 2, 6, 3);
+        assert_eq!(mask.dimensions(), (6, 3));
+        for y in 0..3 {
+            assert_eq!(mask.get_pixel(0, y).0[0], 0);
+            assert_eq!(mask.get_pixel(5, y).0[0], 1);
+        }
+    }
+
+    #[test]
+    fn renderings_have_the_photo_size() {
+        let photo = RgbImage::from_pixel(7, 5, Rgb([100, 100, 100]));
+        let mask = GrayImage::from_fn(7, 5, |x, _| Luma([(x % 3) as u8]));
+        assert_eq!(colorize(&mask).get_pixel(0, 0).0, PALETTE[0]);
+        assert_eq!(overlay(&photo, &mask).dimensions(), (7, 5));
+        assert_eq!(side_by_side(&photo, &mask).dimensions(), (7 * 3 + 16, 5));
+        let f = class_fractions(&mask, 3);
+        assert!((f.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,272 @@
+//! `predict`: segments photos (files or folders) with a local model or through a running
+//! `segctl serve` (the client), writing per photo a class-id mask PNG and a colour mask PNG at
+//! the photo's own size (EXIF orientation applied), plus optional overlay and side-by-side
+//! figures. Unreadable inputs are reported and skipped.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use image::{GrayImage, RgbImage};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::data::image_io::{self, DecodeOptions};
+use crate::infer::{self, Predictor};
+use crate::progress::{ProgressMode, Unit};
+
+/// Extensions picked up from folders.
+const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "gif"];
+
+/// Where masks come from.
+pub enum Backend<'a> {
+    Local(&'a Predictor),
+    /// A running server: base URL and model name (none = the server's default model).
+    Server { url: String, model: Option<String>, timeout: Duration },
+}
+
+/// What to write.
+#[derive(Debug, Clone)]
+pub struct PredictOptions {
+    pub inputs: Vec<PathBuf>,
+    pub out_dir: PathBuf,
+    pub overlay: bool,
+    pub side_by_side: bool,
+    pub batch_size: usize,
+    pub max_pixels: u64,
+    pub progress: ProgressMode,
+}
+
+/// Files written for one photo.
+#[derive(Debug, Clone, Serialize)]
+pub struct PredictedImage {
+    pub input: PathBuf,
+    pub width: u32,
+    pub height: u32,
+    pub mask: PathBuf,
+    pub color: PathBuf,
+    pub overlay: Option<PathBuf>,
+    pub side_by_side: Option<PathBuf>,
+    /// Share of each class, in class order.
+    pub class_fractions: Vec<f64>,
+}
+
+/// A photo that could not be segmented.
+#[derive(Debug, Clone, Serialize)]
+pub struct PredictFailure {
+    pub input: PathBuf,
+    pub error: String,
+}
+
+/// What `predict` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PredictReport {
+    pub model: String,
+    pub out_dir: PathBuf,
+    pub images: Vec<PredictedImage>,
+    pub failures: Vec<PredictFailure>,
+    pub elapsed_s: f64,
+    pub images_per_s: f64,
+}
+
+/// Expands folders into their image files (sorted) and keeps files as given.
+pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(input)
+                .with_context(|| format!("failed to list `{}`", input.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .filter(|p| {
+                    p.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+                })
+                .collect();
+            files.sort();
+            out.extend(files);
+        } else {
+            out.push(input.clone());
+        }
+    }
+    if out.is_empty() {
+        bail!("no images to segment (give image files or folders holding .jpg/.png files)");
+    }
+    Ok(out)
+}
+
+/// Executes `segctl predict`.
+pub fn predict(backend: &Backend, options: &PredictOptions) -> Result<PredictReport> {
+    let start = Instant::now();
+    let inputs = collect_inputs(&options.inputs)?;
+    crate::util::fs::create_dir_all(&options.out_dir)?;
+    let names = output_names(&inputs);
+    let model = match backend {
+        Backend::Local(p) => format!("{} ({})", p.origin().path.display(), p.spec().describe()),
+        Backend::Server { url, model, .. } => format!("{url} ({})", model.as_deref().unwrap_or("default model")),
+    };
+    let bar = options.progress.bar("predict", Some(inputs.len() as u64), Unit::Items("images"));
+    let mut images = Vec::new();
+    let mut failures = Vec::new();
+    for chunk in inputs.iter().zip(&names).collect::<Vec<_>>().chunks(options.batch_size.max(1)) {
+        // Decode in parallel; failures are reported, the rest goes on.
+        let decoded: Vec<(&PathBuf, &String, Result<(RgbImage, Vec<u8>)>)> = chunk
+            .par_iter()
+            .map(|(path, name)| {
+                let result = std::fs::read(path)
+                    .with_context(|| format!("cannot read `{}`", path.display()))
+                    .and_then(|bytes| {
+                        let options = DecodeOptions { max_pixels: options.max_pixels, apply_exif_orientation: true };
+                        let image = image_io::decode_rgb(&bytes, options).map_err(anyhow::Error::from)?.image;
+                        Ok((image, bytes))
+                    });
+                (*path, *name, result)
+            })
+            .collect();
+        let mut ok = Vec::new();
+        for (path, name, result) in decoded {
+            match result {
+                Ok((image, bytes)) => ok.push((path, name, image, bytes)),
+                Err(e) => {
+                    log::warn!("skipping `{}`: {e:#}", path.display());
+                    failures.push(PredictFailure { input: path.clone(), error: format!("{e:#}") });
+                    bar.inc(1);
+                }
+            }
+        }
+        let masks: Vec<Result<GrayImage>> = match backend {
+            Backend::Local(predictor) => {
+                let refs: Vec<&RgbImage> = ok.iter().map(|(_, _, img, _)| img).collect();
+                match predictor.segment(&refs) {
+                    Ok(m) => m.into_iter().map(Ok).collect(),
+                    Err(e) => ok.iter().map(|_| Err(anyhow::anyhow!("{e:#}"))).collect(),
+                }
+            }
+            Backend::Server { url, model, timeout } => {
+                ok.iter().map(|(_, _, img, bytes)| segment_remote(url, model.as_deref(), *timeout, bytes, img)).collect()
+            }
+        };
+        let written: Vec<Result<PredictedImage>> = ok
+            .par_iter()
+            .zip(masks)
+            .map(|((path, name, image, _), mask)| write_outputs(path, name, image, &mask?, options))
+            .collect();
+        for ((path, ..), result) in ok.iter().zip(written) {
+            match result {
+                Ok(done) => images.push(done),
+                Err(e) => {
+                    log::warn!("failed on `{}`: {e:#}", path.display());
+                    failures.push(PredictFailure { input: (*path).clone(), error: format!("{e:#}") });
+                }
+            }
+            bar.inc(1);
+        }
+    }
+    bar.finish();
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(PredictReport {
+        model,
+        out_dir: options.out_dir.clone(),
+        images_per_s: images.len() as f64 / elapsed.max(1e-9),
+        images,
+        failures,
+        elapsed_s: elapsed,
+    })
+}
+
+/// Output base names: the file stem, made unique when two inputs share one.
+fn output_names(inputs: &[PathBuf]) -> Vec<String> {
+    let mut seen = HashSet::new();
+    inputs
+        .iter()
+        .map(|p| {
+            let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+            let mut name = stem.clone();
+            let mut n = 2;
+            while !seen.insert(name.clone()) {
+                name = format!("{stem}-{n}");
+                n += 1;
+            }
+            name
+        })
+        .collect()
+}
+
+fn write_outputs(input: &Path, name: &str, image: &RgbImage, mask: &GrayImage, options: &PredictOptions) -> Result<PredictedImage> {
+    if mask.dimensions() != image.dimensions() {
+        bail!("mask is {:?} but the photo is {:?}", mask.dimensions(), image.dimensions());
+    }
+    let path = |suffix: &str| options.out_dir.join(format!("{name}_{suffix}.png"));
+    let write = |p: &Path, bytes: Vec<u8>| crate::util::fs::write_atomic(p, &bytes);
+    write(&path("mask"), infer::encode_png(mask)?)?;
+    write(&path("color"), infer::encode_png(&infer::colorize(mask))?)?;
+    let overlay = if options.overlay {
+        write(&path("overlay"), infer::encode_png(&infer::overlay(image, mask))?)?;
+        Some(path("overlay"))
+    } else {
+        None
+    };
+    let side_by_side = if options.side_by_side {
+        write(&path("side_by_side"), infer::encode_png(&infer::side_by_side(image, mask))?)?;
+        Some(path("side_by_side"))
+    } else {
+        None
+    };
+    Ok(PredictedImage {
+        input: input.to_path_buf(),
+        width: image.width(),
+        height: image.height(),
+        mask: path("mask"),
+        color: path("color"),
+        overlay,
+        side_by_side,
+        class_fractions: infer::class_fractions(mask, infer::PALETTE.len()),
+    })
+}
+
+/// Sends the original file bytes to `<url>/v1/models/<name>:segment` and reads back the
+/// class-id mask PNG (the server applies EXIF orientation too, so sizes agree).
+fn segment_remote(url: &str, model: Option<&str>, timeout: Duration, bytes: &[u8], image: &RgbImage) -> Result<GrayImage> {
+    let base = url.trim_end_matches('/');
+    let agent = ureq::AgentBuilder::new().timeout(timeout).build();
+    let name = match model {
+        Some(m) => m.to_string(),
+        None => default_remote_model(&agent, base)?,
+    };
+    let endpoint = format!("{base}/v1/models/{name}:segment");
+    let response = match agent.post(&endpoint).set("Content-Type", "application/octet-stream").set("Accept", "image/png").send_bytes(bytes) {
+        Ok(r) => r,
+        Err(ureq::Error::Status(code, r)) => {
+            let body = r.into_string().unwrap_or_default();
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                .unwrap_or(body);
+            bail!("{endpoint}: HTTP {code}: {message}");
+        }
+        Err(e) => bail!("{endpoint}: {e}"),
+    };
+    let mut png = Vec::new();
+    std::io::Read::read_to_end(&mut response.into_reader(), &mut png).with_context(|| format!("{endpoint}: reading the answer"))?;
+    let mask = image::load_from_memory_with_format(&png, image::ImageFormat::Png)
+        .with_context(|| format!("{endpoint}: the answer is not a PNG"))?
+        .to_luma8();
+    if mask.dimensions() != image.dimensions() {
+        bail!("{endpoint}: mask is {:?}, the photo {:?}", mask.dimensions(), image.dimensions());
+    }
+    Ok(mask)
+}
+
+fn default_remote_model(agent: &ureq::Agent, base: &str) -> Result<String> {
+    let url = format!("{base}/v1/models");
+    let list: serde_json::Value = agent
+        .get(&url)
+        .call()
+        .with_context(|| format!("cannot reach `{url}`"))?
+        .into_json()
+        .with_context(|| format!("`{url}` did not answer JSON"))?;
+    let models = list.get("models").and_then(|m| m.as_array()).cloned().unwrap_or_default();
+    let pick = models.iter().find(|m| m.get("default").and_then(|d| d.as_bool()) == Some(true)).or(models.first());
+    pick.and_then(|m| m.get("name")).and_then(|n| n.as_str()).map(str::to_string).with_context(|| format!("`{url}` lists no models"))
+}

@@ -1,0 +1,368 @@
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+
+use crate::util::*;
+
+/// A running `segctl serve` on an ephemeral loopback port.
+struct Server {
+    child: Child,
+    url: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    fn start(config: &Path, repo: &Path, sets: &[&str]) -> Server {
+        let mut cmd = segctl();
+        cmd.env("RUST_LOG", "segctl=info")
+            .args(["serve", "--port", "0", "--config"])
+            .arg(config)
+            .arg("--repository")
+            .arg(repo)
+            .args(["--set", "serve.poll_interval_ms=100"]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        let url = first.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| panic!("no address in {first:?}")).to_string();
+        let server = Server { child, url, log };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
+        let start = Instant::now();
+        loop {
+            if let Ok(r) = ureq::get(&format!("{}/readyz", self.url)).call() {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "not ready: {}", self.log.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// (status, headers of interest, body) of a request; HTTP errors are answers too.
+fn request(method: &str, url: &str, content_type: Option<&str>, accept: Option<&str>, body: Option<&[u8]>) -> (u16, ureq::Response) {
+    let mut req = ureq::request(method, url).timeout(Duration::from_secs(60));
+    if let Some(ct) = content_type {
+        req = req.set("Content-Type", ct);
+    }
+    if let Some(a) = accept {
+        req = req.set("Accept", a);
+    }
+    let result = match body {
+        Some(b) => req.send_bytes(b),
+        None => req.call(),
+    };
+    match result {
+        Ok(r) => (r.status(), r),
+        Err(ureq::Error::Status(code, r)) => (code, r),
+        Err(e) => panic!("{method} {url}: {e}"),
+    }
+}
+
+fn body_bytes(r: ureq::Response) -> Vec<u8> {
+    let mut out = Vec::new();
+    r.into_reader().read_to_end(&mut out).unwrap();
+    out
+}
+
+fn body_json(r: ureq::Response) -> serde_json::Value {
+    let bytes = body_bytes(r);
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&bytes)))
+}
+
+fn a_photo(dir: &Path) -> (Vec<u8>, (u32, u32)) {
+    let path = std::fs::read_dir(dir.join("pets/images")).unwrap().next().unwrap().unwrap().path();
+    (std::fs::read(&path).unwrap(), image::image_dimensions(&path).unwrap())
+}
+
+#[test]
+fn every_endpoint_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, repo) = trained_model(dir.path(), 16);
+    let server = Server::start(&config, &repo, &[]);
+    let (photo, (w, h)) = a_photo(dir.path());
+
+    let (status, r) = request("GET", &server.url("/"), None, None, None);
+    assert_eq!(status, 200);
+    assert!(r.content_type().starts_with("text/html"));
+    assert!(String::from_utf8(body_bytes(r)).unwrap().contains("<html"));
+    assert_eq!(request("GET", &server.url("/healthz"), None, None, None).0, 200);
+    assert_eq!(request("GET", &server.url("/readyz"), None, None, None).0, 200);
+    let models = body_json(request("GET", &server.url("/v1/models"), None, None, None).1);
+    assert_eq!(models["models"][0]["name"], "pets");
+    assert_eq!(models["models"][0]["default"], true);
+    let status = body_json(request("GET", &server.url("/v1/models/pets"), None, None, None).1);
+    assert_eq!(status["model_version_status"][0]["state"], "AVAILABLE");
+    assert_eq!(status["model_version_status"][0]["version"], "1");
+    assert_eq!(status["model_version_status"][0]["status"]["error_code"], "OK");
+    assert_eq!(request("GET", &server.url("/v1/models/pets/versions/1"), None, None, None).0, 200);
+    let meta = body_json(request("GET", &server.url("/v1/models/pets/metadata"), None, None, None).1);
+    assert_eq!(meta["model_spec"]["name"], "pets");
+    assert_eq!(meta["metadata"]["manifest"]["model"]["input_size"], 32);
+
+    // :segment — class-id PNG at the photo's size, colour and overlay PNGs, JSON by Accept.
+    for (query, expect_color) in [("", false), ("?format=color", true), ("?format=overlay", true)] {
+        let (status, r) = request("POST", &server.url(&format!("/v1/models/pets:segment{query}")), Some("image/jpeg"), None, Some(&photo));
+        assert_eq!(status, 200);
+        assert_eq!(r.header("x-model-version"), Some("1"));
+        assert!(r.header("server-timing").unwrap().contains("inference;dur="));
+        let img = image::load_from_memory(&body_bytes(r)).unwrap();
+        assert_eq!((img.width(), img.height()), (w, h));
+        assert_eq!(matches!(img, image::DynamicImage::ImageRgb8(_)), expect_color);
+    }
+    let (status, r) = request("POST", &server.url("/v1/models/pets/versions/1:segment"), Some("image/jpeg"), Some("application/json"), Some(&photo));
+    assert_eq!(status, 200);
+    let v = body_json(r);
+    assert_eq!((v["width"].as_u64(), v["height"].as_u64()), (Some(w as u64), Some(h as u64)));
+    assert_eq!(v["mask"].as_array().unwrap().len(), h as usize);
+
+    // :predict — nested arrays and base64 instances.
+    let nested = serde_json::json!([[[10, 20, 30], [40, 50, 60], [70, 80, 90]], [[1, 2, 3], [4, 5, 6], [7, 8, 9]]]);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&photo);
+    let body = serde_json::json!({ "instances": [nested, { "b64": b64 }] });
+    let (status, r) = request("POST", &server.url("/v1/models/pets:predict"), Some("application/json"), None, Some(body.to_string().as_bytes()));
+    assert_eq!(status, 200);
+    let v = body_json(r);
+    let predictions = v["predictions"].as_array().unwrap();
+    assert_eq!(predictions.len(), 2);
+    assert_eq!((predictions[0].as_array().unwrap().len(), predictions[0][0].as_array().unwrap().len()), (2, 3));
+    assert_eq!(predictions[1].as_array().unwrap().len(), h as usize);
+
+    // /infer — the classic JSON payload.
+    let (status, r) = request("POST", &server.url("/infer"), Some("application/json"), None, Some(serde_json::json!({ "image": nested }).to_string().as_bytes()));
+    assert_eq!(status, 200);
+    let v = body_json(r);
+    assert_eq!(v["model"], "pets");
+    assert_eq!(v["mask"].as_array().unwrap().len(), 2);
+    assert!(v["timing_ms"]["inference"].as_f64().is_some());
+
+    let metrics = String::from_utf8(body_bytes(request("GET", &server.url("/metrics"), None, None, None).1)).unwrap();
+    for series in ["segctl_requests_total{route=\"segment\",status=\"200\"}", "segctl_stage_duration_seconds_bucket{stage=\"inference\"", "segctl_batch_size_count", "segctl_queue_depth", "segctl_loaded_model_versions 1"] {
+        assert!(metrics.contains(series), "{series} missing from /metrics");
+    }
+    // One structured access-log line per request, with the request id echoed.
+    let (_, r) = request("GET", &server.url("/healthz"), None, None, None);
+    let id = r.header("x-request-id").unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(server.log.lock().unwrap().lines().any(|l| l.contains(&format!("\"request_id\":\"{id}\"")) && l.contains("\"status\":200")));
+}
+
+#[test]
+fn bad_input_gets_a_4xx_json_error_and_the_server_stays_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, repo) = trained_model(dir.path(), 16);
+    let server = Server::start(&config, &repo, &["serve.max_body_bytes=1000000", "serve.max_pixels=4000000"]);
+    let (photo, _) = a_photo(dir.path());
+    let mut bomb = b"\x89PNG\r\n\x1a\n\0\0\0\x0dIHDR".to_vec();
+    bomb.extend_from_slice(&100_000u32.to_be_bytes());
+    bomb.extend_from_slice(&100_000u32.to_be_bytes());
+    bomb.extend_from_slice(&[8, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, b'I', b'D', b'A', b'T']);
+    let big = vec![0xFFu8; 1_500_000];
+    let cases: Vec<(&str, &str, Option<&str>, Vec<u8>, u16)> = vec![
+        ("POST", "/infer", Some("application/json"), b"{not json".to_vec(), 400),
+        ("POST", "/infer", Some("application/json"), b"{\"image\": [[1, 2, 3]]}".to_vec(), 400),
+        ("POST", "/infer", Some("application/json"), b"{\"image\": [[[1, 2, 3]], [[1, 2, 3], [4, 5, 6]]]}".to_vec(), 400),
+        ("POST", "/infer", Some("application/json"), b"{\"picture\": 1}".to_vec(), 400),
+        ("POST", "/infer", Some("application/json"), Vec::new(), 400),
+        ("POST", "/v1/models/pets:predict", Some("application/json"), b"{\"instances\": [[[1, 2]]]}".to_vec(), 400),
+        ("POST", "/v1/models/pets:predict", Some("application/json"), b"{\"instances\": [{\"b64\": \"%%%\"}]}".to_vec(), 400),
+        ("POST", "/v1/models/pets:predict", Some("application/json"), b"{\"inputs\": []}".to_vec(), 400),
+        ("POST", "/v1/models/pets:segment", Some("image/jpeg"), b"definitely not an image".to_vec(), 400),
+        ("POST", "/v1/models/pets:segment", Some("image/jpeg"), photo[..photo.len() / 2].to_vec(), 400),
+        ("POST", "/v1/models/pets:segment", Some("image/png"), bomb, 413),
+        ("POST", "/v1/models/pets:segment", Some("image/jpeg"), Vec::new(), 400),
+        ("POST", "/v1/models/pets:segment", Some("image/jpeg"), big, 413),
+        ("POST", "/v1/models/pets:segment?format=gif", Some("image/jpeg"), photo.clone(), 400),
+        ("POST", "/v1/models/nope:segment", Some("image/jpeg"), photo.clone(), 404),
+        ("POST", "/v1/models/pets/versions/7:segment", Some("image/jpeg"), photo.clone(), 404),
+        ("GET", "/v1/models/nope", None, Vec::new(), 404),
+        ("GET", "/v1/models/pets/versions/7", None, Vec::new(), 404),
+        ("POST", "/v1/models/pets:classify", Some("image/jpeg"), photo.clone(), 404),
+        ("GET", "/v1/models/pets:segment", None, Vec::new(), 405),
+        ("GET", "/nowhere", None, Vec::new(), 404),
+    ];
+    for (method, path, ct, body, expected) in cases {
+        let body_ref = (method == "POST").then_some(body.as_slice());
+        let (status, r) = request(method, &server.url(path), ct, None, body_ref);
+        assert_eq!(status, expected, "{method} {path}");
+        let v = body_json(r);
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{method} {path}: {v}");
+        assert_eq!(request("GET", &server.url("/healthz"), None, None, None).0, 200, "healthy after {method} {path}");
+    }
+    assert!(server.child.try_wait_id().is_none(), "still running");
+    let (status, _) = request("POST", &server.url("/v1/models/pets:segment"), Some("image/jpeg"), None, Some(&photo));
+    assert_eq!(status, 200, "still serving");
+}
+
+trait TryWait {
+    fn try_wait_id(&self) -> Option<i32>;
+}
+
+impl TryWait for Child {
+    fn try_wait_id(&self) -> Option<i32> {
+        // /proc/<pid> exists while the process runs (and is not a zombie we reaped).
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.id())).ok()?;
+        stat.contains(") Z ").then_some(0)
+    }
+}
+
+fn batch_counts(metrics: &str) -> (u64, u64) {
+    let value = |prefix: &str| -> u64 {
+        metrics.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok()).sum()
+    };
+    (value("segctl_batch_size_bucket{model=\"pets\",version=\"1\",le=\"1\"}"), value("segctl_batch_size_count{model=\"pets\",version=\"1\"}"))
+}
+
+#[test]
+fn concurrent_requests_are_batched_and_a_full_queue_answers_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, repo) = trained_model(dir.path(), 16);
+    let (photo, _) = a_photo(dir.path());
+    let photo = Arc::new(photo);
+    {
+        let server = Server::start(&config, &repo, &["serve.max_batch_size=16", "serve.max_delay_ms=100"]);
+        let url = server.url("/v1/models/pets:segment");
+        let threads: Vec<_> = (0..32)
+            .map(|_| {
+                let (url, photo) = (url.clone(), photo.clone());
+                std::thread::spawn(move || request("POST", &url, Some("image/jpeg"), None, Some(&photo)).0)
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), 200);
+        }
+        let metrics = String::from_utf8(body_bytes(request("GET", &server.url("/metrics"), None, None, None).1)).unwrap();
+        let (single, calls) = batch_counts(&metrics);
+        // 33 images (warm-up included) in fewer model calls than images: batches > 1.
+        assert!(calls > 0 && single < calls && calls < 33, "batch sizes: {single} single of {calls} calls");
+    }
+    // Queue of 1, batches of 2 gathered for up to 1 s: a burst overflows at once.
+    let server = Server::start(&config, &repo, &["serve.queue_capacity=1", "serve.max_batch_size=2", "serve.max_delay_ms=1000"]);
+    let url = server.url("/v1/models/pets:segment");
+    let threads: Vec<_> = (0..12)
+        .map(|_| {
+            let (url, photo) = (url.clone(), photo.clone());
+            std::thread::spawn(move || {
+                let (status, r) = request("POST", &url, Some("image/jpeg"), None, Some(&photo));
+                (status, r.header("retry-after").map(str::to_string))
+            })
+        })
+        .collect();
+    let results: Vec<(u16, Option<String>)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(results.iter().all(|(s, _)| *s == 200 || *s == 503), "{results:?}");
+    assert!(results.iter().any(|(s, retry)| *s == 503 && retry.is_some()), "{results:?}");
+    assert!(results.iter().any(|(s, _)| *s == 200), "{results:?}");
+    assert_eq!(request("GET", &server.url("/healthz"), None, None, None).0, 200);
+}
+
+#[test]
+fn new_versions_are_picked_up_and_old_ones_unloaded_without_failed_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, run_dir, repo) = trained_model(dir.path(), 16);
+    let server = Server::start(&config, &repo, &["serve.models=[{name: pets, version_policy: {latest: 1}}]"]);
+    let (photo, _) = a_photo(dir.path());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = server.url("/v1/models/pets:segment");
+    let client = {
+        let (stop, photo) = (stop.clone(), photo.clone());
+        std::thread::spawn(move || {
+            let mut statuses = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let (status, r) = request("POST", &url, Some("image/jpeg"), None, Some(&photo));
+                statuses.push((status, r.header("x-model-version").map(str::to_string)));
+            }
+            statuses
+        })
+    };
+    let out = run(segctl().args(["export", "--config"]).arg(&config).arg("--checkpoint").arg(&run_dir).args(["--name", "pets", "--repository"]).arg(&repo));
+    assert!(out.status.success());
+    let start = Instant::now();
+    loop {
+        let v = body_json(request("GET", &server.url("/v1/models/pets"), None, None, None).1);
+        let list = v["model_version_status"].as_array().unwrap().clone();
+        if list.len() == 1 && list[0]["version"] == "2" && list[0]["state"] == "AVAILABLE" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "version 2 not picked up: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let statuses = client.join().unwrap();
+    assert!(statuses.iter().all(|(s, _)| *s == 200), "failed requests during the switch: {statuses:?}");
+    assert!(statuses.iter().any(|(_, v)| v.as_deref() == Some("2")), "version 2 answered");
+
+    // A version that cannot load is reported and does not take the server down.
+    std::fs::create_dir_all(repo.join("pets/3")).unwrap();
+    std::fs::write(repo.join("pets/3/model.yaml"), "name: pets\nversion: 3\n").unwrap();
+    let start = Instant::now();
+    loop {
+        let v = body_json(request("GET", &server.url("/v1/models/pets"), None, None, None).1);
+        let entry = v["model_version_status"].as_array().unwrap().iter().find(|e| e["version"] == "3").cloned();
+        if let Some(e) = entry.filter(|e| e["state"] == "END") {
+            assert_ne!(e["status"]["error_message"], "");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "failed version not reported: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(request("POST", &server.url("/v1/models/pets/versions/3:segment"), Some("image/jpeg"), None, Some(&photo)).0, 503);
+    assert_eq!(request("GET", &server.url("/healthz"), None, None, None).0, 200);
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_request_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, repo) = trained_model(dir.path(), 16);
+    let mut server = Server::start(&config, &repo, &["serve.max_batch_size=8", "serve.max_delay_ms=1500"]);
+    let (photo, (w, h)) = a_photo(dir.path());
+    let url = server.url("/v1/models/pets:segment");
+    let in_flight = std::thread::spawn(move || {
+        let (status, r) = request("POST", &url, Some("image/jpeg"), None, Some(&photo));
+        (status, image::load_from_memory(&body_bytes(r)).map(|i| (i.width(), i.height())).ok())
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    signal(server.child.id(), "TERM");
+    let (status, size) = in_flight.join().unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(size, Some((w, h)));
+    let start = Instant::now();
+    let code = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "server did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(0));
+}
