@@ -26,6 +26,10 @@ fn main() -> Result<()> {
     // As in the segctl binary: keep freed pages for reuse.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("usage: train_step_bench [--arch unet|mobilenetv2_unet] [--batch 32] [--size 128] [--steps 10] [--warmup 3] [--base-width 32] [--depth 4] [--frozen-encoder]");
+        return Ok(());
+    }
     let arch = arg(&args, "--arch", "unet");
     let batch: usize = arg(&args, "--batch", "32").parse()?;
     let size: usize = arg(&args, "--size", "128").parse()?;

@@ -85,6 +85,7 @@ pub fn eval_loader_config(config: &Config, state: &ModelState, batch_size: usize
         drop_last: false,
         prefetch: config.data.prefetch_batches,
         cache_dir: config.data.cache_dir.clone(),
+        workers: config.data.workers,
     }
 }
 

@@ -13,7 +13,8 @@ use crate::model::{self, ModelState};
 use crate::model_store::{self, ModelManifest};
 use crate::util::rng::Rng;
 
-/// Largest logit difference accepted between the folded and the original model.
+/// Largest logit difference accepted between the folded and the original model, relative to
+/// the logits' magnitude (at least 1): f32 rounding differs between the two forms.
 pub const FOLD_TOLERANCE: f32 = 1e-4;
 
 /// What `export` does.
@@ -74,13 +75,13 @@ pub fn export(options: &ExportOptions) -> Result<ExportReport> {
         let mut folded_spec = spec.clone();
         folded_spec.batchnorm_folded = true;
         let folded_state = ModelState::from_tensors(&folded_spec, &folded, &device)?;
-        let diff = probe_difference(&state, &folded_state)?;
+        let (diff, scale) = probe_difference(&state, &folded_state)?;
         fold_diff = Some(diff);
-        if diff <= FOLD_TOLERANCE {
+        if diff <= FOLD_TOLERANCE * scale.max(1.0) {
             spec = folded_spec;
             tensors = folded;
         } else {
-            log::warn!("BatchNorm folding changes logits by {diff:.2e} (> {FOLD_TOLERANCE:.0e}); exporting unfolded");
+            log::warn!("BatchNorm folding changes logits by {diff:.2e} (> {FOLD_TOLERANCE:.0e} of their scale {scale:.1}); exporting unfolded");
         }
     }
     let metrics = match &options.metrics {
@@ -117,12 +118,15 @@ pub fn export(options: &ExportOptions) -> Result<ExportReport> {
     })
 }
 
-/// Largest absolute logit difference between two models on a fixed random batch.
-fn probe_difference(a: &ModelState, b: &ModelState) -> Result<f32> {
+/// Largest absolute logit difference between two models on a fixed random batch, and the
+/// largest absolute logit of the first.
+fn probe_difference(a: &ModelState, b: &ModelState) -> Result<(f32, f32)> {
     let size = a.spec.input_size;
     let mut rng = Rng::new(0x5eed);
     let values: Vec<f32> = (0..2 * 3 * size * size).map(|_| rng.normal()).collect();
     let x = Tensor::from_vec(values, (2, 3, size, size), &a.device)?;
-    let diff = (a.forward(&x, false)? - b.forward(&x, false)?)?.abs()?.flatten_all()?.max(0)?;
-    Ok(diff.to_scalar::<f32>()?)
+    let reference = a.forward(&x, false)?;
+    let diff = (&reference - b.forward(&x, false)?)?.abs()?.flatten_all()?.max(0)?;
+    let scale = reference.abs()?.flatten_all()?.max(0)?;
+    Ok((diff.to_scalar::<f32>()?, scale.to_scalar::<f32>()?))
 }

@@ -186,3 +186,56 @@ fn export_never_overwrites_a_version() {
     let out = run(segctl().args(["export", "--config"]).arg(&config).arg("--checkpoint").arg(&run_dir).args(["--name", "../evil", "--repository"]).arg(&repo));
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// The pretrained encoder comes through hf-hub from `HF_ENDPOINT` (here a loopback server
+/// serving timm-named MobileNetV2 weights), lands in `HF_HOME`, and is reused offline.
+#[test]
+fn pretrained_encoder_weights_come_through_hf_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mobilenetv2_taps.safetensors");
+    let hub = dir.path().join("hub");
+    let file = hub.join("timm-test/mobilenet/resolve/main/model.safetensors");
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::copy(&fixture, &file).unwrap();
+    let server = FileServer::start(&hub, Faults::default());
+    let root = dir.path().join("pets");
+    synthetic_dataset(&root, 16, 4);
+    let config = tiny_config(dir.path(), &root, 1);
+    let train = |run_name: &str, weights: &str, offline: bool| {
+        let mut cmd = segctl();
+        cmd.env("RUST_LOG", "segctl=info")
+            .env("HF_ENDPOINT", server.url().trim_end_matches('/'))
+            .env("HF_HOME", dir.path().join("hf"))
+            .args(["train", "--config"])
+            .arg(&config)
+            .args(["--set", "model.arch=mobilenetv2_unet", "--set", "model.encoder.trainable=false"])
+            .args(["--set", &format!("model.encoder.weights={weights}"), "--set", &format!("train.run_name={run_name}")])
+            .args(["--set", "train.max_steps_per_epoch=1"]);
+        if offline {
+            cmd.env("HF_HUB_OFFLINE", "1");
+        }
+        run(&mut cmd)
+    };
+    let out = train("hub", "timm-test/mobilenet", false);
+    assert!(out.status.success());
+    assert!(stderr(&out).contains("pretrained encoder tensors"), "{}", stderr(&out));
+    let requests = server.seen().len();
+    assert!(requests >= 2, "metadata and download requests: {:?}", server.seen());
+    // A frozen encoder keeps exactly the downloaded weights.
+    let ckpt = candle_core::safetensors::load(dir.path().join("runs/hub/checkpoints/epoch-0001.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let theirs = candle_core::safetensors::load(&fixture, &candle_core::Device::Cpu).unwrap();
+    let a = ckpt["model.encoder.blocks.3.0.conv_dw.weight"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = theirs["blocks.3.0.conv_dw.weight"].to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(a, b);
+
+    // Offline: served from the cache, no request.
+    let out = train("offline", "timm-test/mobilenet", true);
+    assert!(out.status.success());
+    assert_eq!(server.seen().len(), requests);
+    let out = train("missing", "timm-test/not-cached", true);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("HF_HUB_OFFLINE"), "{}", stderr(&out));
+    // A local .safetensors path works without any hub.
+    let out = train("local", fixture.to_str().unwrap(), true);
+    assert!(out.status.success());
+}

@@ -191,17 +191,22 @@ fn serve_one(mut stream: TcpStream, dir: &Path, seen: &Mutex<Vec<SeenRequest>>, 
         return Ok(());
     };
     let total = body.len();
-    let start = range
-        .as_deref()
-        .and_then(|r| r.strip_prefix("bytes="))
-        .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok());
-    let header = match start {
-        Some(s) if s < total => {
-            body = body[s..].to_vec();
-            format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {s}-{}/{total}\r\nConnection: close\r\n\r\n", body.len(), total - 1)
+    // `bytes=N-` or `bytes=N-M` (hf-hub asks `bytes=0-0` for metadata).
+    let span = range.as_deref().and_then(|r| r.strip_prefix("bytes=")).and_then(|r| {
+        let (a, b) = r.split_once('-')?;
+        let start = a.parse::<usize>().ok()?;
+        let end = if b.is_empty() { total.saturating_sub(1) } else { b.parse::<usize>().ok()?.min(total.saturating_sub(1)) };
+        Some((start, end))
+    });
+    // Hugging Face Hub headers, so hf-hub can use this server as HF_ENDPOINT.
+    let hub = "ETag: \"test-etag\"\r\nX-Repo-Commit: 0123456789abcdef0123456789abcdef01234567\r\n";
+    let header = match span {
+        Some((s, e)) if s < total && s <= e => {
+            body = body[s..=e].to_vec();
+            format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {s}-{e}/{total}\r\n{hub}Connection: close\r\n\r\n", body.len())
         }
         Some(_) => format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{total}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
-        None => format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\nConnection: close\r\n\r\n"),
+        None => format!("HTTP/1.1 200 OK\r\nContent-Length: {total}\r\n{hub}Connection: close\r\n\r\n"),
     };
     stream.write_all(header.as_bytes())?;
     if header.contains(" 416 ") {

@@ -36,6 +36,8 @@ pub struct LoaderConfig {
     pub prefetch: usize,
     /// On-disk cache of resized samples.
     pub cache_dir: Option<PathBuf>,
+    /// Decode threads (0 = one per core).
+    pub workers: usize,
 }
 
 /// A batch ready for the model: `images` is `[len, 3, size, size]` normalized, `masks` is
@@ -70,6 +72,7 @@ pub struct Loader {
     dataset: Arc<PetDataset>,
     config: LoaderConfig,
     cache: Option<PathBuf>,
+    pool: Arc<rayon::ThreadPool>,
 }
 
 impl Loader {
@@ -83,7 +86,12 @@ impl Loader {
             }
             None => None,
         };
-        Ok(Self { dataset, config, cache })
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.workers)
+            .thread_name(|i| format!("segctl-decode-{i}"))
+            .build()
+            .context("failed to start the decode threads")?;
+        Ok(Self { dataset, config, cache, pool: Arc::new(pool) })
     }
 
     pub fn dataset(&self) -> &PetDataset {
@@ -115,9 +123,10 @@ impl Loader {
         let config = self.config.clone();
         let cache = self.cache.clone();
         let total = self.batches_per_epoch();
+        let pool = self.pool.clone();
         let handle = std::thread::Builder::new()
             .name("segctl-prefetch".into())
-            .spawn(move || produce(dataset, config, cache, order, epoch_seed, start, total, tx))
+            .spawn(move || pool.install(|| produce(dataset, config, cache, order, epoch_seed, start, total, tx)))
             .expect("spawn prefetch thread");
         BatchStream { rx, handle: Some(handle) }
     }
@@ -259,6 +268,7 @@ mod tests {
             drop_last: true,
             prefetch: 2,
             cache_dir: cache,
+            workers: 2,
         }
     }
 

@@ -17,7 +17,7 @@ use crate::progress::{ProgressMode, Unit};
 use crate::util::rng::Rng;
 
 /// Bumped whenever the images a seed produces change.
-const GENERATOR_VERSION: u32 = 2;
+const GENERATOR_VERSION: u32 = 3;
 /// Half-width of the border ring, as a fraction of the image's shorter side.
 const BORDER_HALF_WIDTH: f32 = 0.04;
 /// Marker file written into a generated dataset root.
@@ -222,10 +222,17 @@ fn render_sample(rng: &mut Rng, family: ShapeFamily) -> (RgbImage, GrayImage) {
             let grain = 0.75 + 0.5 * fbm(fuzz_seed ^ 0x5eed, u * 70.0, v * 9.0, 2);
             let pet = shade(fur.sample(u, v), grain * (1.0 - 0.25 * (u * u + v * v).min(1.5)));
             let sd = signed[y * width + x];
-            // A fuzzy transition across the ring, like fur against a background.
+            // Inside the ring, fur and background mix (a noisy blend, never pure either);
+            // outside it the pixel is all pet or all background. The border class marks
+            // exactly this band.
             let fuzz = fbm(fuzz_seed, fx / (0.4 * ring), fy / (0.4 * ring), 2) - 0.5;
-            let alpha = ((sd / ring) * 0.5 + 0.5 + 0.6 * fuzz).clamp(0.0, 1.0);
-            let alpha = if sd >= ring { 1.0 } else if sd <= -ring { 0.0 } else { alpha };
+            let alpha = if sd >= ring {
+                1.0
+            } else if sd <= -ring {
+                0.0
+            } else {
+                (0.5 + 0.25 * sd / ring + 0.9 * fuzz).clamp(0.15, 0.85)
+            };
             let mut color = [0.0f32; 3];
             for c in 0..3 {
                 color[c] = alpha * pet[c] + (1.0 - alpha) * bg[c];

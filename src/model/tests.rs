@@ -76,14 +76,9 @@ fn batchnorm_matches_hand_computed_values() {
     // One channel, values 1..4: batch mean 2.5, biased variance 1.25.
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let bn = candle_nn::batch_norm(
-        1,
-        candle_nn::BatchNormConfig { eps: 0.0, remove_mean: true, affine: true, momentum: blocks::BN_MOMENTUM },
-        vb,
-    )
-    .unwrap();
+    let bn = batchnorm::BatchNorm::new(1, 0.0, blocks::BN_MOMENTUM, vb).unwrap();
     let x = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu).unwrap().reshape((4, 1, 1, 1)).unwrap();
-    let y = bn.forward_t(&x, true).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let y = bn.forward_act(&x, blocks::Act::Identity, true).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let expect: Vec<f32> = [1f32, 2., 3., 4.].iter().map(|v| (v - 2.5) / 1.25f32.sqrt()).collect();
     for (a, b) in y.iter().zip(&expect) {
         assert!((a - b).abs() < 1e-5, "{y:?} vs {expect:?}");
@@ -93,6 +88,9 @@ fn batchnorm_matches_hand_computed_values() {
     assert!((mean - 0.25).abs() < 1e-6, "0.9·0 + 0.1·2.5, got {mean}");
     // Unbiased batch variance 5/3: 0.9·1 + 0.1·5/3.
     assert!((var - (0.9 + 0.1 * 5.0 / 3.0)).abs() < 1e-6, "got {var}");
+    // ReLU fused in: negative normalized values clamp to zero.
+    let y = bn.forward_act(&x, blocks::Act::Relu, true).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(&y[..2], &[0.0, 0.0]);
 }
 
 #[test]
