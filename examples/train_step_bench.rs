@@ -27,7 +27,7 @@ fn main() -> Result<()> {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: train_step_bench [--arch unet|mobilenetv2_unet] [--batch 32] [--size 128] [--steps 10] [--warmup 3] [--base-width 32] [--depth 4] [--frozen-encoder]");
+        println!("usage: train_step_bench [--arch unet|mobilenetv2_unet] [--batch 32] [--size 128] [--steps 10] [--warmup 3] [--base-width 32] [--depth 4] [--widths 8,24,48,96] [--frozen-encoder]");
         return Ok(());
     }
     let arch = arg(&args, "--arch", "unet");
@@ -38,11 +38,15 @@ fn main() -> Result<()> {
     let width: usize = arg(&args, "--base-width", "32").parse()?;
     let depth: usize = arg(&args, "--depth", "4").parse()?;
     let frozen = args.iter().any(|a| a == "--frozen-encoder");
+    let widths = arg(&args, "--widths", "");
     let mut config = Config::default();
     config.data.image_size = size;
     config.model.arch = if arch == "unet" { Arch::Unet } else { Arch::Mobilenetv2Unet };
     config.model.unet.base_width = width;
     config.model.unet.depth = depth;
+    if !widths.is_empty() {
+        config.model.unet.widths = Some(widths.split(',').map(|w| w.parse()).collect::<Result<_, _>>()?);
+    }
     config.model.encoder.trainable = !frozen;
     let spec = ModelSpec::from_config(&config);
     let device = Device::Cpu;

@@ -40,6 +40,8 @@ pub struct DataConfig {
     pub prefetch_batches: usize,
     /// Folder for the on-disk cache of preprocessed samples (none = no cache).
     pub cache_dir: Option<PathBuf>,
+    /// Resized samples kept in memory across epochs, in MiB (0 = none).
+    pub memory_cache_mb: usize,
     /// Random horizontal flip while training.
     pub hflip: bool,
     /// How `fetch-data` downloads.
@@ -56,6 +58,7 @@ impl Default for DataConfig {
             workers: 0,
             prefetch_batches: 4,
             cache_dir: None,
+            memory_cache_mb: 1024,
             hflip: true,
             fetch: FetchConfig::default(),
         }
@@ -138,11 +141,28 @@ pub struct UnetConfig {
     pub depth: usize,
     /// Channels of the first level; doubled at each level.
     pub base_width: usize,
+    /// Explicit channels per level, bottleneck last (overrides `depth` and `base_width`).
+    pub widths: Option<Vec<usize>>,
 }
 
 impl Default for UnetConfig {
     fn default() -> Self {
-        Self { depth: 4, base_width: 32 }
+        Self { depth: 4, base_width: 32, widths: None }
+    }
+}
+
+impl UnetConfig {
+    /// Channels per level, bottleneck last (`depth + 1` entries).
+    pub fn level_widths(&self) -> Vec<usize> {
+        match &self.widths {
+            Some(w) => w.clone(),
+            None => (0..=self.depth).map(|level| self.base_width << level).collect(),
+        }
+    }
+
+    /// Number of down-samplings.
+    pub fn levels(&self) -> usize {
+        self.widths.as_ref().map_or(self.depth, |w| w.len().saturating_sub(1))
     }
 }
 
@@ -531,10 +551,15 @@ impl Config {
         ensure_key((1..=6).contains(&u.depth), "model.unet.depth", || {
             format!("must be between 1 and 6, got {}", u.depth)
         })?;
+        if let Some(w) = &u.widths {
+            ensure_key((2..=7).contains(&w.len()) && w.iter().all(|c| *c >= 1), "model.unet.widths", || {
+                format!("must list 2 to 7 positive channel counts (levels, then the bottleneck), got {w:?}")
+            })?;
+        }
         ensure_key(
-            self.model.arch != Arch::Unet || d.image_size % (1 << u.depth) == 0,
+            self.model.arch != Arch::Unet || d.image_size % (1 << u.levels()) == 0,
             "model.unet.depth",
-            || format!("2^depth must divide data.image_size ({})", d.image_size),
+            || format!("2^levels must divide data.image_size ({})", d.image_size),
         )?;
         ensure_key(u.base_width >= 1, "model.unet.base_width", || "must be at least 1".into())?;
         let t = &self.train;

@@ -86,6 +86,7 @@ pub fn eval_loader_config(config: &Config, state: &ModelState, batch_size: usize
         prefetch: config.data.prefetch_batches,
         cache_dir: config.data.cache_dir.clone(),
         workers: config.data.workers,
+        memory_cache_bytes: config.data.memory_cache_mb << 20,
     }
 }
 

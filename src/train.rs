@@ -198,6 +198,7 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
             prefetch: config.data.prefetch_batches,
             cache_dir: config.data.cache_dir.clone(),
             workers: config.data.workers,
+            memory_cache_bytes: config.data.memory_cache_mb << 20,
         },
     )?;
     let steps_per_epoch = t.max_steps_per_epoch.map_or(train_loader.batches_per_epoch(), |m| m.min(train_loader.batches_per_epoch()));

@@ -1,7 +1,8 @@
 //! The input pipeline: seeded shuffling, parallel decode + resize (rayon), random horizontal
 //! flips, normalization, batching, and a prefetch thread with a bounded queue so the model
-//! never waits on decoding; optionally an on-disk cache of resized samples keyed by a digest
-//! of the dataset files and the input size.
+//! never waits on decoding; resized samples are kept in memory up to a budget (epochs after
+//! the first decode nothing) and optionally in an on-disk cache keyed by a digest of the
+//! dataset files and the input size.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,6 +39,8 @@ pub struct LoaderConfig {
     pub cache_dir: Option<PathBuf>,
     /// Decode threads (0 = one per core).
     pub workers: usize,
+    /// Resized samples kept in memory, in bytes.
+    pub memory_cache_bytes: usize,
 }
 
 /// A batch ready for the model: `images` is `[len, 3, size, size]` normalized, `masks` is
@@ -67,11 +70,21 @@ struct Prepared {
     mask: GrayImage,
 }
 
+/// Resized samples kept in memory while they fit the budget.
+#[derive(Default)]
+struct MemoryCache {
+    samples: std::collections::HashMap<usize, Arc<Prepared>>,
+    bytes: usize,
+}
+
+type SharedMemoryCache = Arc<std::sync::Mutex<MemoryCache>>;
+
 /// Batches over one dataset split.
 pub struct Loader {
     dataset: Arc<PetDataset>,
     config: LoaderConfig,
     cache: Option<PathBuf>,
+    memory: SharedMemoryCache,
     pool: Arc<rayon::ThreadPool>,
 }
 
@@ -91,7 +104,7 @@ impl Loader {
             .thread_name(|i| format!("segctl-decode-{i}"))
             .build()
             .context("failed to start the decode threads")?;
-        Ok(Self { dataset, config, cache, pool: Arc::new(pool) })
+        Ok(Self { dataset, config, cache, memory: SharedMemoryCache::default(), pool: Arc::new(pool) })
     }
 
     pub fn dataset(&self) -> &PetDataset {
@@ -122,11 +135,12 @@ impl Loader {
         let dataset = self.dataset.clone();
         let config = self.config.clone();
         let cache = self.cache.clone();
+        let memory = self.memory.clone();
         let total = self.batches_per_epoch();
         let pool = self.pool.clone();
         let handle = std::thread::Builder::new()
             .name("segctl-prefetch".into())
-            .spawn(move || pool.install(|| produce(dataset, config, cache, order, epoch_seed, start, total, tx)))
+            .spawn(move || pool.install(|| produce(dataset, config, cache, memory, order, epoch_seed, start, total, tx)))
             .expect("spawn prefetch thread");
         BatchStream { rx, handle: Some(handle) }
     }
@@ -137,6 +151,7 @@ fn produce(
     dataset: Arc<PetDataset>,
     config: LoaderConfig,
     cache: Option<PathBuf>,
+    memory: SharedMemoryCache,
     order: Vec<usize>,
     epoch_seed: u64,
     start: usize,
@@ -147,9 +162,11 @@ fn produce(
     for index in start..total {
         let begin = index * config.batch_size;
         let end = (begin + config.batch_size).min(order.len());
-        let items: Vec<(usize, Prepared)> = order[begin..end]
+        let items: Vec<(usize, Arc<Prepared>)> = order[begin..end]
             .par_iter()
-            .filter_map(|&i| prepare(&dataset, i, config.image_size, cache.as_deref()).map(|p| (i, p)))
+            .filter_map(|&i| {
+                prepare_cached(&dataset, i, config.image_size, cache.as_deref(), &memory, config.memory_cache_bytes).map(|p| (i, p))
+            })
             .collect();
         let mut batch = Batch {
             images: vec![0f32; items.len() * 3 * size * size],
@@ -174,6 +191,29 @@ fn produce(
             return; // the consumer stopped early
         }
     }
+}
+
+/// [`prepare`] through the memory cache.
+fn prepare_cached(
+    dataset: &PetDataset,
+    index: usize,
+    size: u32,
+    cache: Option<&Path>,
+    memory: &SharedMemoryCache,
+    budget: usize,
+) -> Option<Arc<Prepared>> {
+    if let Some(hit) = memory.lock().ok().and_then(|m| m.samples.get(&index).cloned()) {
+        return Some(hit);
+    }
+    let prepared = Arc::new(prepare(dataset, index, size, cache)?);
+    if let Ok(mut m) = memory.lock() {
+        let bytes = prepared.image.len() + prepared.mask.len();
+        if m.bytes + bytes <= budget {
+            m.bytes += bytes;
+            m.samples.insert(index, prepared.clone());
+        }
+    }
+    Some(prepared)
 }
 
 /// Loads and resizes one sample, through the disk cache when there is one.
@@ -269,6 +309,7 @@ mod tests {
             prefetch: 2,
             cache_dir: cache,
             workers: 2,
+            memory_cache_bytes: 0,
         }
     }
 

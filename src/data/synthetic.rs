@@ -17,9 +17,9 @@ use crate::progress::{ProgressMode, Unit};
 use crate::util::rng::Rng;
 
 /// Bumped whenever the images a seed produces change.
-const GENERATOR_VERSION: u32 = 3;
+const GENERATOR_VERSION: u32 = 5;
 /// Half-width of the border ring, as a fraction of the image's shorter side.
-const BORDER_HALF_WIDTH: f32 = 0.04;
+const BORDER_HALF_WIDTH: f32 = 0.05;
 /// Marker file written into a generated dataset root.
 pub const MARKER_FILE: &str = ".segctl-synthetic.json";
 
@@ -231,7 +231,7 @@ fn render_sample(rng: &mut Rng, family: ShapeFamily) -> (RgbImage, GrayImage) {
             } else if sd <= -ring {
                 0.0
             } else {
-                (0.5 + 0.25 * sd / ring + 0.9 * fuzz).clamp(0.15, 0.85)
+                (0.5 + 0.15 * sd / ring + 0.6 * fuzz).clamp(0.3, 0.7)
             };
             let mut color = [0.0f32; 3];
             for c in 0..3 {

@@ -4,6 +4,7 @@
 
 pub mod batchnorm;
 pub mod blocks;
+pub mod direct;
 pub mod mobilenetv2;
 pub mod ops;
 pub mod unet;
@@ -46,11 +47,20 @@ fn default_true() -> bool {
 }
 
 /// `unet` settings as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UnetSpec {
     pub depth: usize,
     pub base_width: usize,
+    /// Explicit channels per level, bottleneck last (overrides depth and base width).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub widths: Option<Vec<usize>>,
+}
+
+impl UnetSpec {
+    fn config(&self) -> crate::config::UnetConfig {
+        crate::config::UnetConfig { depth: self.depth, base_width: self.base_width, widths: self.widths.clone() }
+    }
 }
 
 impl ModelSpec {
@@ -65,7 +75,11 @@ impl ModelSpec {
                 Arch::Unet => Normalization::UNIT,
                 Arch::Mobilenetv2Unet => Normalization::IMAGENET,
             },
-            unet: (m.arch == Arch::Unet).then_some(UnetSpec { depth: m.unet.depth, base_width: m.unet.base_width }),
+            unet: (m.arch == Arch::Unet).then(|| UnetSpec {
+                depth: m.unet.levels(),
+                base_width: m.unet.base_width,
+                widths: m.unet.widths.clone(),
+            }),
             encoder_trainable: m.encoder.trainable,
             batchnorm_folded: false,
         }
@@ -78,7 +92,10 @@ impl ModelSpec {
     /// A one-line description (`unet depth 4 width 16, 128×128, 3 classes`).
     pub fn describe(&self) -> String {
         let arch = match (&self.arch, &self.unet) {
-            (Arch::Unet, Some(u)) => format!("unet (depth {}, base width {})", u.depth, u.base_width),
+            (Arch::Unet, Some(u)) => match &u.widths {
+                Some(w) => format!("unet (widths {w:?})"),
+                None => format!("unet (depth {}, base width {})", u.depth, u.base_width),
+            },
             (arch, _) => arch.to_string(),
         };
         format!("{arch}, {0}x{0} input, {1} classes", self.input_size, self.num_classes())
@@ -98,8 +115,8 @@ impl SegModel {
         let mode = if spec.batchnorm_folded { BnMode::Folded } else { BnMode::Separate };
         Ok(match spec.arch {
             Arch::Unet => {
-                let u = spec.unet.unwrap_or(UnetSpec { depth: 4, base_width: 32 });
-                let settings = unet::UnetSettings { depth: u.depth, base_width: u.base_width };
+                let widths = spec.unet.as_ref().map_or_else(|| crate::config::UnetConfig::default().level_widths(), |u| u.config().level_widths());
+                let settings = unet::UnetSettings { widths };
                 SegModel::Unet(unet::Unet::new(settings, spec.num_classes(), mode, vb)?)
             }
             Arch::Mobilenetv2Unet => SegModel::MobileNetV2Unet(mobilenetv2::MobileNetV2Unet::new(

@@ -7,6 +7,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
+use super::direct;
+
 /// Geometry shared by im2col and col2im: an image side `[N, C, H, W]` and a column side
 /// `[C·kh·kw, N·Ho·Wo]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -261,7 +263,8 @@ fn matmul_into(
 }
 
 /// Runs `f(sample index, scratch buffer)` for every sample, either one after the other (each
-/// call free to use every thread) or in parallel (single-threaded calls), by output size.
+/// call free to use every thread: large outputs, or fewer samples than threads, as in
+/// single-image inference) or in parallel (single-threaded calls).
 fn per_sample<T: Send>(
     n: usize,
     columns: usize,
@@ -270,7 +273,7 @@ fn per_sample<T: Send>(
     out_per_sample: usize,
     f: impl Fn(usize, &mut [f32], &mut [T], bool) + Sync,
 ) {
-    if columns >= PARALLEL_GEMM_COLUMNS {
+    if columns >= PARALLEL_GEMM_COLUMNS || n < rayon::current_num_threads() {
         let mut scratch = vec![0f32; scratch_len];
         for (i, dst) in out.chunks_mut(out_per_sample).enumerate().take(n) {
             f(i, &mut scratch, dst, true);
@@ -281,6 +284,13 @@ fn per_sample<T: Send>(
             |scratch, (i, dst)| f(i, scratch, dst, false),
         );
     }
+}
+
+/// The direct kernels' shape, when a convolution is 3×3, stride 1, padding 1 and narrow.
+fn direct_shape(g: &ColGeometry, cout: usize) -> Option<direct::Shape3x3> {
+    let fits = g.kh == 3 && g.kw == 3 && g.stride == 1 && g.pad == 1 && g.w >= 2;
+    let narrow = g.c <= direct::MAX_DIRECT_IN_CHANNELS && cout <= direct::MAX_DIRECT_OUT_CHANNELS;
+    (fits && narrow).then_some(direct::Shape3x3 { n: g.n, cin: g.c, cout, h: g.h, w: g.w })
 }
 
 /// Dense convolution `(x [N,C,H,W], w [Cout,C,kh,kw]) → [N,Cout,Ho,Wo]`, one image at a time
@@ -310,6 +320,10 @@ impl CustomOp2 for Conv2dOp {
         let x = contiguous_f32(s1, l1, "conv2d")?;
         let w = contiguous_f32(s2, l2, "conv2d")?;
         let (g, cout) = self.geometry(l1, l2)?;
+        if let Some(shape) = direct_shape(&g, cout) {
+            let out = direct::forward(x, w, shape);
+            return Ok((CpuStorage::F32(out), Shape::from((g.n, cout, g.h, g.w))));
+        }
         let (l, k) = (g.out_h() * g.out_w(), g.rows());
         let mut out = vec![0f32; g.n * cout * l];
         per_sample(g.n, l, k * l, &mut out, cout * l, |i, cols, dst, parallel| {
@@ -388,13 +402,17 @@ impl CustomOp2 for ConvGradWeight {
         let (n, c, h, w) = l1.shape().dims4()?;
         let (_, cout, oh, ow) = l2.shape().dims4()?;
         let g = ColGeometry { n, c, h, w, kh: self.kh, kw: self.kw, stride: self.stride, pad: self.pad };
+        if let Some(shape) = direct_shape(&g, cout) {
+            let out = direct::grad_weight(x, dy, shape);
+            return Ok((CpuStorage::F32(out), Shape::from((cout, c, self.kh, self.kw))));
+        }
         let (l, k) = (oh * ow, g.rows());
         let sample = |i: usize, cols: &mut [f32], dst: &mut [f32], accumulate: bool, parallel: bool| {
             im2col_single(&x[i * c * h * w..][..c * h * w], &g, cols, parallel);
             // dst [Cout, K] += dy_i [Cout, L] · colsᵀ [L, K]
             matmul_into(dst, accumulate, &dy[i * cout * l..][..cout * l], (l, 1), cols, (1, l), (cout, k, l), parallel);
         };
-        let out = if l >= PARALLEL_GEMM_COLUMNS {
+        let out = if l >= PARALLEL_GEMM_COLUMNS || n < rayon::current_num_threads() {
             let mut cols = vec![0f32; k * l];
             let mut out = vec![0f32; cout * k];
             for i in 0..n {
@@ -735,6 +753,19 @@ mod tests {
                 |x, w| x.conv2d(w, pad, stride, 1, 1),
                 &[2, 3, 9, 9], // square: candle's reference backward mishandles unequal H and W
                 &[5, 3, k, k],
+            );
+        }
+    }
+
+    #[test]
+    fn direct_and_gemm_convolutions_agree() {
+        // 8 channels take the direct kernels, 24 the GEMM path; both against candle.
+        for c in [8, 24] {
+            check(
+                |x, w| conv2d(x, w, None, 1, 1),
+                |x, w| x.conv2d(w, 1, 1, 1, 1),
+                &[2, c, 17, 17],
+                &[c, c, 3, 3],
             );
         }
     }

@@ -9,12 +9,11 @@ use super::ops;
 use super::blocks::{BnMode, Conv, ConvBnPair, ConvKind, DoubleConv, UpConv2x2};
 
 /// `unet` settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnetSettings {
-    /// Number of 2× down-samplings.
-    pub depth: usize,
-    /// Channels at full resolution, doubled per level.
-    pub base_width: usize,
+    /// Channels per level, full resolution first, bottleneck last (one 2× down-sampling
+    /// between consecutive entries).
+    pub widths: Vec<usize>,
 }
 
 /// The network.
@@ -29,16 +28,17 @@ pub struct Unet {
 
 impl Unet {
     pub fn new(settings: UnetSettings, num_classes: usize, mode: BnMode, vb: VarBuilder) -> Result<Self> {
-        let width = |level: usize| settings.base_width << level;
-        let mut down = Vec::with_capacity(settings.depth);
-        for level in 0..settings.depth {
+        let depth = settings.widths.len() - 1;
+        let width = |level: usize| settings.widths[level];
+        let mut down = Vec::with_capacity(depth);
+        for level in 0..depth {
             let cin = if level == 0 { 3 } else { width(level - 1) };
             down.push(DoubleConv::new(cin, width(level), mode, vb.pp("down").pp(level))?);
         }
-        let bottleneck = DoubleConv::new(width(settings.depth - 1), width(settings.depth), mode, vb.pp("bottleneck"))?;
-        let mut up = Vec::with_capacity(settings.depth);
-        let mut merge = Vec::with_capacity(settings.depth);
-        for level in 0..settings.depth {
+        let bottleneck = DoubleConv::new(width(depth - 1), width(depth), mode, vb.pp("bottleneck"))?;
+        let mut up = Vec::with_capacity(depth);
+        let mut merge = Vec::with_capacity(depth);
+        for level in 0..depth {
             up.push(UpConv2x2::new(width(level + 1), width(level), mode, vb.pp("up").pp(level))?);
             merge.push(DoubleConv::new(2 * width(level), width(level), mode, vb.pp("merge").pp(level))?);
         }

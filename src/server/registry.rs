@@ -126,12 +126,20 @@ impl Registry {
             {
                 let mut models = self.write();
                 let versions = models.entry(name.clone()).or_default();
-                let gone: Vec<u64> = versions.keys().copied().filter(|v| !wanted.contains(v)).collect();
-                for v in gone {
-                    // In-flight requests hold their own handle; they finish on the old version.
-                    versions.remove(&v);
-                    self.metrics.version_state(&name, v, None);
-                    log::info!("{name} v{v}: unloaded (no longer wanted or removed)");
+                // Availability first (as TF Serving): a version leaves only once a wanted one
+                // serves, so a new version still loading (or failing to) never leaves the
+                // model without an answer. In-flight requests hold their own handle and finish
+                // on the version they started with.
+                let replacement_ready = versions
+                    .iter()
+                    .any(|(v, s)| wanted.contains(v) && matches!(s, VersionState::Available(_)));
+                if replacement_ready || wanted.is_empty() {
+                    let gone: Vec<u64> = versions.keys().copied().filter(|v| !wanted.contains(v)).collect();
+                    for v in gone {
+                        versions.remove(&v);
+                        self.metrics.version_state(&name, v, None);
+                        log::info!("{name} v{v}: unloaded (no longer wanted or removed)");
+                    }
                 }
                 for &v in &wanted {
                     let mtime = manifest_mtime(&dir.join(v.to_string()));
@@ -231,7 +239,9 @@ impl Registry {
             .collect()
     }
 
-    /// Ready when every served model has an available version and none is still loading.
+    /// Ready when every served model has a version that loaded and answered its warm-up. A
+    /// new version loading beside a serving one does not make the server unready (a rolling
+    /// reload must not pull it out of a load balancer).
     pub fn readiness(&self) -> (bool, Vec<String>) {
         let models = self.read();
         let mut problems = Vec::new();
@@ -239,11 +249,14 @@ impl Registry {
             problems.push(format!("no models found in `{}`", self.repository.display()));
         }
         for (name, versions) in models.iter() {
+            if versions.values().any(|s| matches!(s, VersionState::Available(_))) {
+                continue;
+            }
             if versions.is_empty() {
                 problems.push(format!("model `{name}` has no versions"));
             } else if versions.values().any(|s| matches!(s, VersionState::Loading)) {
                 problems.push(format!("model `{name}` is loading"));
-            } else if !versions.values().any(|s| matches!(s, VersionState::Available(_))) {
+            } else {
                 problems.push(format!("model `{name}` has no available version"));
             }
         }
