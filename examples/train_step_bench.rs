@@ -27,7 +27,7 @@ fn main() -> Result<()> {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: train_step_bench [--arch unet|mobilenetv2_unet] [--batch 32] [--size 128] [--steps 10] [--warmup 3] [--base-width 32] [--depth 4] [--widths 8,24,48,96] [--frozen-encoder]");
+        println!("usage: train_step_bench [--arch unet|mobilenetv2_unet] [--batch 32] [--size 128] [--steps 10] [--warmup 3] [--base-width 32] [--depth 4] [--widths 8,24,48,96] [--frozen-encoder] [--inference [--folded]]");
         return Ok(());
     }
     let arch = arg(&args, "--arch", "unet");
@@ -38,6 +38,8 @@ fn main() -> Result<()> {
     let width: usize = arg(&args, "--base-width", "32").parse()?;
     let depth: usize = arg(&args, "--depth", "4").parse()?;
     let frozen = args.iter().any(|a| a == "--frozen-encoder");
+    // Inference only: forward in eval mode (running statistics), no loss, no backward.
+    let inference = args.iter().any(|a| a == "--inference");
     let widths = arg(&args, "--widths", "");
     let mut config = Config::default();
     config.data.image_size = size;
@@ -48,7 +50,9 @@ fn main() -> Result<()> {
         config.model.unet.widths = Some(widths.split(',').map(|w| w.parse()).collect::<Result<_, _>>()?);
     }
     config.model.encoder.trainable = !frozen;
-    let spec = ModelSpec::from_config(&config);
+    let mut spec = ModelSpec::from_config(&config);
+    // As exported models are: BatchNorm folded into the convolutions (inference only).
+    spec.batchnorm_folded = inference && args.iter().any(|a| a == "--folded");
     let device = Device::Cpu;
     let state = ModelState::new(&spec, &device, 1)?;
     let mut opt = AdamW::new(state.trainable_vars(), OptimizerConfig::default())?;
@@ -58,6 +62,13 @@ fn main() -> Result<()> {
     let mut times = Vec::new();
     for i in 0..warmup + steps {
         let t0 = Instant::now();
+        if inference {
+            state.forward(&x, false)?.sum_all()?.to_scalar::<f32>()?;
+            if i >= warmup {
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            continue;
+        }
         let logits = state.forward(&x, true)?;
         let l = loss.compute(&logits, &y)?;
         let t1 = Instant::now();
@@ -75,7 +86,8 @@ fn main() -> Result<()> {
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = times[times.len() / 2];
     println!(
-        "{{\"impl\": \"segctl-candle\", \"arch\": \"{arch}\", \"batch\": {batch}, \"size\": {size}, \"steps\": {steps}, \"median_step_s\": {median:.4}, \"images_per_s\": {:.2}, \"parameters\": {}}}",
+        "{{\"impl\": \"segctl-candle\", \"mode\": \"{}\", \"arch\": \"{arch}\", \"batch\": {batch}, \"size\": {size}, \"steps\": {steps}, \"median_step_s\": {median:.4}, \"images_per_s\": {:.2}, \"parameters\": {}}}",
+        if inference { "inference" } else { "train" },
         batch as f64 / median,
         state.parameter_count()
     );

@@ -1,5 +1,7 @@
 //! Training checkpoints and run folders. A checkpoint is one safetensors file written
-//! atomically: model tensors (`model.*`), optimizer state (`optim.*`) and, in the header
+//! atomically: model tensors (`model.*`: what evaluation and inference use, the weight average
+//! when `train.ema_decay` is set), the raw training weights behind an average (`online.*`),
+//! optimizer state (`optim.*`) and, in the header
 //! metadata, the model spec, the resolved config and the exact training position (epoch,
 //! step, batch within the epoch, RNG state, best score so far). Checkpoint retention (last K
 //! plus the best) lives here too.
@@ -20,6 +22,7 @@ pub const FORMAT_VERSION: u32 = 1;
 const METADATA_KEY: &str = "segctl";
 const MODEL_PREFIX: &str = "model.";
 const OPTIM_PREFIX: &str = "optim.";
+const ONLINE_PREFIX: &str = "online.";
 
 /// Sums over the batches of an epoch (kept across an interruption so a resumed epoch reports
 /// the same numbers as an uninterrupted one).
@@ -77,6 +80,8 @@ pub struct Checkpoint {
     pub meta: CheckpointMeta,
     pub model: HashMap<String, Tensor>,
     pub optimizer: HashMap<String, Tensor>,
+    /// The weights the optimizer trains, when `model` holds their moving average (else empty).
+    pub online: HashMap<String, Tensor>,
 }
 
 fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
@@ -90,9 +95,10 @@ pub fn save(
     meta: &CheckpointMeta,
     model: &HashMap<String, Tensor>,
     optimizer: &HashMap<String, Tensor>,
+    online: &HashMap<String, Tensor>,
 ) -> Result<()> {
-    let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(model.len() + optimizer.len());
-    for (prefix, map) in [(MODEL_PREFIX, model), (OPTIM_PREFIX, optimizer)] {
+    let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(model.len() + optimizer.len() + online.len());
+    for (prefix, map) in [(MODEL_PREFIX, model), (OPTIM_PREFIX, optimizer), (ONLINE_PREFIX, online)] {
         for (name, t) in map {
             named.push((format!("{prefix}{name}"), t.dims().to_vec(), tensor_bytes(t)?));
         }
@@ -140,14 +146,17 @@ pub fn load(path: &Path, device: &Device) -> Result<Checkpoint> {
         .with_context(|| format!("failed to read tensors of `{}`", path.display()))?;
     let mut model = HashMap::new();
     let mut optimizer = HashMap::new();
+    let mut online = HashMap::new();
     for (name, t) in tensors {
         if let Some(n) = name.strip_prefix(MODEL_PREFIX) {
             model.insert(n.to_string(), t);
         } else if let Some(n) = name.strip_prefix(OPTIM_PREFIX) {
             optimizer.insert(n.to_string(), t);
+        } else if let Some(n) = name.strip_prefix(ONLINE_PREFIX) {
+            online.insert(n.to_string(), t);
         }
     }
-    Ok(Checkpoint { path: path.to_path_buf(), meta, model, optimizer })
+    Ok(Checkpoint { path: path.to_path_buf(), meta, model, optimizer, online })
 }
 
 /// The files of one training run.
@@ -295,7 +304,8 @@ mod tests {
         let path = run.epoch_checkpoint(1);
         let model = state.named_tensors();
         let optim = HashMap::from([("m.x".to_string(), Tensor::new(&[1.5f32, -2.25], &Device::Cpu).unwrap())]);
-        save(&path, &meta(spec.clone(), 7), &model, &optim).unwrap();
+        let online = HashMap::from([("w".to_string(), Tensor::new(&[0.125f32], &Device::Cpu).unwrap())]);
+        save(&path, &meta(spec.clone(), 7), &model, &optim, &online).unwrap();
         let loaded = load(&path, &Device::Cpu).unwrap();
         assert_eq!(loaded.meta.progress, meta(spec.clone(), 7).progress);
         assert_eq!(loaded.meta.spec, spec);
@@ -305,6 +315,8 @@ mod tests {
             assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} differs");
         }
         assert_eq!(loaded.optimizer["m.x"].to_vec1::<f32>().unwrap(), vec![1.5, -2.25]);
+        assert_eq!(loaded.online["w"].to_vec1::<f32>().unwrap(), vec![0.125]);
+        assert_eq!(loaded.model.len(), model.len(), "online tensors stay out of the model");
     }
 
     #[test]
@@ -317,9 +329,9 @@ mod tests {
         let run = RunLayout::new(dir.path().join("run"));
         let empty = HashMap::new();
         for epoch in 1..=4 {
-            save(&run.epoch_checkpoint(epoch), &meta(spec.clone(), epoch as u64 * 10), &empty, &empty).unwrap();
+            save(&run.epoch_checkpoint(epoch), &meta(spec.clone(), epoch as u64 * 10), &empty, &empty, &empty).unwrap();
         }
-        save(&run.best(), &meta(spec.clone(), 20), &empty, &empty).unwrap();
+        save(&run.best(), &meta(spec.clone(), 20), &empty, &empty, &empty).unwrap();
         run.prune(2).unwrap();
         assert_eq!(run.epoch_checkpoints().iter().map(|(e, _)| *e).collect::<Vec<_>>(), vec![3, 4]);
         assert_eq!(run.latest().unwrap(), run.epoch_checkpoint(4));

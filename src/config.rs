@@ -204,6 +204,10 @@ pub struct TrainConfig {
     pub loss: LossConfig,
     pub checkpoint: CheckpointConfig,
     pub early_stopping: EarlyStoppingConfig,
+    /// Decay of an exponential moving average of the weights (as timm's and Keras's EMA):
+    /// validation, checkpoints' `model.*` tensors and so evaluate/predict/export use the
+    /// averaged weights. None = off; 0.99 averages over roughly the last 100 steps.
+    pub ema_decay: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -221,6 +225,7 @@ impl Default for TrainConfig {
             loss: LossConfig::default(),
             checkpoint: CheckpointConfig::default(),
             early_stopping: EarlyStoppingConfig::default(),
+            ema_decay: None,
         }
     }
 }
@@ -565,6 +570,9 @@ impl Config {
         let t = &self.train;
         ensure_key(t.epochs >= 1, "train.epochs", || "must be at least 1".into())?;
         ensure_key(t.batch_size >= 1, "train.batch_size", || "must be at least 1".into())?;
+        if let Some(decay) = t.ema_decay {
+            ensure_key(decay > 0.0 && decay < 1.0, "train.ema_decay", || format!("must be in (0, 1), got {decay}"))?;
+        }
         parse_device_spec(&t.device).map_err(|e| anyhow::anyhow!("key `train.device`: {e}"))?;
         parse_device_spec(&self.serve.device).map_err(|e| anyhow::anyhow!("key `serve.device`: {e}"))?;
         ensure_key(t.optimizer.lr > 0.0, "train.optimizer.lr", || "must be positive".into())?;

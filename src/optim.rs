@@ -1,6 +1,7 @@
 //! AdamW (Loshchilov & Hutter) with its state in plain tensors so checkpoints can save and
 //! restore it exactly (candle-nn's AdamW keeps its moments private), and the learning-rate
-//! schedules candle lacks: constant, step, cosine, each with linear warm-up.
+//! schedules candle lacks: constant, step, cosine, each with linear warm-up; and the
+//! exponential moving average of the weights (`train.ema_decay`).
 
 use std::collections::HashMap;
 
@@ -8,6 +9,44 @@ use anyhow::{Context, Result, bail};
 use candle_core::{Tensor, Var, backprop::GradStore};
 
 use crate::config::{OptimizerConfig, ScheduleConfig, ScheduleKind};
+
+/// Exponential moving average of a network's variables (weights and BatchNorm statistics),
+/// as timm's `ModelEmaV2`, with its warm-up: the decay at update `t` is
+/// `min(decay, (1 + t) / (10 + t))`, so early averages do not cling to the initialisation.
+pub struct WeightAverage {
+    decay: f64,
+    /// (average, trained) pairs of the same name.
+    pairs: Vec<(Var, Var)>,
+}
+
+impl WeightAverage {
+    /// Pairs the variables of `average` with those of `online` by name; both must hold the
+    /// same names and shapes (two instances of one spec).
+    pub fn new(decay: f64, average: Vec<(String, Var)>, online: Vec<(String, Var)>) -> Result<Self> {
+        let mut online: HashMap<String, Var> = online.into_iter().collect();
+        let pairs = average
+            .into_iter()
+            .map(|(name, avg)| {
+                let w = online.remove(&name).with_context(|| format!("weight average: no trained variable `{name}`"))?;
+                if avg.dims() != w.dims() {
+                    bail!("weight average: `{name}` has shapes {:?} and {:?}", avg.dims(), w.dims());
+                }
+                Ok((avg, w))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { decay, pairs })
+    }
+
+    /// Moves the average towards the trained weights after optimizer step `step` (1-based).
+    pub fn update(&self, step: u64) -> Result<()> {
+        let d = self.decay.min((1 + step) as f64 / (10 + step) as f64);
+        for (avg, w) in &self.pairs {
+            let next = ((avg.as_tensor().detach() * d)? + (w.as_tensor().detach() * (1.0 - d))?)?;
+            avg.set(&next)?;
+        }
+        Ok(())
+    }
+}
 
 /// AdamW over named variables.
 pub struct AdamW {
@@ -104,6 +143,28 @@ pub fn learning_rate(base: f64, schedule: &ScheduleConfig, step: u64, steps_per_
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn weight_average_follows_the_warmed_up_decay() {
+        let average = Var::new(&[0.0f32, 10.0], &Device::Cpu).unwrap();
+        let online = Var::new(&[1.0f32, 0.0], &Device::Cpu).unwrap();
+        let averager =
+            WeightAverage::new(0.9, vec![("w".into(), average.clone())], vec![("w".into(), online.clone())]).unwrap();
+        // Step 1: warm-up decay (1+1)/(10+1) = 2/11 < 0.9.
+        averager.update(1).unwrap();
+        let d = 2.0f32 / 11.0;
+        let got = average.as_tensor().to_vec1::<f32>().unwrap();
+        assert!((got[0] - (1.0 - d)).abs() < 1e-6 && (got[1] - 10.0 * d).abs() < 1e-6, "{got:?}");
+        // Late steps: the configured decay caps it.
+        averager.update(1000).unwrap();
+        let after = average.as_tensor().to_vec1::<f32>().unwrap();
+        assert!((after[0] - (0.9 * got[0] + 0.1)).abs() < 1e-6, "{after:?}");
+        // The trained weights are never touched.
+        assert_eq!(online.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, 0.0]);
+        // Mismatched models are refused.
+        let other = Var::new(&[1.0f32], &Device::Cpu).unwrap();
+        assert!(WeightAverage::new(0.9, vec![("w".into(), average)], vec![("w".into(), other)]).is_err());
+    }
 
     #[test]
     fn adamw_first_step_moves_by_lr() {

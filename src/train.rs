@@ -21,7 +21,7 @@ use crate::evaluate::{batch_tensors, evaluate_loader, eval_loader_config, predic
 use crate::loss::SegLoss;
 use crate::metrics::SegmentationReport;
 use crate::model::{self, ModelSpec, ModelState};
-use crate::optim::{AdamW, learning_rate};
+use crate::optim::{AdamW, WeightAverage, learning_rate};
 use crate::plot::{Panel, Series, write_chart};
 use crate::progress::{ProgressMode, Unit};
 use crate::util::rng::Rng;
@@ -212,7 +212,9 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
     let mut optimizer;
     let mut progress = match &resumed {
         Some(c) => {
-            state.assign(&c.model, &format!("checkpoint `{}`: ", c.path.display()))?;
+            // With a weight average, `model.*` is the average and `online.*` what trains.
+            let trained = if c.online.is_empty() { &c.model } else { &c.online };
+            state.assign(trained, &format!("checkpoint `{}`: ", c.path.display()))?;
             optimizer = AdamW::new(state.trainable_vars(), t.optimizer.clone())?;
             optimizer.load_state(&c.optimizer, c.meta.progress.step)?;
             let current = crate::util::sha256_hex(serde_yaml::to_string(config)?.as_bytes());
@@ -250,6 +252,20 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
             }
         }
     };
+    // The weight average, when enabled: validated, checkpointed as `model.*` and exported.
+    let average = match t.ema_decay {
+        Some(decay) => {
+            let average = ModelState::new(&spec, device, t.seed)?;
+            match &resumed {
+                Some(c) => average.assign(&c.model, &format!("checkpoint `{}`: ", c.path.display()))?,
+                None => average.assign(&state.named_tensors(), "")?,
+            }
+            let averager = WeightAverage::new(decay, average.named_vars(), state.named_vars())?;
+            Some((average, averager))
+        }
+        None => None,
+    };
+    let evaluated = average.as_ref().map_or(&state, |(a, _)| a);
     let val_loader = match &val_set {
         Some(v) => Some(Loader::new(v.clone(), eval_loader_config(config, &state, t.batch_size))?),
         None => None,
@@ -284,7 +300,8 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
             config_digest: config_digest.clone(),
             dataset_digest: dataset_digest.clone(),
         };
-        checkpoint::save(path, &meta, &state.named_tensors(), &optimizer.state_tensors())
+        let online = if average.is_some() { state.named_tensors() } else { Default::default() };
+        checkpoint::save(path, &meta, &evaluated.named_tensors(), &optimizer.state_tensors(), &online)
     };
 
     let mut rng = Rng::from_state(progress.rng_state);
@@ -314,6 +331,9 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
             let loss = loss_fn.compute(&logits, &targets)?;
             let grads = loss.backward()?;
             optimizer.step(&grads, lr)?;
+            if let Some((_, averager)) = &average {
+                averager.update(progress.step + 1)?;
+            }
             let loss_value = loss.to_scalar::<f32>()? as f64;
             if !loss_value.is_finite() {
                 bail!("training diverged: the loss is {loss_value} at step {}; lower train.optimizer.lr", progress.step);
@@ -356,7 +376,7 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
         progress.partial = EpochTotals::default();
         let val = match &val_loader {
             Some(loader) => {
-                let outcome = evaluate_loader(&state, loader, Some(&loss_fn), ProgressMode::Hidden, "validate")?;
+                let outcome = evaluate_loader(evaluated, loader, Some(&loss_fn), ProgressMode::Hidden, "validate")?;
                 Some((SegmentationReport::new(&outcome.confusion, &outcome.per_image, &spec.class_names, outcome.samples), outcome.loss))
             }
             None => None,

@@ -82,7 +82,10 @@ fn an_interrupted_run_resumes_where_it_stopped() {
     let root = dir.path().join("pets");
     synthetic_dataset(&root, 64, 2);
     let config = tiny_config(dir.path(), &root, 8);
-    let set = |name: &str| ["--set".to_string(), format!("train.run_name={name}")];
+    // With a weight average, so resuming must restore both the trained and averaged weights.
+    let set = |name: &str| {
+        ["--set".to_string(), format!("train.run_name={name}"), "--set".to_string(), "train.ema_decay=0.9".to_string()]
+    };
 
     let out = run(segctl().args(["train", "--config"]).arg(&config).args(set("straight")));
     assert!(out.status.success());
@@ -119,6 +122,9 @@ fn an_interrupted_run_resumes_where_it_stopped() {
     }
     let (ma, mb) = (a[7]["val_mean_iou"].as_f64().unwrap(), b[7]["val_mean_iou"].as_f64().unwrap());
     assert!((ma - mb).abs() < 0.005, "final mIoU {ma} vs {mb}");
+    let checkpoint = std::fs::read(dir.path().join("runs/stopped/checkpoints/best.safetensors")).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&checkpoint).unwrap().names().into_iter().cloned().collect::<Vec<_>>();
+    assert!(names.iter().any(|n| n.starts_with("online.")) && names.iter().any(|n| n.starts_with("model.")), "{names:?}");
 }
 
 /// A JPEG with an EXIF orientation tag (6 = rotate 90° clockwise to display).

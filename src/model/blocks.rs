@@ -38,6 +38,15 @@ pub enum Act {
 }
 
 impl Act {
+    /// The activation as a clamp `[min, max]`.
+    pub fn bounds(self) -> (f32, f32) {
+        match self {
+            Act::Relu => (0.0, f32::INFINITY),
+            Act::Relu6 => (0.0, 6.0),
+            Act::Identity => (f32::NEG_INFINITY, f32::INFINITY),
+        }
+    }
+
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         match self {
             Act::Relu => x.relu(),
@@ -112,6 +121,28 @@ impl Module for Conv {
     }
 }
 
+impl Conv {
+    /// Inference with BatchNorm folded into the bias: convolution, bias and activation in one
+    /// pass over the output on CPU (elsewhere, the plain ops).
+    pub fn forward_inference(&self, x: &Tensor, act: Act) -> Result<Tensor> {
+        let bias = match &self.bias {
+            Some(bias) if x.device().is_cpu() => bias,
+            _ => return act.apply(&self.forward(x)?),
+        };
+        let (min, max) = act.bounds();
+        let epilogue = ops::Epilogue { bias: bias.flatten_all()?.to_vec1::<f32>()?, min, max };
+        match self.kind {
+            ConvKind::Dense => ops::conv2d_inference(x, &self.weight, epilogue, self.stride, self.pad),
+            ConvKind::Transposed => {
+                ops::bias_clamp(ops::conv_transpose2d(x, &self.weight, None, self.stride, self.pad)?, &epilogue)
+            }
+            ConvKind::Depthwise => {
+                ops::bias_clamp(ops::depthwise_conv2d(x, &self.weight, self.stride, self.pad)?, &epilogue)
+            }
+        }
+    }
+}
+
 /// Convolution → BatchNorm → activation, with the BatchNorm optionally folded away.
 #[derive(Debug, Clone)]
 pub struct ConvBnAct {
@@ -163,10 +194,11 @@ fn join(prefix: &str, name: &str) -> String {
 
 impl ModuleT for ConvBnAct {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.conv.forward(x)?;
         match &self.bn {
-            Some(bn) => bn.forward_act(&y, self.act, train),
-            None => self.act.apply(&y),
+            Some(bn) => bn.forward_act(&self.conv.forward(x)?, self.act, train),
+            // Folded BatchNorm exists only in exported (inference) models.
+            None if !train => self.conv.forward_inference(x, self.act),
+            None => self.act.apply(&self.conv.forward(x)?),
         }
     }
 }

@@ -189,6 +189,14 @@ impl ModelState {
         vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
     }
 
+    /// Every variable by name (weights, biases, BatchNorm running statistics), sorted.
+    pub fn named_vars(&self) -> Vec<(String, Var)> {
+        let vars = self.varmap.data().lock().expect("varmap lock");
+        let mut out: Vec<(String, Var)> = vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// The variables the optimizer updates: not the running statistics, and not a frozen
     /// encoder. Sorted by name so optimizer state lines up across runs.
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
