@@ -154,6 +154,9 @@ impl CustomOp1 for Col2Im {
     }
 }
 
+/// Size of one block of im2col columns, in elements (256 KiB: within a core's L2 cache).
+const COLUMN_BLOCK_ELEMENTS: usize = 1 << 16;
+
 /// Element counts from which an elementwise pass is worth spreading over threads.
 const PARALLEL_ELEMENTS: usize = 1 << 16;
 
@@ -169,8 +172,14 @@ fn valid_columns(ow: usize, w: usize, kx: usize, stride: usize, pad: usize) -> (
 
 /// Writes the columns of one image `[C, H, W]` into `out [C·kh·kw, Ho·Wo]`.
 fn im2col_single(x: &[f32], g: &ColGeometry, out: &mut [f32], parallel: bool) {
-    let (oh, ow) = (g.out_h(), g.out_w());
-    let l = oh * ow;
+    im2col_rows(x, g, 0..g.out_h(), out, parallel)
+}
+
+/// The columns of output rows `rows` only: `out [C·kh·kw, rows.len()·Wo]`.
+fn im2col_rows(x: &[f32], g: &ColGeometry, rows: std::ops::Range<usize>, out: &mut [f32], parallel: bool) {
+    let ow = g.out_w();
+    let l = rows.len() * ow;
+    let out = &mut out[..g.rows() * l];
     let fill = |row: usize, dst: &mut [f32]| {
         let c = row / (g.kh * g.kw);
         let ky = (row / g.kw) % g.kh;
@@ -178,9 +187,9 @@ fn im2col_single(x: &[f32], g: &ColGeometry, out: &mut [f32], parallel: bool) {
         let plane = &x[c * g.h * g.w..][..g.h * g.w];
         // Padding is only ever at the ends of a row: zero them, copy the middle.
         let (lo, hi) = valid_columns(ow, g.w, kx, g.stride, g.pad);
-        for oy in 0..oh {
+        for (local, oy) in rows.clone().enumerate() {
             let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-            let dst_row = &mut dst[oy * ow..][..ow];
+            let dst_row = &mut dst[local * ow..][..ow];
             if iy < 0 || iy >= g.h as isize || lo == hi {
                 dst_row.fill(0.0);
                 continue;
@@ -260,7 +269,23 @@ fn matmul_into(
     (m, n, k): (usize, usize, usize),
     parallel: bool,
 ) {
-    debug_assert!(dst.len() >= m * n);
+    matmul_into_rows(dst, n, accumulate, lhs, lhs_strides, rhs, rhs_strides, (m, n, k), parallel)
+}
+
+/// [`matmul_into`] with `dst` rows `dst_row_stride` apart (a column block of a wider matrix).
+#[allow(clippy::too_many_arguments)]
+fn matmul_into_rows(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_strides: (usize, usize),
+    rhs: &[f32],
+    rhs_strides: (usize, usize),
+    (m, n, k): (usize, usize, usize),
+    parallel: bool,
+) {
+    assert!(m == 0 || dst.len() >= (m - 1) * dst_row_stride + n, "GEMM destination too small");
     let parallelism = if parallel && rayon::current_num_threads() > 1 {
         gemm::Parallelism::Rayon(rayon::current_num_threads())
     } else {
@@ -274,7 +299,7 @@ fn matmul_into(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_row_stride as isize,
             accumulate,
             lhs.as_ptr(),
             lhs_strides.1 as isize,
@@ -434,11 +459,22 @@ impl CustomOp2 for Conv2dOp {
             }
             return Ok((CpuStorage::F32(out), Shape::from((g.n, cout, g.h, g.w))));
         }
-        let (l, k) = (g.out_h() * g.out_w(), g.rows());
+        let (oh, ow, k) = (g.out_h(), g.out_w(), g.rows());
+        let l = oh * ow;
+        // One thread per image: columns in blocks of output rows that stay in the core's L2,
+        // instead of the whole image's (tens of MB at 128², which two threads streaming at
+        // once made memory-bound). A lone image split over threads keeps whole-image GEMMs.
+        let tiled = g.n >= rayon::current_num_threads();
+        let rows_per_block = if tiled { (COLUMN_BLOCK_ELEMENTS / (k * ow).max(1)).clamp(1, oh) } else { oh };
         let mut out = overwritten_buffer(g.n * cout * l);
-        per_sample(g.n, k * l, &mut out, cout * l, |i, cols, dst, parallel| {
-            im2col_single(&x[i * g.c * g.h * g.w..][..g.c * g.h * g.w], &g, cols, parallel);
-            matmul_into(dst, false, w, (k, 1), cols, (l, 1), (cout, l, k), parallel);
+        per_sample(g.n, k * rows_per_block * ow, &mut out, cout * l, |i, cols, dst, parallel| {
+            let image = &x[i * g.c * g.h * g.w..][..g.c * g.h * g.w];
+            for first in (0..oh).step_by(rows_per_block) {
+                let rows = first..(first + rows_per_block).min(oh);
+                let block = rows.len() * ow;
+                im2col_rows(image, &g, rows, cols, parallel);
+                matmul_into_rows(&mut dst[first * ow..], l, false, w, (k, 1), &cols[..k * block], (block, 1), (cout, block, k), parallel);
+            }
             if let Some(epilogue) = &self.epilogue {
                 epilogue.apply(dst, l);
             }
@@ -520,13 +556,15 @@ impl CustomOp2 for ConvGradWeight {
             return Ok((CpuStorage::F32(out), Shape::from((cout, c, self.kh, self.kw))));
         }
         let (l, k) = (oh * ow, g.rows());
+        // Whole-image columns: splitting the reduction into row blocks (as the forward pass
+        // does) re-reads the [Cout, K] accumulator per block and measured no faster.
         let sample = |i: usize, cols: &mut [f32], dst: &mut [f32], accumulate: bool, parallel: bool| {
             im2col_single(&x[i * c * h * w..][..c * h * w], &g, cols, parallel);
             // dst [Cout, K] += dy_i [Cout, L] · colsᵀ [L, K]
             matmul_into(dst, accumulate, &dy[i * cout * l..][..cout * l], (l, 1), cols, (1, l), (cout, k, l), parallel);
         };
         let out = if n < rayon::current_num_threads() {
-            let mut cols = vec![0f32; k * l];
+            let mut cols = overwritten_buffer(k * l);
             let mut out = vec![0f32; cout * k];
             for i in 0..n {
                 sample(i, &mut cols, &mut out, i > 0, true);
@@ -537,7 +575,7 @@ impl CustomOp2 for ConvGradWeight {
             (0..n)
                 .into_par_iter()
                 .fold(
-                    || (vec![0f32; k * l], vec![0f32; cout * k], false),
+                    || (overwritten_buffer(k * l), vec![0f32; cout * k], false),
                     |(mut cols, mut acc, started), i| {
                         sample(i, &mut cols, &mut acc, started, false);
                         (cols, acc, true)
@@ -936,6 +974,17 @@ mod tests {
                 &[5, 3, k, k],
             );
         }
+    }
+
+    #[test]
+    fn gemm_conv_in_column_blocks_matches_candle() {
+        // 40·9 rows × 64 columns: two output rows per L2 block, so 32 blocks per image.
+        check(
+            |x, w| conv2d(x, w, None, 1, 1),
+            |x, w| x.conv2d(w, 1, 1, 1, 1),
+            &[2, 40, 64, 64],
+            &[8, 40, 3, 3],
+        );
     }
 
     #[test]
