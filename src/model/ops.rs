@@ -35,6 +35,10 @@ impl ColGeometry {
     fn rows(&self) -> usize {
         self.c * self.kh * self.kw
     }
+    /// A 1×1, stride-1, unpadded convolution, whose columns are the image itself.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
     fn cols(&self) -> usize {
         self.n * self.out_h() * self.out_w()
     }
@@ -466,10 +470,16 @@ impl CustomOp2 for Conv2dOp {
         // once made memory-bound). A lone image split over threads keeps whole-image GEMMs.
         let tiled = g.n >= rayon::current_num_threads();
         let rows_per_block = if tiled { (COLUMN_BLOCK_ELEMENTS / (k * ow).max(1)).clamp(1, oh) } else { oh };
+        let pointwise = g.is_pointwise();
+        let scratch = if pointwise { 0 } else { k * rows_per_block * ow };
         let mut out = overwritten_buffer(g.n * cout * l);
-        per_sample(g.n, k * rows_per_block * ow, &mut out, cout * l, |i, cols, dst, parallel| {
+        per_sample(g.n, scratch, &mut out, cout * l, |i, cols, dst, parallel| {
             let image = &x[i * g.c * g.h * g.w..][..g.c * g.h * g.w];
-            for first in (0..oh).step_by(rows_per_block) {
+            if pointwise {
+                // A 1×1 convolution's columns are the image itself.
+                matmul_into(dst, false, w, (k, 1), image, (l, 1), (cout, l, k), parallel);
+            }
+            for first in (0..oh).step_by(rows_per_block).filter(|_| !pointwise) {
                 let rows = first..(first + rows_per_block).min(oh);
                 let block = rows.len() * ow;
                 im2col_rows(image, &g, rows, cols, parallel);
@@ -558,13 +568,21 @@ impl CustomOp2 for ConvGradWeight {
         let (l, k) = (oh * ow, g.rows());
         // Whole-image columns: splitting the reduction into row blocks (as the forward pass
         // does) re-reads the [Cout, K] accumulator per block and measured no faster.
+        let pointwise = g.is_pointwise();
         let sample = |i: usize, cols: &mut [f32], dst: &mut [f32], accumulate: bool, parallel: bool| {
-            im2col_single(&x[i * c * h * w..][..c * h * w], &g, cols, parallel);
+            let image = &x[i * c * h * w..][..c * h * w];
+            let cols: &[f32] = if pointwise {
+                image
+            } else {
+                im2col_single(image, &g, cols, parallel);
+                cols
+            };
             // dst [Cout, K] += dy_i [Cout, L] · colsᵀ [L, K]
             matmul_into(dst, accumulate, &dy[i * cout * l..][..cout * l], (l, 1), cols, (1, l), (cout, k, l), parallel);
         };
+        let scratch = if pointwise { 0 } else { k * l };
         let out = if n < rayon::current_num_threads() {
-            let mut cols = overwritten_buffer(k * l);
+            let mut cols = overwritten_buffer(scratch);
             let mut out = vec![0f32; cout * k];
             for i in 0..n {
                 sample(i, &mut cols, &mut out, i > 0, true);
@@ -575,7 +593,7 @@ impl CustomOp2 for ConvGradWeight {
             (0..n)
                 .into_par_iter()
                 .fold(
-                    || (overwritten_buffer(k * l), vec![0f32; cout * k], false),
+                    || (overwritten_buffer(scratch), vec![0f32; cout * k], false),
                     |(mut cols, mut acc, started), i| {
                         sample(i, &mut cols, &mut acc, started, false);
                         (cols, acc, true)
