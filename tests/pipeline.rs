@@ -123,7 +123,7 @@ fn an_interrupted_run_resumes_where_it_stopped() {
     let (ma, mb) = (a[7]["val_mean_iou"].as_f64().unwrap(), b[7]["val_mean_iou"].as_f64().unwrap());
     assert!((ma - mb).abs() < 0.005, "final mIoU {ma} vs {mb}");
     let checkpoint = std::fs::read(dir.path().join("runs/stopped/checkpoints/best.safetensors")).unwrap();
-    let names = safetensors::SafeTensors::deserialize(&checkpoint).unwrap().names().into_iter().cloned().collect::<Vec<_>>();
+    let names = safetensors::SafeTensors::deserialize(&checkpoint).unwrap().names().into_iter().map(str::to_string).collect::<Vec<_>>();
     assert!(names.iter().any(|n| n.starts_with("online.")) && names.iter().any(|n| n.starts_with("model.")), "{names:?}");
 }
 
