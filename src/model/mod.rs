@@ -200,15 +200,11 @@ impl ModelState {
     /// The variables the optimizer updates: not the running statistics, and not a frozen
     /// encoder. Sorted by name so optimizer state lines up across runs.
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
-        let vars = self.varmap.data().lock().expect("varmap lock");
-        let mut out: Vec<(String, Var)> = vars
-            .iter()
+        self.named_vars()
+            .into_iter()
             .filter(|(name, _)| !name.contains("running_"))
             .filter(|(name, _)| self.spec.encoder_trainable || !name.starts_with("encoder."))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+            .collect()
     }
 
     /// Number of parameters (excluding running statistics).
