@@ -27,7 +27,7 @@ fn main() -> Result<()> {
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: train_step_bench [--arch unet|mobilenetv2_unet] [--batch 32] [--size 128] [--steps 10] [--warmup 3] [--base-width 32] [--depth 4] [--widths 8,24,48,96] [--frozen-encoder] [--inference [--folded]]");
+        println!("usage: train_step_bench [--arch unet|mobilenetv2_unet] [--batch 32] [--size 128] [--steps 10] [--warmup 3] [--base-width 32] [--depth 4] [--widths 8,24,48,96] [--frozen-encoder] [--inference [--folded]] [--plan [--threads N] [--winograd auto|never|always] [--profile]]");
         return Ok(());
     }
     let arch = arg(&args, "--arch", "unet");
@@ -55,6 +55,9 @@ fn main() -> Result<()> {
     spec.batchnorm_folded = inference && args.iter().any(|a| a == "--folded");
     let device = Device::Cpu;
     let state = ModelState::new(&spec, &device, 1)?;
+    if args.iter().any(|a| a == "--plan") {
+        return plan_bench(&state, &args, &arch, batch, size, steps, warmup);
+    }
     let mut opt = AdamW::new(state.trainable_vars(), OptimizerConfig::default())?;
     let loss = SegLoss::new(&LossConfig::default(), &device)?;
     let x = Tensor::randn(0f32, 1f32, (batch, 3, size, size), &device)?;
@@ -92,4 +95,64 @@ fn main() -> Result<()> {
         state.parameter_count()
     );
     Ok(())
+}
+
+/// Times segctl's compiled inference plan (what `serve`, `predict` and `evaluate` run).
+fn plan_bench(state: &ModelState, args: &[String], arch: &str, batch: usize, size: usize, steps: usize, warmup: usize) -> Result<()> {
+    use segctl::model::kernels::plan::{Plan, PlanOptions, Session, WinogradPolicy};
+    let threads: usize = arg(args, "--threads", "1").parse()?;
+    let mut options = PlanOptions::new(size, size);
+    options.winograd = match arg(args, "--winograd", "auto").as_str() {
+        "never" => WinogradPolicy::Never,
+        "always" => WinogradPolicy::Always,
+        _ => WinogradPolicy::Auto,
+    };
+    let plan = std::sync::Arc::new(Plan::compile(&state.model.lower()?, &options)?);
+    let mut session = Session::new(plan.clone(), threads)?;
+    let input: Vec<f32> = (0..batch * plan.input_len()).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+    let profile = args.iter().any(|a| a == "--profile");
+    let mut times = Vec::new();
+    let mut per_step = vec![0f64; plan.steps.len()];
+    for i in 0..warmup + steps {
+        session.set_profiling(profile && i >= warmup);
+        let t0 = Instant::now();
+        session.run(&input, batch)?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64());
+            if profile {
+                for (acc, s) in per_step.iter_mut().zip(session.step_seconds()) {
+                    *acc += s / steps as f64;
+                }
+            }
+        }
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = times[times.len() / 2];
+    let summary = plan.summary();
+    if profile {
+        for (step, s) in plan.steps.iter().zip(&per_step) {
+            let gflops = step.flops as f64 * batch as f64 / s / 1e9;
+            eprintln!("{:>16} {:>8.3} ms {:>7.1} GFLOP/s  {:?}", step.name(), s * 1e3, gflops, step_shape(step));
+        }
+    }
+    println!(
+        "{{\"impl\": \"segctl-plan\", \"isa\": \"{}\", \"arch\": \"{arch}\", \"batch\": {batch}, \"size\": {size}, \"threads\": {threads}, \"median_s\": {median:.5}, \"images_per_s\": {:.2}, \"gflops_per_image\": {:.3}, \"gflop_per_s\": {:.1}}}",
+        summary.isa,
+        batch as f64 / median,
+        summary.flops_per_image as f64 / 1e9,
+        summary.flops_per_image as f64 * batch as f64 / median / 1e9
+    );
+    Ok(())
+}
+
+fn step_shape(step: &segctl::model::kernels::plan::Step) -> String {
+    use segctl::model::kernels::plan::StepKind;
+    match &step.kind {
+        StepKind::Direct(d) => format!("{}x{} {}->{} taps {}", d.input.h, d.input.w, d.cin, d.cout, d.phases[0].taps.len()),
+        StepKind::Winograd(w) => format!("{}x{} {}->{} block {}", w.input.h, w.input.w, w.cin, w.cout, w.block),
+        StepKind::SmallK(d) => format!("{}x{} {}->{}", d.input.h, d.input.w, d.cin, d.cout),
+        StepKind::Depthwise(d) => format!("{}x{} c{} s{}", d.input.h, d.input.w, d.input.c, d.stride),
+        StepKind::MaxPool(d) => format!("{}x{} c{}", d.input.h, d.input.w, d.input.c),
+        _ => String::new(),
+    }
 }

@@ -65,6 +65,14 @@ impl BatchNorm {
         }
     }
 
+    /// The inference-mode normalization as a per-channel `(scale, shift)`:
+    /// `y = x·scale + shift` with `scale = γ/√(σ²+ε)`, `shift = β − μ·scale`.
+    pub fn inference_affine(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let scale = (&self.weight / (self.running_var.as_detached_tensor() + self.eps)?.sqrt()?)?;
+        let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
+        Ok((scale.to_device(&Device::Cpu)?.to_vec1()?, shift.to_device(&Device::Cpu)?.to_vec1()?))
+    }
+
     fn update_running(&self, stats: &Tensor, x: &Tensor) -> Result<()> {
         let (n, _, h, w) = x.dims4()?;
         let count = (n * h * w) as f64;

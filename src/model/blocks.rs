@@ -6,6 +6,7 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::batchnorm::BatchNorm;
+use super::graph::{ConvOp, GraphBuilder, NodeId};
 use super::ops;
 
 /// BatchNorm epsilon (PyTorch/timm's value; timm checkpoints were trained with it).
@@ -143,6 +144,42 @@ impl Conv {
     }
 }
 
+impl Conv {
+    /// Emits this convolution into an inference graph, with `bn` (eval mode) folded into its
+    /// weights and bias, and `act` after it.
+    pub fn lower(&self, g: &mut GraphBuilder, x: NodeId, bn: Option<&BatchNorm>, act: Act) -> Result<NodeId> {
+        let dims = self.weight.dims4()?;
+        let (cin, cout, k) = match self.kind {
+            ConvKind::Dense => (dims.1, dims.0, dims.2),
+            ConvKind::Depthwise => (dims.0, dims.0, dims.2),
+            ConvKind::Transposed => (dims.0, dims.1, dims.2),
+        };
+        let cpu = candle_core::Device::Cpu;
+        let mut weight: Vec<f32> = self.weight.to_device(&cpu)?.flatten_all()?.to_vec1()?;
+        let mut bias: Vec<f32> = match &self.bias {
+            Some(b) => b.to_device(&cpu)?.to_vec1()?,
+            None => vec![0.0; cout],
+        };
+        if let Some(bn) = bn {
+            let (scale, shift) = bn.inference_affine()?;
+            let per_channel = weight.len() / cout;
+            let per_out = |i: usize| match self.kind {
+                // [cin, cout, k, k]: the output channel is the second index.
+                ConvKind::Transposed => (i / (k * k)) % cout,
+                _ => i / per_channel,
+            };
+            for i in 0..weight.len() {
+                weight[i] *= scale[per_out(i)];
+            }
+            for (b, (s, t)) in bias.iter_mut().zip(scale.iter().zip(&shift)) {
+                *b = *b * s + t;
+            }
+        }
+        let op = ConvOp { kind: self.kind, cin, cout, k, stride: self.stride, pad: self.pad, weight, bias, act };
+        Ok(g.conv(x, op))
+    }
+}
+
 /// Convolution → BatchNorm → activation, with the BatchNorm optionally folded away.
 #[derive(Debug, Clone)]
 pub struct ConvBnAct {
@@ -186,6 +223,11 @@ impl ConvBnAct {
     pub fn pair(&self) -> &ConvBnPair {
         &self.pair
     }
+
+    /// Emits the unit into an inference graph (BatchNorm folded).
+    pub fn lower(&self, g: &mut GraphBuilder, x: NodeId) -> Result<NodeId> {
+        self.conv.lower(g, x, self.bn.as_ref(), self.act)
+    }
 }
 
 fn join(prefix: &str, name: &str) -> String {
@@ -225,6 +267,13 @@ impl DoubleConv {
     }
 }
 
+impl DoubleConv {
+    pub fn lower(&self, g: &mut GraphBuilder, x: NodeId) -> Result<NodeId> {
+        let y = self.first.lower(g, x)?;
+        self.second.lower(g, y)
+    }
+}
+
 impl ModuleT for DoubleConv {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.second.forward_t(&self.first.forward_t(x, train)?, train)
@@ -249,6 +298,13 @@ impl UpConv2x2 {
     }
 }
 
+impl UpConv2x2 {
+    pub fn lower(&self, g: &mut GraphBuilder, x: NodeId) -> Result<NodeId> {
+        let y = self.unit.lower(g, x)?;
+        Ok(g.depth_to_space(y, 2))
+    }
+}
+
 impl ModuleT for UpConv2x2 {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         ops::pixel_shuffle(&self.unit.forward_t(x, train)?, 2)
@@ -269,6 +325,12 @@ impl Pix2PixUp {
 
     pub fn pairs(&self, out: &mut Vec<ConvBnPair>) {
         out.push(self.unit.pair().clone());
+    }
+}
+
+impl Pix2PixUp {
+    pub fn lower(&self, g: &mut GraphBuilder, x: NodeId) -> Result<NodeId> {
+        self.unit.lower(g, x)
     }
 }
 

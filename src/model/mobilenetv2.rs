@@ -8,6 +8,7 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::blocks::{Act, BnMode, Conv, ConvBnAct, ConvBnPair, ConvKind, ConvSpec, Pix2PixUp};
+use super::graph::{Graph, GraphBuilder, NodeId};
 
 /// Channels of the five taps: block_1/3/6/13 expand ReLU and block_16 project.
 pub const TAP_CHANNELS: [usize; 5] = [96, 144, 192, 576, 320];
@@ -52,6 +53,15 @@ impl InvertedResidual {
             project: ConvBnAct::new(unit(ConvKind::Dense, mid, cout, 1, 1, Act::Identity), mode, "conv_pwl", "bn3", vb)?,
             residual: stride == 1 && cin == cout,
         })
+    }
+
+    /// Emits the block; returns (output, expansion activation).
+    fn lower(&self, g: &mut GraphBuilder, x: NodeId) -> Result<(NodeId, NodeId)> {
+        let expanded = self.expand.lower(g, x)?;
+        let dw = self.dw.lower(g, expanded)?;
+        let y = self.project.lower(g, dw)?;
+        let y = if self.residual { g.add(y, x) } else { y };
+        Ok((y, expanded))
     }
 
     /// Returns (output, expansion activation).
@@ -117,6 +127,25 @@ impl MobileNetV2Encoder {
         Ok(taps)
     }
 
+    /// Emits the encoder; returns its five taps (see [`TAP_NAMES`]).
+    pub fn lower(&self, g: &mut GraphBuilder, x: NodeId) -> Result<Vec<NodeId>> {
+        let x = self.stem.lower(g, x)?;
+        let x = self.first.dw.lower(g, x)?;
+        let mut x = self.first.pw.lower(g, x)?;
+        let mut taps = Vec::with_capacity(5);
+        let mut block_index = 0;
+        for block in self.stages.iter().flatten() {
+            block_index += 1;
+            let (y, expanded) = block.lower(g, x)?;
+            if matches!(block_index, 1 | 3 | 6 | 13) {
+                taps.push(expanded);
+            }
+            x = y;
+        }
+        taps.push(x);
+        Ok(taps)
+    }
+
     pub fn conv_bn_pairs(&self, out: &mut Vec<ConvBnPair>) {
         out.push(self.stem.pair().clone());
         out.push(self.first.dw.pair().clone());
@@ -160,6 +189,22 @@ impl MobileNetV2Unet {
         for u in &self.up {
             u.pairs(out);
         }
+    }
+}
+
+impl MobileNetV2Unet {
+    /// The network as an inference graph (mirrors `forward_t` in eval mode).
+    pub fn lower(&self) -> Result<Graph> {
+        let mut g = GraphBuilder::new(3);
+        let input = g.input();
+        let taps = self.encoder.lower(&mut g, input)?;
+        let mut x = taps[4];
+        for (i, up) in self.up.iter().enumerate() {
+            let y = up.lower(&mut g, x)?;
+            x = g.concat(&[y, taps[3 - i]]);
+        }
+        let logits = self.head.lower(&mut g, x, None, Act::Identity)?;
+        Ok(g.finish(logits))
     }
 }
 

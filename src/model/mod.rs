@@ -5,6 +5,8 @@
 pub mod batchnorm;
 pub mod blocks;
 pub mod direct;
+pub mod graph;
+pub mod kernels;
 pub mod mobilenetv2;
 pub mod ops;
 pub mod unet;
@@ -126,6 +128,15 @@ impl SegModel {
                 vb,
             )?),
         })
+    }
+
+    /// The network as a layout-free inference graph, BatchNorm folded (what the inference
+    /// engine compiles).
+    pub fn lower(&self) -> candle_core::Result<graph::Graph> {
+        match self {
+            SegModel::Unet(m) => m.lower(),
+            SegModel::MobileNetV2Unet(m) => m.lower(),
+        }
     }
 
     /// Every convolution followed by a BatchNorm (for folding).

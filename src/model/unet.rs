@@ -5,8 +5,9 @@
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::blocks::{Act, BnMode, Conv, ConvBnPair, ConvKind, DoubleConv, UpConv2x2};
+use super::graph::{Graph, GraphBuilder};
 use super::ops;
-use super::blocks::{BnMode, Conv, ConvBnPair, ConvKind, DoubleConv, UpConv2x2};
 
 /// `unet` settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +54,28 @@ impl Unet {
         for u in &self.up {
             u.pairs(out);
         }
+    }
+}
+
+impl Unet {
+    /// The network as an inference graph (mirrors `forward_t` in eval mode).
+    pub fn lower(&self) -> Result<Graph> {
+        let mut g = GraphBuilder::new(3);
+        let mut x = g.input();
+        let mut skips = Vec::with_capacity(self.down.len());
+        for block in &self.down {
+            x = block.lower(&mut g, x)?;
+            skips.push(x);
+            x = g.max_pool2x2(x);
+        }
+        x = self.bottleneck.lower(&mut g, x)?;
+        for level in (0..self.down.len()).rev() {
+            let up = self.up[level].lower(&mut g, x)?;
+            x = g.concat(&[skips[level], up]);
+            x = self.merge[level].lower(&mut g, x)?;
+        }
+        let logits = self.head.lower(&mut g, x, None, Act::Identity)?;
+        Ok(g.finish(logits))
     }
 }
 

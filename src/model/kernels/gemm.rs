@@ -1,0 +1,110 @@
+//! The register-blocked multiply-accumulate tile every dense kernel of the plan is built on:
+//! `MR` rows of a broadcast operand (pixels or Winograd tiles, read in place with a row
+//! stride, never packed) times `NV` vectors of a pre-packed operand (weights, `NV·LANES`
+//! output channels per panel), accumulated in `MR × NV` vector registers.
+//!
+//! The reduction runs over *segments*: each is `kc` consecutive floats of every row, starting
+//! at its own offset. A 3×3 convolution on a padded NHWC map is nine segments (one per tap:
+//! the same pixels shifted by a row or a column), a 1×1 convolution or a Winograd GEMM is one.
+
+#![allow(unsafe_op_in_unsafe_fn)]
+
+use super::simd::Simd;
+
+/// Register tile shapes `(MR, NV)` per vector width: "wide" panels of two vectors for layers
+/// with more output channels than one vector holds, "narrow" panels of one vector otherwise.
+/// AVX-512 has 32 registers (12×2 or 24×1 accumulators), AVX2 16 (6×2 or 12×1).
+pub const fn tile_rows(lanes: usize, nv: usize) -> usize {
+    match (lanes, nv) {
+        (16, 2) => 12,
+        (16, _) => 24,
+        (_, 2) => 6,
+        _ => 12,
+    }
+}
+
+/// The panel width (in vectors) for a layer of `cout` output channels.
+pub fn panel_vectors(lanes: usize, cout: usize) -> usize {
+    if cout > lanes { 2 } else { 1 }
+}
+
+/// `acc[r][j] = Σ_s Σ_{c<kc} a[offsets[s] + r·lda + c] · b[(s·kc + c)·NV·L + j·L ..]`.
+///
+/// # Safety
+/// Every address named above must be readable; the instruction set of `S` must be present.
+#[inline(always)]
+pub unsafe fn tile<S: Simd, const MR: usize, const NV: usize>(
+    a: *const f32,
+    lda: usize,
+    offsets: &[isize],
+    kc: usize,
+    b: *const f32,
+) -> [[S::V; NV]; MR] {
+    debug_assert!(MR % 3 == 0 && MR <= 24 && NV <= 2);
+    // The accumulators are separate locals (not an array, which the compiler keeps in memory
+    // and stores to on every step), the rows unrolled with constant indices.
+    macro_rules! kernel {
+        ($($r:literal $x:ident $y:ident),*) => {{
+            $(let mut $x = S::zero(); let mut $y = S::zero();)*
+            let mut bp = b;
+            for &offset in offsets {
+                // Rows 3i, 3i+1, 3i+2 are `base[i]`, `base[i] + lda`, `base[i] + 2·lda`: x86
+                // address modes (base + index·scale, scales 4 and 8), so eight base registers
+                // and one stride address 24 rows.
+                let mut base = [a; 8];
+                for (i, p) in base.iter_mut().enumerate().take(MR / 3) {
+                    *p = a.offset(offset).add(3 * i * lda);
+                }
+                for _ in 0..kc {
+                    let b0 = S::load(bp);
+                    let b1 = if NV > 1 { S::load(bp.add(S::LANES)) } else { b0 };
+                    $(
+                        if $r < MR {
+                            let av = S::splat(*base[$r / 3].add(($r % 3) * lda));
+                            $x = S::fma(av, b0, $x);
+                            if NV > 1 {
+                                $y = S::fma(av, b1, $y);
+                            }
+                        }
+                    )*
+                    for p in base.iter_mut().take(MR / 3) {
+                        *p = p.add(1);
+                    }
+                    bp = bp.add(NV * S::LANES);
+                }
+            }
+            let mut acc = [[S::zero(); NV]; MR];
+            $(
+                if $r < MR {
+                    acc[$r][0] = $x;
+                    if NV > 1 {
+                        acc[$r][NV - 1] = $y;
+                    }
+                }
+            )*
+            acc
+        }};
+    }
+    kernel!(0 x0 y0, 1 x1 y1, 2 x2 y2, 3 x3 y3, 4 x4 y4, 5 x5 y5, 6 x6 y6, 7 x7 y7, 8 x8 y8, 9 x9 y9, 10 x10 y10, 11 x11 y11, 12 x12 y12, 13 x13 y13, 14 x14 y14, 15 x15 y15, 16 x16 y16, 17 x17 y17, 18 x18 y18, 19 x19 y19, 20 x20 y20, 21 x21 y21, 22 x22 y22, 23 x23 y23)
+}
+
+/// Packs weights for [`tile`]: `w(segment, c, k)` into panels of `nr` output channels,
+/// `[panel][segment][c][nr]`, zero beyond `cout`.
+pub fn pack_panels(segments: usize, cin: usize, cout: usize, nr: usize, w: impl Fn(usize, usize, usize) -> f32) -> Vec<f32> {
+    let panels = cout.div_ceil(nr);
+    let mut out = vec![0f32; panels * segments * cin * nr];
+    for p in 0..panels {
+        for s in 0..segments {
+            for c in 0..cin {
+                let dst = &mut out[((p * segments + s) * cin + c) * nr..][..nr];
+                for (j, d) in dst.iter_mut().enumerate() {
+                    let k = p * nr + j;
+                    if k < cout {
+                        *d = w(s, c, k);
+                    }
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,108 @@
+//! The CPU kernel seam of the model layer: everything that knows a memory layout.
+//!
+//! - [`Plan`] compiles a model's layout-free [`Graph`](super::graph::Graph) once into an
+//!   inference plan: weights pre-packed for the kernels, one fused step per layer
+//!   (convolution + bias + activation + residual in the epilogue, concatenations written in
+//!   place by their producers, up-sampling folded into the convolution's stores), and every
+//!   activation at an offset in one arena assigned at compile time. [`Session`] runs it with
+//!   a fixed set of threads and allocates nothing in steady state.
+//! - The training side (candle custom ops with their backward passes) lives in
+//!   [`super::ops`], [`super::direct`] and [`super::batchnorm`]; it shares the dispatch rule
+//!   below.
+//!
+//! **Dispatch rule.** [`Isa::active`] is the widest instruction set the CPU has (AVX-512F,
+//! then AVX2+FMA, then the portable Rust path), unless the `SEGCTL_KERNELS` environment
+//! variable names one (`avx512`, `avx2`, `portable`; asking for one the CPU lacks is an
+//! error). Kernels are generic over [`simd::Simd`] and instantiated once per instruction set.
+
+pub mod conv;
+pub mod gemm;
+pub mod plan;
+pub mod pool;
+pub mod simd;
+pub mod winograd;
+
+use std::sync::OnceLock;
+
+use anyhow::{Result, bail};
+
+pub use plan::{Plan, PlanOptions, PlanSummary, Session};
+
+/// An instruction set the kernels are compiled for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// AVX-512F (16 lanes).
+    Avx512,
+    /// AVX2 with FMA (8 lanes).
+    Avx2,
+    /// Plain Rust, any CPU.
+    Portable,
+}
+
+/// Environment variable that overrides the instruction set.
+pub const ISA_ENV: &str = "SEGCTL_KERNELS";
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        }
+    }
+
+    /// Floats per vector.
+    pub fn lanes(self) -> usize {
+        match self {
+            Isa::Avx512 => 16,
+            Isa::Avx2 | Isa::Portable => 8,
+        }
+    }
+
+    /// Whether this CPU can run it.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => std::is_x86_feature_detected!("avx512f") && Isa::Avx2.supported(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The widest instruction set this CPU has.
+    pub fn detect() -> Isa {
+        [Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.supported()).unwrap_or(Isa::Portable)
+    }
+
+    /// Parses a `SEGCTL_KERNELS` value.
+    pub fn parse(text: &str) -> Result<Isa> {
+        let isa = match text.trim().to_ascii_lowercase().as_str() {
+            "avx512" | "avx-512" | "avx512f" => Isa::Avx512,
+            "avx2" | "avx2+fma" | "fma" => Isa::Avx2,
+            "portable" | "scalar" | "generic" => Isa::Portable,
+            other => bail!("{ISA_ENV}={other}: expected avx512, avx2 or portable"),
+        };
+        if !isa.supported() {
+            bail!("{ISA_ENV}={}: this CPU does not have {}", text.trim(), isa.name());
+        }
+        Ok(isa)
+    }
+
+    /// The instruction set in use: `SEGCTL_KERNELS` if set, else [`Isa::detect`]; read once.
+    pub fn active() -> Result<Isa> {
+        static ACTIVE: OnceLock<std::result::Result<Isa, String>> = OnceLock::new();
+        ACTIVE
+            .get_or_init(|| match std::env::var(ISA_ENV) {
+                Ok(v) if !v.trim().is_empty() => Isa::parse(&v).map_err(|e| e.to_string()),
+                _ => Ok(Isa::detect()),
+            })
+            .clone()
+            .map_err(anyhow::Error::msg)
+    }
+}
+
+#[cfg(test)]
+mod tests;
