@@ -43,9 +43,11 @@ class UpConv2x2(nn.Sequential):
 
 
 class UNet(nn.Module):
-    def __init__(self, depth=4, base_width=32, num_classes=NUM_CLASSES):
+    def __init__(self, depth=4, base_width=32, num_classes=NUM_CLASSES, widths=None):
         super().__init__()
-        w = [base_width * 2**i for i in range(depth + 1)]
+        # Explicit per-level widths (bottleneck last), as segctl's `model.unet.widths`.
+        w = list(widths) if widths else [base_width * 2**i for i in range(depth + 1)]
+        depth = len(w) - 1
         self.down = nn.ModuleList(DoubleConv(3 if i == 0 else w[i - 1], w[i]) for i in range(depth))
         self.pool = nn.MaxPool2d(2)
         self.bottleneck = DoubleConv(w[depth - 1], w[depth])
@@ -107,9 +109,9 @@ class MobileNetV2Unet(nn.Module):
         return self.head(x)
 
 
-def build_model(arch, depth=4, base_width=32):
+def build_model(arch, depth=4, base_width=32, widths=None):
     if arch == "unet":
-        return UNet(depth=depth, base_width=base_width)
+        return UNet(depth=depth, base_width=base_width, widths=widths)
     if arch == "mobilenetv2_unet":
         return MobileNetV2Unet()
     raise ValueError(f"unknown arch `{arch}` (unet or mobilenetv2_unet)")

@@ -165,34 +165,43 @@ impl DirectConv {
                 let last = n * per_image - wp - 1;
                 let (ow, oh) = (w * up, h * up);
                 let out_per_image = (oh + 2) * (ow + 2);
-                for t in t_lo..t_hi {
-                    let q0 = first + t * MR;
-                    // Where each row of the tile goes (None: a border or past the end).
-                    let mut targets = [None; MR];
-                    let (mut img, mut local) = (q0 / per_image, q0 % per_image);
-                    for target in targets.iter_mut() {
-                        let q = img * per_image + local;
-                        let (py, px) = (local / wp, local % wp);
-                        if q < last && py >= 1 && py <= h && px >= 1 && px <= w {
-                            let out = if up == 1 {
-                                q
-                            } else {
-                                img * out_per_image + ((py - 1) * up + phase.sub.0 + 1) * (ow + 2) + (px - 1) * up + phase.sub.1 + 1
-                            };
-                            *target = Some((out, Some(q)));
+                // Panels outer: each weight panel is read once per item and stays in cache
+                // while the item's tiles stream past it.
+                for p in p_lo..p_hi {
+                    for t in t_lo..t_hi {
+                        let q0 = first + t * MR;
+                        // Where each row of the tile goes (None: a border or past the end).
+                        let mut targets = [None; MR];
+                        let (mut img, mut local) = (q0 / per_image, q0 % per_image);
+                        let (mut py, mut px) = (local / wp, local % wp);
+                        let mut any = false;
+                        for (r, target) in targets.iter_mut().enumerate() {
+                            if q0 + r < last && py >= 1 && py <= h && px >= 1 && px <= w {
+                                let out = if up == 1 {
+                                    q0 + r
+                                } else {
+                                    img * out_per_image + ((py - 1) * up + phase.sub.0 + 1) * (ow + 2) + (px - 1) * up + phase.sub.1 + 1
+                                };
+                                *target = Some((out, Some(q0 + r)));
+                                any = true;
+                            }
+                            local += 1;
+                            px += 1;
+                            if px == wp {
+                                px = 0;
+                                py += 1;
+                            }
+                            if local == per_image {
+                                local = 0;
+                                img += 1;
+                                py = 0;
+                                px = 0;
+                            }
                         }
-                        local += 1;
-                        if local == per_image {
-                            local = 0;
-                            img += 1;
+                        if !any {
+                            continue;
                         }
-                    }
-                    if targets.iter().all(|t| t.is_none()) {
-                        continue;
-                    }
-                    let a = input.add(q0 * cs_in);
-                    for p in p_lo..p_hi {
-                        let acc = tile::<S, MR, NV>(a, cs_in, &offsets, self.cin, weights.add(p * panel_len));
+                        let acc = tile::<S, MR, NV>(input.add(q0 * cs_in), cs_in, &offsets, self.cin, weights.add(p * panel_len));
                         out.store::<S, MR, NV>(&acc, &targets, p);
                     }
                 }
@@ -202,21 +211,20 @@ impl DirectConv {
                 let per_image = self.input.positions();
                 let (ow, oh) = (self.output.w, self.output.h);
                 let out_per_image = self.output.positions();
-                for t in t_lo..t_hi {
-                    let (row, col) = (t / per_row, t % per_row);
-                    let (img, oy) = (row / oh, row % oh);
-                    let ox0 = col * MR;
-                    let mut targets = [None; MR];
-                    for (r, target) in targets.iter_mut().enumerate() {
-                        if ox0 + r < ow {
-                            *target = Some((img * out_per_image + (oy + 1) * (ow + 2) + ox0 + r + 1, None));
+                for p in p_lo..p_hi {
+                    for t in t_lo..t_hi {
+                        let (row, col) = (t / per_row, t % per_row);
+                        let (img, oy) = (row / oh, row % oh);
+                        let ox0 = col * MR;
+                        let mut targets = [None; MR];
+                        for (r, target) in targets.iter_mut().enumerate() {
+                            if ox0 + r < ow {
+                                *target = Some((img * out_per_image + (oy + 1) * (ow + 2) + ox0 + r + 1, None));
+                            }
                         }
-                    }
-                    // Padded coordinates of the top-left tap of the first pixel.
-                    let q = img * per_image + (oy * stride + 1 - pad) * wp + ox0 * stride + 1 - pad;
-                    let a = input.add(q * cs_in);
-                    for p in p_lo..p_hi {
-                        let acc = tile::<S, MR, NV>(a, stride * cs_in, &offsets, self.cin, weights.add(p * panel_len));
+                        // Padded coordinates of the top-left tap of the first pixel.
+                        let q = img * per_image + (oy * stride + 1 - pad) * wp + ox0 * stride + 1 - pad;
+                        let acc = tile::<S, MR, NV>(input.add(q * cs_in), stride * cs_in, &offsets, self.cin, weights.add(p * panel_len));
                         out.store::<S, MR, NV>(&acc, &targets, p);
                     }
                 }

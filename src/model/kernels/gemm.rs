@@ -41,6 +41,19 @@ pub unsafe fn tile<S: Simd, const MR: usize, const NV: usize>(
     b: *const f32,
 ) -> [[S::V; NV]; MR] {
     debug_assert!(MR % 3 == 0 && MR <= 24 && NV <= 2);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::{Isa, asm};
+        // SAFETY (all four): `S::ISA` says the CPU has the instructions; the tile types are
+        // the same `[[vector; NV]; MR]` arrays.
+        match (S::ISA, MR, NV) {
+            (Isa::Avx512, 12, 2) => return std::mem::transmute_copy(&asm::tile_avx512_12x2(a, lda, offsets, kc, b)),
+            (Isa::Avx512, 24, 1) => return std::mem::transmute_copy(&asm::tile_avx512_24x1(a, lda, offsets, kc, b)),
+            (Isa::Avx2, 6, 2) => return std::mem::transmute_copy(&asm::tile_avx2_6x2(a, lda, offsets, kc, b)),
+            (Isa::Avx2, 12, 1) => return std::mem::transmute_copy(&asm::tile_avx2_12x1(a, lda, offsets, kc, b)),
+            _ => {}
+        }
+    }
     // The accumulators are separate locals (not an array, which the compiler keeps in memory
     // and stores to on every step), the rows unrolled with constant indices.
     macro_rules! kernel {

@@ -15,6 +15,8 @@
 //! variable names one (`avx512`, `avx2`, `portable`; asking for one the CPU lacks is an
 //! error). Kernels are generic over [`simd::Simd`] and instantiated once per instruction set.
 
+#[cfg(target_arch = "x86_64")]
+pub mod asm;
 pub mod conv;
 pub mod gemm;
 pub mod plan;

@@ -21,6 +21,8 @@ static AVX2_MASKS: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0
 pub unsafe trait Simd: Copy + Send + Sync + 'static {
     /// Floats per vector.
     const LANES: usize;
+    /// Which hand-written tiles of [`super::asm`] apply.
+    const ISA: super::Isa;
     type V: Copy;
 
     unsafe fn zero() -> Self::V;
@@ -68,6 +70,7 @@ pub struct Avx512;
 #[cfg(target_arch = "x86_64")]
 unsafe impl Simd for Avx512 {
     const LANES: usize = 16;
+    const ISA: super::Isa = super::Isa::Avx512;
     type V = std::arch::x86_64::__m512;
 
     #[inline(always)]
@@ -140,6 +143,7 @@ impl Avx2 {
 #[cfg(target_arch = "x86_64")]
 unsafe impl Simd for Avx2 {
     const LANES: usize = 8;
+    const ISA: super::Isa = super::Isa::Avx2;
     type V = std::arch::x86_64::__m256;
 
     #[inline(always)]
@@ -209,6 +213,7 @@ pub struct Portable;
 
 unsafe impl Simd for Portable {
     const LANES: usize = 8;
+    const ISA: super::Isa = super::Isa::Portable;
     type V = [f32; 8];
 
     #[inline(always)]
