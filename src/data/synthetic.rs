@@ -22,6 +22,8 @@ const GENERATOR_VERSION: u32 = 5;
 const BORDER_HALF_WIDTH: f32 = 0.05;
 /// Marker file written into a generated dataset root.
 pub const MARKER_FILE: &str = ".segctl-synthetic.json";
+/// Name prefix of the staging folder a dataset is generated in.
+const STAGING_PREFIX: &str = ".segctl-synthetic-";
 
 #[derive(Clone, Copy)]
 enum ShapeFamily {
@@ -94,6 +96,13 @@ pub fn generate(options: &SyntheticOptions) -> Result<SyntheticReport> {
         bail!("--synthetic needs at least 1 sample");
     }
     let layout = DatasetLayout::new(&options.root);
+    // One `fetch-data` per root at a time; then what a killed one left can go.
+    crate::util::fs::create_dir_all(&options.root)?;
+    let lock_path = options.root.join(super::fetch::LOCK_FILE);
+    let _lock = crate::util::fs::FileLock::try_acquire(&lock_path)?.with_context(|| {
+        format!("another `segctl fetch-data` is working on `{}` (it holds `{}`); wait for it to finish", options.root.display(), lock_path.display())
+    })?;
+    crate::util::fs::remove_leftovers(&options.root, STAGING_PREFIX)?;
     let marker = Marker { generator_version: GENERATOR_VERSION, samples: options.samples, seed: options.seed };
     let marker_path = options.root.join(MARKER_FILE);
     let rows: Vec<_> = (0..options.samples).map(sample_row).collect();
@@ -124,9 +133,8 @@ pub fn generate(options: &SyntheticOptions) -> Result<SyntheticReport> {
         );
     }
 
-    crate::util::fs::create_dir_all(&options.root)?;
     let staging = tempfile::Builder::new()
-        .prefix(".segctl-synthetic-")
+        .prefix(STAGING_PREFIX)
         .tempdir_in(&options.root)
         .with_context(|| format!("failed to create a staging folder in `{}`", options.root.display()))?;
     let stage = DatasetLayout::new(staging.path());
