@@ -245,6 +245,19 @@ fn is_complete(root: &Path, files: &BTreeMap<String, TreeEntry>) -> bool {
     files.iter().all(|(key, entry)| TreeEntry::of(&root.join(key)).is_ok_and(|e| e == *entry))
 }
 
+/// Whether the state records a complete extraction of `expected` whose files are all there.
+fn is_done(root: &Path, state: &FetchState, expected: &BTreeMap<String, String>) -> bool {
+    if !state.complete || state.archives != *expected {
+        return false;
+    }
+    if state.files.is_empty() {
+        // A state file of an older segctl, which recorded only the archives.
+        let layout = super::DatasetLayout::new(root);
+        return layout.images_dir().is_dir() && layout.trimaps_dir().is_dir();
+    }
+    is_complete(root, &state.files)
+}
+
 fn read_state(path: &Path) -> Option<FetchState> {
     let bytes = std::fs::read(path).ok()?;
     match serde_json::from_slice(&bytes) {
@@ -331,6 +344,21 @@ pub fn fetch(options: &FetchOptions) -> Result<FetchReport> {
         None => ARCHIVES.iter().map(|a| (a.name.to_string(), a.md5.to_string())).collect(),
     };
     let root = &options.root;
+    let state_path = root.join(STATE_FILE);
+    let done = FetchReport {
+        root: root.clone(),
+        already_complete: true,
+        archives: Vec::new(),
+        extracted_files: 0,
+        extracted_bytes: 0,
+        trash: None,
+        moved_to_trash: Vec::new(),
+    };
+    // Checked before taking the lock (a complete dataset on a read-only root is fine; the
+    // state says complete only once the folders are in place) and again once holding it.
+    if read_state(&state_path).is_some_and(|s| is_done(root, &s, &expected)) {
+        return Ok(done);
+    }
     crate::util::fs::create_dir_all(root)?;
     let lock_path = root.join(LOCK_FILE);
     let _lock = FileLock::try_acquire(&lock_path)?.with_context(|| {
@@ -341,31 +369,13 @@ pub fn fetch(options: &FetchOptions) -> Result<FetchReport> {
     crate::util::fs::remove_leftovers(root, crate::util::fs::TEMP_PREFIX)?;
     crate::util::fs::remove_leftovers(&root.join(DOWNLOAD_DIR), crate::util::fs::TEMP_PREFIX)?;
 
-    let state_path = root.join(STATE_FILE);
     let state = read_state(&state_path);
+    if state.as_ref().is_some_and(|s| is_done(root, s, &expected)) {
+        return Ok(done);
+    }
     let tops: Vec<&str> = ARCHIVES.iter().map(|a| a.top_dir).collect();
     let present: Vec<&str> = tops.iter().copied().filter(|top| std::fs::symlink_metadata(root.join(top)).is_ok()).collect();
     let same_archives = state.as_ref().is_some_and(|s| s.archives == expected);
-    if let Some(s) = state.as_ref().filter(|s| s.complete && same_archives) {
-        let complete = if s.files.is_empty() {
-            // A state file of an older segctl, which recorded only the archives.
-            let layout = super::DatasetLayout::new(root);
-            layout.images_dir().is_dir() && layout.trimaps_dir().is_dir()
-        } else {
-            is_complete(root, &s.files)
-        };
-        if complete {
-            return Ok(FetchReport {
-                root: root.clone(),
-                already_complete: true,
-                archives: Vec::new(),
-                extracted_files: 0,
-                extracted_bytes: 0,
-                trash: None,
-                moved_to_trash: Vec::new(),
-            });
-        }
-    }
     let synthetic = root.join(super::synthetic::MARKER_FILE);
     let is_synthetic = synthetic.exists() && !present.is_empty();
     if synthetic.exists() && present.is_empty() {

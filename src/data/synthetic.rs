@@ -96,13 +96,6 @@ pub fn generate(options: &SyntheticOptions) -> Result<SyntheticReport> {
         bail!("--synthetic needs at least 1 sample");
     }
     let layout = DatasetLayout::new(&options.root);
-    // One `fetch-data` per root at a time; then what a killed one left can go.
-    crate::util::fs::create_dir_all(&options.root)?;
-    let lock_path = options.root.join(super::fetch::LOCK_FILE);
-    let _lock = crate::util::fs::FileLock::try_acquire(&lock_path)?.with_context(|| {
-        format!("another `segctl fetch-data` is working on `{}` (it holds `{}`); wait for it to finish", options.root.display(), lock_path.display())
-    })?;
-    crate::util::fs::remove_leftovers(&options.root, STAGING_PREFIX)?;
     let marker = Marker { generator_version: GENERATOR_VERSION, samples: options.samples, seed: options.seed };
     let marker_path = options.root.join(MARKER_FILE);
     let rows: Vec<_> = (0..options.samples).map(sample_row).collect();
@@ -115,13 +108,17 @@ pub fn generate(options: &SyntheticOptions) -> Result<SyntheticReport> {
         seed: options.seed,
         already_present: false,
     };
-    if layout.images_dir().exists() || layout.annotations_dir().exists() {
+    // Checked before taking the lock (a complete dataset on a read-only root is fine) and again
+    // once holding it (another run may have just written one).
+    let present = || -> Result<bool> {
+        if !layout.images_dir().exists() && !layout.annotations_dir().exists() {
+            return Ok(false);
+        }
         let existing: Option<Marker> = std::fs::read(&marker_path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         if existing.as_ref() == Some(&marker) {
-            report.already_present = true;
-            return Ok(report);
+            return Ok(true);
         }
         bail!(
             "`{}` already holds a dataset{}; remove it or choose another --root",
@@ -131,7 +128,22 @@ pub fn generate(options: &SyntheticOptions) -> Result<SyntheticReport> {
                 None => String::new(),
             }
         );
+    };
+    if present()? {
+        report.already_present = true;
+        return Ok(report);
     }
+    // One `fetch-data` per root at a time; then what a killed one left can go.
+    crate::util::fs::create_dir_all(&options.root)?;
+    let lock_path = options.root.join(super::fetch::LOCK_FILE);
+    let _lock = crate::util::fs::FileLock::try_acquire(&lock_path)?.with_context(|| {
+        format!("another `segctl fetch-data` is working on `{}` (it holds `{}`); wait for it to finish", options.root.display(), lock_path.display())
+    })?;
+    if present()? {
+        report.already_present = true;
+        return Ok(report);
+    }
+    crate::util::fs::remove_leftovers(&options.root, STAGING_PREFIX)?;
 
     let staging = tempfile::Builder::new()
         .prefix(STAGING_PREFIX)
