@@ -89,7 +89,7 @@ fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect())
 }
 
-/// Writes a checkpoint atomically (temporary file, fsync, rename).
+/// Writes a checkpoint atomically and durably (temporary file, fsync, rename, fsync of the folder).
 pub fn save(
     path: &Path,
     meta: &CheckpointMeta,
@@ -113,28 +113,53 @@ pub fn save(
         .context("failed to lay out checkpoint tensors")?;
     let metadata = HashMap::from([(METADATA_KEY.to_string(), serde_json::to_string(meta)?)]);
     let bytes = safetensors::tensor::serialize(views, Some(metadata)).context("failed to serialize checkpoint")?;
-    crate::util::fs::write_atomic(path, &bytes)
+    crate::util::fs::write_durable(path, &bytes)
 }
 
-/// Reads only the metadata of a checkpoint.
+/// Largest safetensors header read (the safetensors crate's own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Reads only the metadata of a checkpoint: the safetensors header, not the tensors.
 pub fn read_meta(path: &Path) -> Result<CheckpointMeta> {
-    let bytes = crate::util::fs::read(path)?;
-    meta_from_bytes(&bytes, path)
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).with_context(|| format!("failed to open `{}`", path.display()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| anyhow::anyhow!("`{}` is not a safetensors file: {e}", path.display()))?;
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HEADER_BYTES {
+        bail!("`{}` is not a safetensors file: its header claims {len} bytes", path.display());
+    }
+    let mut header = Vec::with_capacity(len as usize);
+    file.take(len).read_to_end(&mut header).with_context(|| format!("failed to read `{}`", path.display()))?;
+    if header.len() as u64 != len {
+        bail!("`{}` is not a safetensors file: its header is cut short", path.display());
+    }
+    #[derive(Deserialize)]
+    struct Header {
+        #[serde(rename = "__metadata__", default)]
+        metadata: HashMap<String, String>,
+    }
+    let header: Header = serde_json::from_slice(&header)
+        .map_err(|e| anyhow::anyhow!("`{}` is not a safetensors file: {e}", path.display()))?;
+    meta_from_json(header.metadata.get(METADATA_KEY).map(String::as_str), path)
 }
 
 fn meta_from_bytes(bytes: &[u8], path: &Path) -> Result<CheckpointMeta> {
     let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| anyhow::anyhow!("`{}` is not a safetensors file: {e}", path.display()))?;
-    let json = metadata
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(METADATA_KEY))
-        .with_context(|| format!("`{}` is not a segctl checkpoint (no `{METADATA_KEY}` metadata)", path.display()))?;
+    meta_from_json(metadata.metadata().as_ref().and_then(|m| m.get(METADATA_KEY)).map(String::as_str), path)
+}
+
+/// Parses and checks the segctl metadata: format version, and the model spec against the
+/// config's limits before anything is built from it.
+fn meta_from_json(json: Option<&str>, path: &Path) -> Result<CheckpointMeta> {
+    let json = json.with_context(|| format!("`{}` is not a segctl checkpoint (no `{METADATA_KEY}` metadata)", path.display()))?;
     let meta: CheckpointMeta = serde_json::from_str(json)
         .with_context(|| format!("`{}` has unreadable checkpoint metadata", path.display()))?;
     if meta.format_version != FORMAT_VERSION {
         bail!("`{}` has checkpoint format {}, this segctl reads {FORMAT_VERSION}", path.display(), meta.format_version);
     }
+    meta.spec.check().with_context(|| format!("`{}` holds an invalid model spec", path.display()))?;
     Ok(meta)
 }
 
@@ -219,19 +244,60 @@ impl RunLayout {
         Ok(())
     }
 
-    /// The checkpoint furthest along (highest step) — what `--resume` continues from.
-    pub fn latest(&self) -> Result<PathBuf> {
-        let mut best: Option<(u64, usize, PathBuf)> = None;
-        let candidates = self.epoch_checkpoints().into_iter().map(|(_, p)| p).chain([self.interrupted(), self.best()]);
-        for path in candidates.filter(|p| p.is_file()) {
-            let meta = read_meta(&path)?;
-            let key = (meta.progress.step, meta.progress.batch_in_epoch);
-            if best.as_ref().is_none_or(|(s, b, _)| key > (*s, *b)) {
-                best = Some((key.0, key.1, path));
+    /// The run's checkpoints whose metadata reads, furthest along (highest step) first, and
+    /// those that could not be read, with why.
+    pub fn candidates(&self) -> (Vec<(PathBuf, CheckpointMeta)>, Vec<SkippedCheckpoint>) {
+        let mut readable = Vec::new();
+        let mut skipped = Vec::new();
+        let paths = self.epoch_checkpoints().into_iter().map(|(_, p)| p).chain([self.interrupted(), self.best()]);
+        for path in paths.filter(|p| p.is_file()) {
+            match read_meta(&path) {
+                Ok(meta) => readable.push((path, meta)),
+                Err(e) => skipped.push(SkippedCheckpoint { path, reason: format!("{e:#}") }),
             }
         }
-        best.map(|(_, _, p)| p).with_context(|| format!("`{}` holds no checkpoint to resume from", self.root.display()))
+        // Stable: among equals, periodic checkpoints come before `interrupted` and `best`.
+        readable.sort_by_key(|(_, m)| std::cmp::Reverse((m.progress.step, m.progress.batch_in_epoch)));
+        (readable, skipped)
     }
+
+    /// The checkpoint furthest along whose metadata reads (unreadable ones are skipped with a
+    /// warning).
+    pub fn latest(&self) -> Result<PathBuf> {
+        let (readable, skipped) = self.candidates();
+        for s in &skipped {
+            log::warn!("skipping checkpoint `{}`: {}", s.path.display(), s.reason);
+        }
+        readable
+            .into_iter()
+            .next()
+            .map(|(p, _)| p)
+            .with_context(|| format!("`{}` holds no readable checkpoint{}", self.root.display(), describe_skipped(&skipped)))
+    }
+
+    /// Loads the checkpoint furthest along that loads completely — what `--resume` continues
+    /// from — and says which newer or unreadable ones were skipped, and why.
+    pub fn load_latest(&self, device: &Device) -> Result<(Checkpoint, Vec<SkippedCheckpoint>)> {
+        let (readable, mut skipped) = self.candidates();
+        for (path, _) in readable {
+            match load(&path, device) {
+                Ok(checkpoint) => return Ok((checkpoint, skipped)),
+                Err(e) => skipped.push(SkippedCheckpoint { path, reason: format!("{e:#}") }),
+            }
+        }
+        bail!("`{}` holds no checkpoint to resume from{}", self.root.display(), describe_skipped(&skipped))
+    }
+}
+
+/// A checkpoint `--resume` passed over.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SkippedCheckpoint {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+fn describe_skipped(skipped: &[SkippedCheckpoint]) -> String {
+    skipped.iter().map(|s| format!("; skipped `{}`: {}", s.path.display(), s.reason)).collect()
 }
 
 /// Resolves a `--checkpoint PATH`: a checkpoint file, a run folder (its best checkpoint, or
@@ -340,5 +406,53 @@ mod tests {
         assert_eq!(resolve(&run.epoch_checkpoint(3)).unwrap(), run.epoch_checkpoint(3));
         assert_eq!(run_of(&run.best()).unwrap(), run.root);
         assert!(resolve(&dir.path().join("nope")).is_err());
+    }
+
+    #[test]
+    fn resume_skips_unloadable_checkpoints_and_says_why() {
+        let mut config = Config::default();
+        config.model.unet.depth = 1;
+        config.model.unet.base_width = 2;
+        config.data.image_size = 32;
+        let spec = ModelSpec::from_config(&config);
+        let state = ModelState::new(&spec, &Device::Cpu, 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunLayout::new(dir.path().join("run"));
+        let (model, empty) = (state.named_tensors(), HashMap::new());
+        for epoch in 1..=3 {
+            save(&run.epoch_checkpoint(epoch), &meta(spec.clone(), epoch as u64), &model, &empty, &empty).unwrap();
+        }
+        // Epoch 3: tensors cut short (header intact). Epoch 2: garbage.
+        let bytes = std::fs::read(run.epoch_checkpoint(3)).unwrap();
+        std::fs::write(run.epoch_checkpoint(3), &bytes[..bytes.len() - 100]).unwrap();
+        std::fs::write(run.epoch_checkpoint(2), b"not a checkpoint").unwrap();
+        let (loaded, skipped) = run.load_latest(&Device::Cpu).unwrap();
+        assert_eq!(loaded.path, run.epoch_checkpoint(1));
+        let paths: Vec<_> = skipped.iter().map(|s| s.path.clone()).collect();
+        assert_eq!(paths, vec![run.epoch_checkpoint(2), run.epoch_checkpoint(3)]);
+        assert!(skipped.iter().all(|s| s.reason.contains("safetensors")), "{skipped:?}");
+        std::fs::write(run.epoch_checkpoint(1), b"").unwrap();
+        let err = format!("{:#}", run.load_latest(&Device::Cpu).err().unwrap());
+        assert!(err.contains("no checkpoint to resume from") && err.contains("epoch-0001"), "{err}");
+    }
+
+    #[test]
+    fn a_checkpoint_spec_is_bounded_before_use() {
+        let mut config = Config::default();
+        config.model.unet.depth = 1;
+        config.model.unet.base_width = 2;
+        let mut spec = ModelSpec::from_config(&config);
+        spec.input_size = 1_000_000;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        let empty = HashMap::new();
+        save(&path, &meta(spec.clone(), 1), &empty, &empty, &empty).unwrap();
+        let err = format!("{:#}", read_meta(&path).unwrap_err());
+        assert!(err.contains("input_size") && err.contains("1000000"), "{err}");
+        assert!(format!("{:#}", load(&path, &Device::Cpu).err().unwrap()).contains("input_size"));
+        spec.input_size = 128;
+        spec.unet.as_mut().unwrap().depth = 0;
+        save(&path, &meta(spec, 1), &empty, &empty, &empty).unwrap();
+        assert!(format!("{:#}", read_meta(&path).unwrap_err()).contains("unet.depth"));
     }
 }

@@ -10,6 +10,14 @@ use serde::{Deserialize, Serialize};
 /// The class names, in class-id order (trimap value − 1).
 pub const CLASS_NAMES: [&str; 3] = ["pet", "background", "border"];
 
+/// Largest square input side (`data.image_size`, a model spec's `input_size`).
+pub const MAX_IMAGE_SIZE: usize = 4096;
+/// Most channels of any UNet level (`model.unet.base_width` doubled per level, or
+/// `model.unet.widths`).
+pub const MAX_UNET_WIDTH: usize = 2048;
+/// Range of UNet down-samplings (`model.unet.depth`).
+pub const UNET_DEPTHS: std::ops::RangeInclusive<usize> = 1..=6;
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -82,6 +90,10 @@ pub struct FetchConfig {
     pub timeout_s: u64,
     /// Cap on the total bytes extracted from the archives (decompression bombs).
     pub max_extract_bytes: u64,
+    /// Cap on the members (files, folders, links) of the two archives together.
+    pub max_members: u64,
+    /// Cap on the size of any single archive member.
+    pub max_member_bytes: u64,
 }
 
 impl Default for FetchConfig {
@@ -93,6 +105,8 @@ impl Default for FetchConfig {
             retry_backoff_ms: 1000,
             timeout_s: 60,
             max_extract_bytes: 4 << 30,
+            max_members: 100_000,
+            max_member_bytes: 64 << 20,
         }
     }
 }
@@ -543,30 +557,17 @@ impl Config {
     /// Checks values that types alone cannot; the message names the key.
     pub fn validate(&self) -> Result<()> {
         let d = &self.data;
-        ensure_key(d.image_size >= 32 && d.image_size % 32 == 0, "data.image_size", || {
-            format!("must be a positive multiple of 32, got {}", d.image_size)
-        })?;
+        check_image_size(d.image_size).map_err(|m| anyhow::anyhow!("key `data.image_size`: {m}"))?;
         ensure_key((0.0..1.0).contains(&d.val_fraction), "data.val_fraction", || {
             format!("must be in [0, 1), got {}", d.val_fraction)
         })?;
         ensure_key(d.prefetch_batches >= 1, "data.prefetch_batches", || "must be at least 1".into())?;
         ensure_key(d.fetch.retries >= 1, "data.fetch.retries", || "must be at least 1".into())?;
         ensure_key(d.fetch.timeout_s >= 1, "data.fetch.timeout_s", || "must be at least 1".into())?;
-        let u = &self.model.unet;
-        ensure_key((1..=6).contains(&u.depth), "model.unet.depth", || {
-            format!("must be between 1 and 6, got {}", u.depth)
-        })?;
-        if let Some(w) = &u.widths {
-            ensure_key((2..=7).contains(&w.len()) && w.iter().all(|c| *c >= 1), "model.unet.widths", || {
-                format!("must list 2 to 7 positive channel counts (levels, then the bottleneck), got {w:?}")
-            })?;
-        }
-        ensure_key(
-            self.model.arch != Arch::Unet || d.image_size % (1 << u.levels()) == 0,
-            "model.unet.depth",
-            || format!("2^levels must divide data.image_size ({})", d.image_size),
-        )?;
-        ensure_key(u.base_width >= 1, "model.unet.base_width", || "must be at least 1".into())?;
+        ensure_key(d.fetch.max_members >= 1, "data.fetch.max_members", || "must be at least 1".into())?;
+        ensure_key(d.fetch.max_member_bytes >= 1, "data.fetch.max_member_bytes", || "must be at least 1".into())?;
+        let input = (self.model.arch == Arch::Unet).then_some(d.image_size);
+        check_unet(&self.model.unet, input).map_err(|(field, m)| anyhow::anyhow!("key `model.unet.{field}`: {m}"))?;
         let t = &self.train;
         ensure_key(t.epochs >= 1, "train.epochs", || "must be at least 1".into())?;
         ensure_key(t.batch_size >= 1, "train.batch_size", || "must be at least 1".into())?;
@@ -622,6 +623,53 @@ impl Config {
 
 fn ensure_key(ok: bool, key: &str, message: impl FnOnce() -> String) -> Result<()> {
     if ok { Ok(()) } else { bail!("key `{key}`: {}", message()) }
+}
+
+/// The limits on a square input side, shared by `data.image_size` and the `input_size` of
+/// model specs read from checkpoints and `model.yaml`.
+pub fn check_image_size(size: usize) -> std::result::Result<(), String> {
+    if size < 32 || !size.is_multiple_of(32) || size > MAX_IMAGE_SIZE {
+        return Err(format!("must be a positive multiple of 32 up to {MAX_IMAGE_SIZE}, got {size}"));
+    }
+    Ok(())
+}
+
+/// The limits on UNet settings, shared by `model.unet` and the `unet` of model specs read from
+/// checkpoints and `model.yaml`. With `image_size`, 2^levels must divide it. The error names
+/// the field inside the section (`depth`, `base_width`, `widths`).
+pub fn check_unet(unet: &UnetConfig, image_size: Option<usize>) -> std::result::Result<(), (&'static str, String)> {
+    if !UNET_DEPTHS.contains(&unet.depth) {
+        return Err(("depth", format!("must be between {} and {}, got {}", UNET_DEPTHS.start(), UNET_DEPTHS.end(), unet.depth)));
+    }
+    match &unet.widths {
+        Some(w) => {
+            let levels = UNET_DEPTHS.start() + 1..=UNET_DEPTHS.end() + 1;
+            if !levels.contains(&w.len()) || w.iter().any(|c| !(1..=MAX_UNET_WIDTH).contains(c)) {
+                return Err((
+                    "widths",
+                    format!(
+                        "must list {} to {} channel counts from 1 to {MAX_UNET_WIDTH} (levels, then the bottleneck), got {w:?}",
+                        levels.start(),
+                        levels.end()
+                    ),
+                ));
+            }
+        }
+        None => {
+            if unet.base_width < 1 || unet.base_width.checked_mul(1 << unet.depth).is_none_or(|w| w > MAX_UNET_WIDTH) {
+                return Err((
+                    "base_width",
+                    format!("must be at least 1, and doubled per level stay within {MAX_UNET_WIDTH} channels, got {} at depth {}", unet.base_width, unet.depth),
+                ));
+            }
+        }
+    }
+    if let Some(size) = image_size
+        && !size.is_multiple_of(1 << unet.levels())
+    {
+        return Err(("depth", format!("2^levels must divide the input size ({size})")));
+    }
+    Ok(())
 }
 
 /// A model name usable as a folder name and a URL segment.
@@ -701,6 +749,21 @@ mod tests {
         assert!(err.contains("data.image_size"), "{err}");
         let err = format!("{:#}", load_str("train:\n  device: gpu\n", &[]).unwrap_err());
         assert!(err.contains("train.device"), "{err}");
+    }
+
+    #[test]
+    fn sizes_are_bounded() {
+        for (yaml, key) in [
+            ("data:\n  image_size: 8192\n", "data.image_size"),
+            ("model:\n  unet:\n    base_width: 1024\n", "model.unet.base_width"),
+            ("model:\n  unet:\n    depth: 0\n", "model.unet.depth"),
+            ("model:\n  unet:\n    widths: [8, 100000]\n", "model.unet.widths"),
+            ("data:\n  fetch:\n    max_members: 0\n", "data.fetch.max_members"),
+        ] {
+            let err = format!("{:#}", load_str(yaml, &[]).unwrap_err());
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+        assert!(load_str("data:\n  image_size: 4096\nmodel:\n  unet:\n    base_width: 128\n", &[]).is_ok());
     }
 
     #[test]

@@ -2,11 +2,10 @@
 //! checkpoints (a file, a run folder, its `checkpoints/` folder) and exported model versions
 //! (`<repository>/<name>/<version>/model.safetensors` + `model.yaml`, the serving format).
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
@@ -71,13 +70,30 @@ pub fn list_versions(model_dir: &Path) -> Vec<u64> {
 pub fn read_manifest(version_dir: &Path) -> Result<ModelManifest> {
     let path = version_dir.join(MANIFEST_FILE);
     let text = crate::util::fs::read_to_string(&path)?;
-    serde_yaml::from_str(&text).with_context(|| format!("`{}` is not a valid model manifest", path.display()))
+    let manifest: ModelManifest =
+        serde_yaml::from_str(&text).with_context(|| format!("`{}` is not a valid model manifest", path.display()))?;
+    manifest.model.check().with_context(|| format!("`{}` holds an invalid model spec", path.display()))?;
+    Ok(manifest)
+}
+
+/// Checks that the weights file is the one its manifest names (streamed SHA-256).
+pub fn verify_weights(weights: &Path, manifest: &ModelManifest) -> Result<()> {
+    let actual = crate::util::sha256_file(weights)?;
+    if !actual.eq_ignore_ascii_case(&manifest.weights_sha256) {
+        bail!(
+            "`{}` does not match its {MANIFEST_FILE}: weights_sha256 is {} but the file's SHA-256 is {actual}; the version is damaged, export it again",
+            weights.display(),
+            manifest.weights_sha256
+        );
+    }
+    Ok(())
 }
 
 /// Loads an exported version folder.
 pub fn load_exported(version_dir: &Path, device: &Device) -> Result<LoadedModel> {
     let manifest = read_manifest(version_dir)?;
     let weights = version_dir.join(WEIGHTS_FILE);
+    verify_weights(&weights, &manifest)?;
     let tensors = candle_core::safetensors::load(&weights, device)
         .with_context(|| format!("failed to read `{}`", weights.display()))?;
     let state = ModelState::from_tensors(&manifest.model, &tensors, device)
@@ -115,26 +131,4 @@ pub fn load_any(path: &Path, device: &Device) -> Result<LoadedModel> {
         bail!("`{}` is not a model version folder, a model folder, a checkpoint or a run folder", path.display());
     }
     load_checkpoint(path, device)
-}
-
-/// Writes an exported version folder from tensors (never over an existing version).
-pub fn write_exported(version_dir: &Path, manifest: &ModelManifest, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let staging = version_dir.with_extension("partial");
-    crate::util::fs::remove_dir_all_if_exists(&staging)?;
-    crate::util::fs::create_dir_all(&staging)?;
-    let sorted: BTreeMap<&String, &Tensor> = tensors.iter().collect();
-    let weights = staging.join(WEIGHTS_FILE);
-    candle_core::safetensors::save(&sorted.into_iter().map(|(k, v)| (k.clone(), v.clone())).collect(), &weights)
-        .with_context(|| format!("failed to write `{}`", weights.display()))?;
-    let mut manifest = manifest.clone();
-    manifest.weights_sha256 = crate::util::sha256_file(&weights)?;
-    let yaml = serde_yaml::to_string(&manifest)?;
-    crate::util::fs::write_atomic(&staging.join(MANIFEST_FILE), yaml.as_bytes())?;
-    // The version appears all at once: a server polling the repository never sees half of it.
-    if version_dir.exists() {
-        bail!("version folder `{}` already exists; versions are never overwritten", version_dir.display());
-    }
-    std::fs::rename(&staging, version_dir)
-        .with_context(|| format!("failed to move `{}` into place", version_dir.display()))?;
-    Ok(())
 }

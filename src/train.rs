@@ -70,6 +70,8 @@ pub struct TrainReport {
     pub interrupted: bool,
     pub stopped_early: bool,
     pub resumed_from: Option<PathBuf>,
+    /// Checkpoints of the run `--resume` passed over (newer but unloadable), with why.
+    pub skipped_checkpoints: Vec<checkpoint::SkippedCheckpoint>,
     pub best_checkpoint: Option<PathBuf>,
     pub elapsed_s: f64,
 }
@@ -142,17 +144,19 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
     let device = &options.device;
     let t = &config.train;
 
-    // Where we start from.
+    // Where we start from: a named file, or the newest checkpoint of a run that loads.
+    let mut skipped_checkpoints = Vec::new();
     let resumed = match &options.resume {
-        Some(path) => {
-            let file = if path.is_dir() {
-                let run = if path.join("checkpoints").is_dir() { RunLayout::new(path) } else { RunLayout::new(path.parent().unwrap_or(path)) };
-                run.latest()?
-            } else {
-                path.clone()
-            };
-            Some(checkpoint::load(&file, device)?)
+        Some(path) if path.is_dir() => {
+            let run = if path.join("checkpoints").is_dir() { RunLayout::new(path) } else { RunLayout::new(path.parent().unwrap_or(path)) };
+            let (checkpoint, skipped) = run.load_latest(device)?;
+            for s in &skipped {
+                log::warn!("skipped checkpoint `{}`: {}", s.path.display(), s.reason);
+            }
+            skipped_checkpoints = skipped;
+            Some(checkpoint)
         }
+        Some(path) => Some(checkpoint::load(path, device)?),
         None => None,
     };
     let run = match &resumed {
@@ -161,6 +165,10 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
         })?),
         None => new_run_dir(config)?,
     };
+    // Temporary files of checkpoints and logs a killed run was writing.
+    for dir in [run.root.clone(), run.checkpoints_dir()] {
+        crate::util::fs::remove_leftovers(&dir, crate::util::fs::TEMP_PREFIX)?;
+    }
     let spec = match &resumed {
         Some(c) => {
             let wanted = ModelSpec::from_config(config);
@@ -457,6 +465,7 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
         interrupted,
         stopped_early,
         resumed_from: resumed.as_ref().map(|c| c.path.clone()),
+        skipped_checkpoints,
         best_checkpoint: run.best().is_file().then(|| run.best()),
         elapsed_s: start.elapsed().as_secs_f64(),
     };

@@ -245,3 +245,35 @@ fn pretrained_encoder_weights_come_through_hf_hub() {
     let out = train("local", fixture.to_str().unwrap(), true);
     assert!(out.status.success());
 }
+
+#[test]
+fn resume_skips_a_truncated_newest_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("pets");
+    synthetic_dataset(&root, 24, 1);
+    let config = tiny_config(dir.path(), &root, 2);
+    assert!(run(segctl().args(["train", "--config"]).arg(&config)).status.success());
+    let checkpoints = dir.path().join("runs/tiny/checkpoints");
+    // The newest checkpoints cut short, as a full disk or a copy interrupted would leave them
+    // (`best` may be the same epoch).
+    for name in ["epoch-0002.safetensors", "best.safetensors"] {
+        let bytes = std::fs::read(checkpoints.join(name)).unwrap();
+        std::fs::write(checkpoints.join(name), &bytes[..bytes.len() / 2]).unwrap();
+    }
+    std::fs::write(checkpoints.join(".tmp-Qw12Er"), b"half a checkpoint of a killed run").unwrap();
+
+    let out = run(segctl().args(["train", "--json", "--config"]).arg(&config).args(["--epochs", "3", "--resume"]));
+    assert!(out.status.success());
+    let report = json(&out);
+    assert!(report["resumed_from"].as_str().unwrap().ends_with("epoch-0001.safetensors"), "{report}");
+    let skipped = report["skipped_checkpoints"].as_array().unwrap();
+    assert!(skipped[0]["path"].as_str().unwrap().ends_with("epoch-0002.safetensors"), "{skipped:?}");
+    assert!(skipped.iter().all(|s| s["reason"].as_str().unwrap().contains("safetensors")), "{skipped:?}");
+    assert_eq!(report["epochs_completed"], 3);
+    let log = std::fs::read_to_string(dir.path().join("runs/tiny/metrics.jsonl")).unwrap();
+    let epochs: Vec<u64> = log.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["epoch"].as_u64().unwrap()).collect();
+    assert_eq!(epochs, vec![1, 2, 3], "epoch 2 redone once");
+    assert!(!checkpoints.join(".tmp-Qw12Er").exists(), "a killed run's temporary file is removed");
+    let out = run(segctl().args(["evaluate", "--config"]).arg(&config).arg("--checkpoint").arg(checkpoints.join("epoch-0003.safetensors")));
+    assert_eq!(out.status.code(), Some(0));
+}

@@ -11,6 +11,8 @@ mod validate;
 mod config;
 /// train → evaluate → export → predict, and resumption after an interruption.
 mod pipeline;
+/// `export` under concurrency and `kill -9`; damaged or unbounded versions refused on load.
+mod export;
 /// `serve` over real loopback HTTP: every endpoint, hostile input, batching, hot reload,
 /// graceful shutdown.
 mod serve;

@@ -53,6 +53,8 @@ pub enum RawMember<'a> {
     File(&'a str, &'a [u8]),
     Symlink(&'a str, &'a str),
     CharDevice(&'a str),
+    /// A regular file whose header declares this size, with no data after it.
+    Declared(&'a str, u64),
 }
 
 pub fn hostile_tar_gz(dest: &Path, members: &[RawMember]) {
@@ -61,8 +63,13 @@ pub fn hostile_tar_gz(dest: &Path, members: &[RawMember]) {
     let mut builder = tar::Builder::new(gz);
     for member in members {
         let mut header = tar::Header::new_old();
+        let mut size = None;
         let (name, data, kind): (&str, &[u8], tar::EntryType) = match member {
             RawMember::File(name, data) => (name, data, tar::EntryType::Regular),
+            RawMember::Declared(name, declared) => {
+                size = Some(*declared);
+                (name, &[], tar::EntryType::Regular)
+            }
             RawMember::Symlink(name, target) => {
                 let raw = header.as_old_mut();
                 raw.linkname[..target.len()].copy_from_slice(target.as_bytes());
@@ -74,12 +81,40 @@ pub fn hostile_tar_gz(dest: &Path, members: &[RawMember]) {
         raw.name = [0; 100];
         raw.name[..name.len()].copy_from_slice(name.as_bytes());
         header.set_entry_type(kind);
-        header.set_size(data.len() as u64);
+        header.set_size(size.unwrap_or(data.len() as u64));
         header.set_mode(0o644);
         header.set_cksum();
         builder.append(&header, data).unwrap();
     }
     builder.into_inner().unwrap().finish().unwrap();
+}
+
+/// A `.tar.gz` of `count` empty files `<top>/m/<i>` (a member-count bomb), written fast.
+pub fn many_members_tar_gz(dest: &Path, top: &str, count: usize) {
+    let file = std::fs::File::create(dest).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::fast());
+    for i in 0..count {
+        let mut header = tar::Header::new_old();
+        let name = format!("{top}/m/{i}");
+        header.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(0);
+        header.set_mode(0o644);
+        header.set_cksum();
+        gz.write_all(header.as_bytes()).unwrap();
+    }
+    gz.write_all(&[0u8; 1024]).unwrap();
+    gz.finish().unwrap().flush().unwrap();
+}
+
+/// Rewrites the md5sum file of `archives` (after an archive was replaced).
+pub fn write_sums(archives: &Path, sums: &Path) {
+    let text = format!(
+        "{}  images.tar.gz\n{}  annotations.tar.gz\n",
+        md5_hex(&archives.join("images.tar.gz")),
+        md5_hex(&archives.join("annotations.tar.gz"))
+    );
+    std::fs::write(sums, text).unwrap();
 }
 
 /// Hex MD5 of a file.
@@ -127,6 +162,8 @@ pub struct Faults {
     pub cut_after: HashMap<String, usize>,
     /// Answer this many requests with 503 first.
     pub fail_first: usize,
+    /// file name → bytes to send before stalling (until the client goes away), first request only.
+    pub stall_after: HashMap<String, usize>,
 }
 
 impl FileServer {
@@ -213,6 +250,15 @@ fn serve_one(mut stream: TcpStream, dir: &Path, seen: &Mutex<Vec<SeenRequest>>, 
         return Ok(());
     }
     let cut = faults.lock().unwrap().cut_after.remove(name);
+    let stall = faults.lock().unwrap().stall_after.remove(name);
+    if let Some(n) = stall {
+        stream.write_all(&body[..n.min(body.len())])?;
+        stream.flush()?;
+        // Hold the connection open, sending nothing, until the client closes it (or dies).
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink);
+        return Ok(());
+    }
     match cut {
         Some(n) => {
             stream.write_all(&body[..n.min(body.len())])?;

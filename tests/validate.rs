@@ -148,3 +148,55 @@ fn a_missing_root_cannot_run() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("/nonexistent/pets"));
 }
+
+/// A split row whose "stem" is a path (`/tmp/t/x 1 1 1`): with `data.cache_dir` set, the
+/// pipeline used to read `/tmp/t/x.jpg` and write `/tmp/t/x.bin`.
+#[test]
+fn a_path_like_split_row_is_reported_and_never_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("pets");
+    synthetic_dataset(&root, 16, 3);
+    let first = stems(&root)[0].clone();
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::copy(root.join(format!("images/{first}.jpg")), outside.join("x.jpg")).unwrap();
+    std::fs::copy(root.join(format!("annotations/trimaps/{first}.png")), outside.join("x.png")).unwrap();
+    // Access times far in the past: a read moves them (relatime updates an atime older than
+    // the modification time), so they tell whether anything opened the files.
+    let long_ago = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+    for name in ["x.jpg", "x.png"] {
+        let file = std::fs::OpenOptions::new().write(true).open(outside.join(name)).unwrap();
+        file.set_times(std::fs::FileTimes::new().set_accessed(long_ago)).unwrap();
+    }
+    let atime = |name: &str| std::fs::metadata(outside.join(name)).unwrap().accessed().unwrap();
+    let row = format!("{} 1 1 1", outside.join("x").display());
+    for file in ["trainval.txt", "list.txt"] {
+        let path = root.join("annotations").join(file);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str(&format!("{row}\n"));
+        std::fs::write(&path, text).unwrap();
+    }
+
+    let out = run(segctl().args(["validate", "--json", "--root"]).arg(&root));
+    assert_eq!(out.status.code(), Some(1));
+    let report = json(&out);
+    let errors = report["errors"].as_array().unwrap();
+    let malformed: Vec<_> = errors.iter().filter(|f| f["code"] == "split_row_malformed").collect();
+    assert_eq!(malformed.len(), 2, "one per split file: {errors:?}");
+    assert!(malformed.iter().all(|f| f["message"].as_str().unwrap().contains(&row)), "{malformed:?}");
+    assert_eq!(report["error_count"], 2, "the row is reported once per file, not as a sample: {errors:?}");
+
+    let config = tiny_config(dir.path(), &root, 1);
+    let cache = dir.path().join("cache");
+    let out = run(segctl().args(["train", "--json", "--config"]).arg(&config).arg("--set").arg(format!("data.cache_dir={}", cache.display())));
+    assert!(out.status.success());
+    assert_eq!(names_under(&outside), vec!["x.jpg", "x.png"], "nothing written beside the files the row names");
+    assert_eq!((atime("x.jpg"), atime("x.png")), (long_ago, long_ago), "the files the row names were never read");
+    assert!(!names_under(&cache).is_empty(), "the cache was used");
+}
+
+fn names_under(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}

@@ -29,6 +29,10 @@ pub struct FetchDataArgs {
     /// Seed of the synthetic dataset.
     #[arg(long, value_name = "S", default_value_t = 0, requires = "synthetic")]
     seed: u64,
+    /// Replace `images/` and `annotations/` even when they hold files segctl did not extract,
+    /// moving them to `<root>/.segctl-trash-<time>/` first (never deleting them).
+    #[arg(long, conflicts_with = "synthetic")]
+    force: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -69,7 +73,12 @@ pub fn exec(args: FetchDataArgs, global: &GlobalArgs) -> Result<ExitCode> {
         retries: f.retries,
         retry_backoff: Duration::from_millis(f.retry_backoff_ms),
         timeout: Duration::from_secs(f.timeout_s),
-        max_extract_bytes: f.max_extract_bytes,
+        limits: fetch::ExtractLimits {
+            max_bytes: f.max_extract_bytes,
+            max_members: f.max_members,
+            max_member_bytes: f.max_member_bytes,
+        },
+        force: args.force,
         progress,
     };
     let report = fetch::fetch(&options)?;
@@ -85,6 +94,9 @@ pub fn exec(args: FetchDataArgs, global: &GlobalArgs) -> Result<ExitCode> {
                 (n, None) => format!("downloaded {}", segctl::util::human_bytes(n)),
             };
             println!("{}: {} ({}), MD5 {} verified, from {}", a.name, segctl::util::human_bytes(a.bytes), how, a.md5, a.source);
+        }
+        if let Some(trash) = &report.trash {
+            println!("moved the old {} to {}", report.moved_to_trash.join(" and "), trash.display());
         }
         println!(
             "{}: extracted {} files ({})",

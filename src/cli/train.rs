@@ -58,6 +58,12 @@ pub fn exec(args: TrainArgs, global: &GlobalArgs) -> Result<ExitCode> {
         print_json(&report)?;
     } else {
         println!("run folder: {}", report.run_dir.display());
+        for skipped in &report.skipped_checkpoints {
+            println!("skipped checkpoint {}: {}", skipped.path.display(), skipped.reason);
+        }
+        if let Some(from) = &report.resumed_from {
+            println!("resumed from: {}", from.display());
+        }
         println!("model: {} ({} parameters) on {}", report.model, report.parameters, report.device);
         println!("epochs completed: {} ({} steps) in {:.1}s", report.epochs_completed, report.steps, report.elapsed_s);
         if let (Some(e), Some(m)) = (report.best_epoch, report.best_val_mean_iou) {

@@ -128,8 +128,21 @@ pub struct RowError {
     pub reason: String,
 }
 
-/// Parses split-file text: comment lines (`#`) and blank lines are skipped; malformed rows are
-/// returned apart so a validator can report them and a reader can skip them.
+/// Longest sample name accepted in a split file.
+pub const MAX_STEM_LEN: usize = 200;
+
+/// Whether `stem` follows the dataset's naming (`Abyssinian_100`, `great_pyrenees_7`): ASCII
+/// letters, digits, `_` and `-`. A split file names samples, never paths: no separators, no
+/// `.`, so `images/<stem>.jpg` always stays inside the root.
+pub fn is_valid_stem(stem: &str) -> bool {
+    !stem.is_empty()
+        && stem.len() <= MAX_STEM_LEN
+        && stem.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Parses split-file text: comment lines (`#`) and blank lines are skipped; malformed rows
+/// (including names that are not sample names, see [`is_valid_stem`]) are returned apart so a
+/// validator can report them and a reader can skip them.
 pub fn parse_split_text(text: &str) -> (Vec<SplitRow>, Vec<RowError>) {
     let mut rows = Vec::new();
     let mut errors = Vec::new();
@@ -150,7 +163,15 @@ pub fn parse_split_text(text: &str) -> (Vec<SplitRow>, Vec<RowError>) {
             })
             .flatten();
         match parsed {
-            Some(row) => rows.push(row),
+            Some(row) if is_valid_stem(&row.stem) => rows.push(row),
+            Some(row) => errors.push(RowError {
+                line: i + 1,
+                text: trimmed.to_string(),
+                reason: format!(
+                    "`{}` is not a sample name (letters, digits, `_` and `-`, at most {MAX_STEM_LEN}; no paths)",
+                    row.stem
+                ),
+            }),
             None => errors.push(RowError {
                 line: i + 1,
                 text: trimmed.to_string(),
@@ -218,10 +239,20 @@ pub struct Sample {
     pub mask: GrayImage,
 }
 
-/// Reads and checks one image/trimap pair.
+/// Reads and checks one image/trimap pair. Only sample names are accepted, and only regular
+/// files are read (never a device or FIFO a link might lead to).
 pub fn load_sample(layout: &DatasetLayout, stem: &str) -> Result<Sample> {
+    if !is_valid_stem(stem) {
+        bail!("`{stem}` is not a sample name");
+    }
     let image_path = layout.image_path(stem);
     let mask_path = layout.mask_path(stem);
+    for path in [&image_path, &mask_path] {
+        let meta = std::fs::metadata(path).with_context(|| format!("failed to read `{}`", path.display()))?;
+        if !meta.is_file() {
+            bail!("`{}` is not a regular file", path.display());
+        }
+    }
     let image_bytes = crate::util::fs::read(&image_path)?;
     let image = image_io::decode_rgb(&image_bytes, image_io::DecodeOptions::default())
         .with_context(|| format!("`{}`", image_path.display()))?
@@ -331,6 +362,18 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].stem, "Abyssinian_100");
         assert_eq!(errors.iter().map(|e| e.line).collect::<Vec<_>>(), vec![4, 5]);
+    }
+
+    #[test]
+    fn split_rows_name_stems_not_paths() {
+        let (rows, errors) = parse_split_text(
+            "great_pyrenees_7 25 2 12\n/tmp/t/x 1 1 1\n../images/a 1 1 1\nimages/a 1 1 1\na.b 1 1 1\n.. 1 1 1\nb\\c 1 1 1\n",
+        );
+        assert_eq!(rows.iter().map(|r| r.stem.as_str()).collect::<Vec<_>>(), vec!["great_pyrenees_7"]);
+        assert_eq!(errors.iter().map(|e| e.line).collect::<Vec<_>>(), vec![2, 3, 4, 5, 6, 7]);
+        assert!(errors[0].reason.contains("`/tmp/t/x` is not a sample name"), "{:?}", errors[0]);
+        assert!(!is_valid_stem(&"a".repeat(MAX_STEM_LEN + 1)));
+        assert!(is_valid_stem("bean-hound_2"));
     }
 
     #[test]

@@ -219,15 +219,18 @@ fn prepare_cached(
 /// Loads and resizes one sample, through the disk cache when there is one.
 fn prepare(dataset: &PetDataset, index: usize, size: u32, cache: Option<&Path>) -> Option<Prepared> {
     let stem = &dataset.stems[index];
-    let cache_file = cache.map(|dir| dir.join(format!("{stem}.bin")));
+    // Stems are sample names (checked when split files are read), so this stays in the cache.
+    let cache_file = cache.filter(|_| super::is_valid_stem(stem)).map(|dir| dir.join(format!("{stem}.bin")));
     let plane = (size * size) as usize;
     if let Some(file) = &cache_file {
-        if let Ok(bytes) = std::fs::read(file) {
-            if bytes.len() == 4 * plane {
-                let image = RgbImage::from_raw(size, size, bytes[..3 * plane].to_vec())?;
-                let mask = GrayImage::from_raw(size, size, bytes[3 * plane..].to_vec())?;
-                return Some(Prepared { image, mask });
-            }
+        // Only a regular file of exactly the expected size is read.
+        let fits = std::fs::symlink_metadata(file).is_ok_and(|m| m.is_file() && m.len() == 4 * plane as u64);
+        if let Some(bytes) = fits.then(|| std::fs::read(file).ok()).flatten()
+            && bytes.len() == 4 * plane
+        {
+            let image = RgbImage::from_raw(size, size, bytes[..3 * plane].to_vec())?;
+            let mask = GrayImage::from_raw(size, size, bytes[3 * plane..].to_vec())?;
+            return Some(Prepared { image, mask });
         }
     }
     let sample = dataset.get(index)?;

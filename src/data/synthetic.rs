@@ -22,6 +22,8 @@ const GENERATOR_VERSION: u32 = 5;
 const BORDER_HALF_WIDTH: f32 = 0.05;
 /// Marker file written into a generated dataset root.
 pub const MARKER_FILE: &str = ".segctl-synthetic.json";
+/// Name prefix of the staging folder a dataset is generated in.
+const STAGING_PREFIX: &str = ".segctl-synthetic-";
 
 #[derive(Clone, Copy)]
 enum ShapeFamily {
@@ -106,13 +108,17 @@ pub fn generate(options: &SyntheticOptions) -> Result<SyntheticReport> {
         seed: options.seed,
         already_present: false,
     };
-    if layout.images_dir().exists() || layout.annotations_dir().exists() {
+    // Checked before taking the lock (a complete dataset on a read-only root is fine) and again
+    // once holding it (another run may have just written one).
+    let present = || -> Result<bool> {
+        if !layout.images_dir().exists() && !layout.annotations_dir().exists() {
+            return Ok(false);
+        }
         let existing: Option<Marker> = std::fs::read(&marker_path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         if existing.as_ref() == Some(&marker) {
-            report.already_present = true;
-            return Ok(report);
+            return Ok(true);
         }
         bail!(
             "`{}` already holds a dataset{}; remove it or choose another --root",
@@ -122,11 +128,25 @@ pub fn generate(options: &SyntheticOptions) -> Result<SyntheticReport> {
                 None => String::new(),
             }
         );
+    };
+    if present()? {
+        report.already_present = true;
+        return Ok(report);
     }
-
+    // One `fetch-data` per root at a time; then what a killed one left can go.
     crate::util::fs::create_dir_all(&options.root)?;
+    let lock_path = options.root.join(super::fetch::LOCK_FILE);
+    let _lock = crate::util::fs::FileLock::try_acquire(&lock_path)?.with_context(|| {
+        format!("another `segctl fetch-data` is working on `{}` (it holds `{}`); wait for it to finish", options.root.display(), lock_path.display())
+    })?;
+    if present()? {
+        report.already_present = true;
+        return Ok(report);
+    }
+    crate::util::fs::remove_leftovers(&options.root, STAGING_PREFIX)?;
+
     let staging = tempfile::Builder::new()
-        .prefix(".segctl-synthetic-")
+        .prefix(STAGING_PREFIX)
         .tempdir_in(&options.root)
         .with_context(|| format!("failed to create a staging folder in `{}`", options.root.display()))?;
     let stage = DatasetLayout::new(staging.path());

@@ -91,6 +91,20 @@ impl ModelSpec {
         self.class_names.len()
     }
 
+    /// Checks a spec read from a checkpoint or `model.yaml` (untrusted) against the limits the
+    /// config enforces, before any network is built from it. The error names the spec key.
+    pub fn check(&self) -> Result<()> {
+        crate::config::check_image_size(self.input_size).map_err(|m| anyhow::anyhow!("key `input_size`: {m}"))?;
+        if self.num_classes() != CLASS_NAMES.len() {
+            bail!("key `class_names`: must name the {} classes ({}), got {}", CLASS_NAMES.len(), CLASS_NAMES.join(", "), self.num_classes());
+        }
+        if self.arch == Arch::Unet {
+            let unet = self.unet.as_ref().map_or_else(crate::config::UnetConfig::default, UnetSpec::config);
+            crate::config::check_unet(&unet, Some(self.input_size)).map_err(|(field, m)| anyhow::anyhow!("key `unet.{field}`: {m}"))?;
+        }
+        Ok(())
+    }
+
     /// A one-line description (`unet depth 4 width 16, 128×128, 3 classes`).
     pub fn describe(&self) -> String {
         let arch = match (&self.arch, &self.unet) {
@@ -170,6 +184,7 @@ pub struct ModelState {
 impl ModelState {
     /// A freshly initialised network (deterministic for `seed`).
     pub fn new(spec: &ModelSpec, device: &Device, seed: u64) -> Result<Self> {
+        spec.check().context("invalid model spec")?;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = SegModel::new(spec, vb).context("failed to build the model")?;

@@ -20,6 +20,9 @@ pub fn create_dir_all(path: &Path) -> Result<()> {
         .with_context(|| format!("failed to create folder `{}`", path.display()))
 }
 
+/// Name prefix of the temporary files [`write_atomic`] renames into place.
+pub const TEMP_PREFIX: &str = ".tmp-";
+
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsync, then rename, so a
 /// reader (or a crash) never sees a half-written file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -38,7 +41,7 @@ pub fn write_atomic_with(
     let dir = parent_dir(path);
     create_dir_all(&dir)?;
     let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
+        .prefix(TEMP_PREFIX)
         .tempfile_in(&dir)
         .with_context(|| format!("failed to create a temporary file in `{}`", dir.display()))?;
     fill(tmp.as_file_mut()).with_context(|| format!("failed to write `{}`", path.display()))?;
@@ -56,6 +59,126 @@ pub fn write_atomic_with(
         .map_err(|e| e.error)
         .with_context(|| format!("failed to move the new `{}` into place", path.display()))?;
     Ok(())
+}
+
+/// [`write_atomic`], then the folder flushed too, so the new file survives a power cut under
+/// its name (checkpoints, manifests, state files; not worth the cost for caches and outputs).
+pub fn write_durable(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, bytes)?;
+    sync_dir(&parent_dir(path))
+}
+
+/// Flushes a folder's entries (new names, renames) to disk, so what was published into it
+/// survives a power cut. A no-op where folders cannot be opened (not Unix).
+pub fn sync_dir(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        std::fs::File::open(path)
+            .and_then(|dir| dir.sync_all())
+            .with_context(|| format!("failed to flush folder `{}` to disk", path.display()))?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
+/// Flushes a file's content to disk.
+pub fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|file| file.sync_all())
+        .with_context(|| format!("failed to flush `{}` to disk", path.display()))
+}
+
+/// Removes what a killed run left in `dir`: every entry whose name starts with `prefix`
+/// (temporary files of [`write_atomic`], staging folders). Only for folders the caller owns
+/// exclusively (under a lock, or its own run folder). Returns how many were removed.
+pub fn remove_leftovers(dir: &Path, prefix: &str) -> Result<usize> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Ok(0) };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(prefix) {
+            continue;
+        }
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_dir_all_if_exists(&path)?;
+        } else {
+            remove_file_if_exists(&path)?;
+        }
+        log::info!("removed `{}`, left by an interrupted run", path.display());
+        removed += 1;
+    }
+    Ok(removed)
+}
+
+/// An exclusive advisory lock on a file (`flock`), held until dropped. The operating system
+/// releases it when the process dies, so a killed run never leaves a stale lock.
+#[derive(Debug)]
+pub struct FileLock {
+    file: std::fs::File,
+}
+
+impl FileLock {
+    /// Takes the lock on `path` (created if missing), or `None` when another process holds it.
+    pub fn try_acquire(path: &Path) -> Result<Option<FileLock>> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("failed to open lock file `{}`", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(FileLock { file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("failed to lock `{}`", path.display()))
+            }
+        }
+    }
+
+    /// Like [`FileLock::try_acquire`] for a lock file that must already exist: `None` when it
+    /// does not (its owner has not created it yet, or it moved away) or another process holds it.
+    pub fn try_acquire_existing(path: &Path) -> Result<Option<FileLock>> {
+        let file = match std::fs::OpenOptions::new().write(true).open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("failed to open lock file `{}`", path.display())),
+        };
+        match file.try_lock() {
+            Ok(()) => Ok(Some(FileLock { file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("failed to lock `{}`", path.display()))
+            }
+        }
+    }
+
+    /// Whether the locked file is still the one at `path` (not renamed away or replaced since
+    /// it was opened).
+    pub fn is_at(&self, path: &Path) -> bool {
+        let (Ok(held), Ok(there)) = (self.file.metadata(), std::fs::metadata(path)) else { return false };
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            held.dev() == there.dev() && held.ino() == there.ino()
+        }
+        #[cfg(not(unix))]
+        {
+            held.len() == there.len()
+        }
+    }
+
+    /// Takes the lock on `path`, waiting for another holder to let go.
+    pub fn acquire(path: &Path) -> Result<FileLock> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("failed to open lock file `{}`", path.display()))?;
+        file.lock().with_context(|| format!("failed to lock `{}`", path.display()))?;
+        Ok(FileLock { file })
+    }
 }
 
 /// The folder holding `path` (`.` for a bare file name).
@@ -97,5 +220,27 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
         let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file is left behind");
+    }
+
+    #[test]
+    fn leftovers_are_removed_by_prefix_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(".tmp-abc"), b"x").unwrap();
+        std::fs::create_dir_all(dir.path().join(".tmp-dir/inner")).unwrap();
+        std::fs::write(dir.path().join("keep.txt"), b"y").unwrap();
+        assert_eq!(remove_leftovers(dir.path(), ".tmp-").unwrap(), 2);
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("keep.txt")]);
+        assert_eq!(remove_leftovers(&dir.path().join("missing"), ".tmp-").unwrap(), 0);
+    }
+
+    #[test]
+    fn a_lock_is_exclusive_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.lock");
+        let held = FileLock::try_acquire(&path).unwrap().expect("free lock");
+        assert!(FileLock::try_acquire(&path).unwrap().is_none(), "a second holder is refused");
+        drop(held);
+        assert!(FileLock::try_acquire(&path).unwrap().is_some());
     }
 }

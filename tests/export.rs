@@ -1,0 +1,218 @@
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+fn sha256_hex(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+fn manifest(version_dir: &Path) -> serde_yaml::Value {
+    serde_yaml::from_str(&std::fs::read_to_string(version_dir.join("model.yaml")).unwrap()).unwrap()
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+fn export_cmd(config: &Path, checkpoint: &Path, repo: &Path) -> std::process::Command {
+    let mut cmd = segctl();
+    cmd.args(["export", "--json", "--config"]).arg(config).arg("--checkpoint").arg(checkpoint).args(["--name", "pets", "--repository"]).arg(repo);
+    cmd
+}
+
+/// Every version folder holds exactly its weights and manifest, and they agree.
+fn assert_consistent(model_dir: &Path) -> Vec<(u64, String, String)> {
+    let mut out = Vec::new();
+    for name in entries(model_dir) {
+        let version: u64 = name.parse().unwrap_or_else(|_| panic!("`{name}` in the model folder is not a version"));
+        let dir = model_dir.join(&name);
+        assert_eq!(entries(&dir), vec!["model.safetensors", "model.yaml"], "version {version}");
+        let m = manifest(&dir);
+        assert_eq!(m["version"].as_u64(), Some(version));
+        let sha = sha256_hex(&dir.join("model.safetensors"));
+        assert_eq!(m["weights_sha256"].as_str(), Some(sha.as_str()), "version {version}: weights match the manifest");
+        out.push((version, m["source_checkpoint"].as_str().unwrap().to_string(), sha));
+    }
+    out
+}
+
+#[test]
+fn concurrent_exports_get_distinct_versions_matching_their_manifests() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, run_dir, _) = trained_model(dir.path(), 16);
+    let checkpoints = [run_dir.join("checkpoints/epoch-0001.safetensors"), run_dir.join("checkpoints/epoch-0002.safetensors")];
+    let repo = dir.path().join("repo");
+    let children: Vec<_> = (0..8)
+        .map(|i| export_cmd(&config, &checkpoints[i % 2], &repo).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+        .collect();
+    let mut reported = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        reported.push(json(&out)["version"].as_u64().unwrap());
+    }
+    reported.sort_unstable();
+    assert_eq!(reported, (1..=8).collect::<Vec<_>>(), "8 distinct versions");
+    let versions = assert_consistent(&repo.join("pets"));
+    assert_eq!(versions.len(), 8, "nothing else in the model folder");
+    for (_, source, sha) in &versions {
+        // Exports of one checkpoint are identical; the two checkpoints differ.
+        let same: Vec<_> = versions.iter().filter(|(_, s, _)| s == source).collect();
+        assert_eq!(same.len(), 4, "{versions:?}");
+        assert!(same.iter().all(|(_, _, h)| h == sha), "{versions:?}");
+    }
+    assert_ne!(versions.iter().find(|v| v.1.ends_with("0001.safetensors")).unwrap().2, versions.iter().find(|v| v.1.ends_with("0002.safetensors")).unwrap().2);
+}
+
+/// `kill -9` while an export stages (a model big enough that writing, flushing and hashing its
+/// weights takes a while), then the staging folder a killed run leaves, planted by hand.
+#[test]
+fn a_killed_export_publishes_nothing_and_the_next_one_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("pets");
+    synthetic_dataset(&root, 12, 2);
+    let config = tiny_config(dir.path(), &root, 1);
+    let sets = ["model.unet.depth=4", "model.unet.base_width=32", "train.max_steps_per_epoch=1"];
+    let mut train = segctl();
+    train.args(["train", "--config"]).arg(&config);
+    for s in sets {
+        train.args(["--set", s]);
+    }
+    assert!(run(&mut train).status.success());
+    let checkpoint = dir.path().join("runs/tiny/checkpoints/epoch-0001.safetensors");
+    let repo = dir.path().join("models");
+    let model_dir = repo.join("pets");
+
+    let mut caught = None;
+    for _attempt in 0..3 {
+        let mut child = export_cmd(&config, &checkpoint, &repo).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let start = Instant::now();
+        // Killed once its weights file is being written in its staging folder.
+        let staging = loop {
+            let staging = std::fs::read_dir(&model_dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(".staging-") && p.join("model.safetensors").exists());
+            if staging.is_some() || child.try_wait().unwrap().is_some() {
+                break staging;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "export did not start");
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let Some(staging) = staging else { continue };
+        signal(child.id(), "KILL");
+        child.wait().unwrap();
+        let written = std::fs::metadata(staging.join("model.safetensors")).map(|m| m.len());
+        eprintln!("killed while staging `{}` (weights at {written:?} bytes)", staging.display());
+        caught = Some(staging);
+        break;
+    }
+    let staging: PathBuf = caught.expect("an export was killed while staging");
+    let published = assert_consistent_versions(&model_dir);
+    let killed_version: u64 = staging.file_name().unwrap().to_string_lossy().trim_start_matches(".staging-").parse().unwrap();
+    assert!(!published.contains(&killed_version), "the killed export published nothing: {published:?}");
+
+    // The next export succeeds and takes the killed one's version; nothing of it is left.
+    let out = run(&mut export_cmd(&config, &checkpoint, &repo));
+    assert!(out.status.success());
+    assert_eq!(json(&out)["version"].as_u64(), Some(killed_version));
+    assert!(entries(&model_dir).iter().all(|n| !n.starts_with('.')), "{:?}", entries(&model_dir));
+    assert_consistent(&model_dir);
+
+    // A staging folder exactly as a killed export leaves it: lock free, weights half written.
+    let next = killed_version + 1;
+    let planted = model_dir.join(format!(".staging-{next}"));
+    std::fs::create_dir_all(&planted).unwrap();
+    std::fs::write(planted.join(".lock"), b"").unwrap();
+    std::fs::write(planted.join("model.safetensors"), b"half").unwrap();
+    let out = run(&mut export_cmd(&config, &checkpoint, &repo));
+    assert!(out.status.success());
+    assert_eq!(json(&out)["version"].as_u64(), Some(next));
+    assert!(!planted.exists());
+    let versions = assert_consistent(&model_dir);
+    assert_eq!(versions.iter().map(|v| v.0).collect::<Vec<_>>(), published.iter().copied().chain([killed_version, next]).collect::<Vec<_>>());
+    let photo = std::fs::read_dir(root.join("images")).unwrap().next().unwrap().unwrap().path();
+    let out = run(segctl().args(["predict", "--model"]).arg(&model_dir).arg(&photo).arg("--out").arg(dir.path().join("out")));
+    assert!(out.status.success());
+}
+
+/// Published version numbers (only complete, consistent folders may exist).
+fn assert_consistent_versions(model_dir: &Path) -> Vec<u64> {
+    let visible: Vec<String> = entries(model_dir).into_iter().filter(|n| !n.starts_with('.')).collect();
+    visible.iter().map(|n| n.parse::<u64>().unwrap_or_else(|_| panic!("`{n}` is not a version"))).inspect(|v| {
+        let dir = model_dir.join(v.to_string());
+        assert_eq!(manifest(&dir)["weights_sha256"].as_str().unwrap(), sha256_hex(&dir.join("model.safetensors")));
+    }).collect()
+}
+
+#[test]
+fn a_damaged_or_unbounded_version_is_refused_wherever_it_is_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, repo) = trained_model(dir.path(), 16);
+    let version = repo.join("pets/1");
+    let weights = version.join("model.safetensors");
+    let recorded = manifest(&version)["weights_sha256"].as_str().unwrap().to_string();
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40; // one bit of one weight
+    std::fs::write(&weights, &bytes).unwrap();
+    let actual = sha256_hex(&weights);
+    let photo = std::fs::read_dir(dir.path().join("pets/images")).unwrap().next().unwrap().unwrap().path();
+
+    let check = |out: &std::process::Output| {
+        assert_eq!(out.status.code(), Some(2));
+        let err = stderr(out);
+        assert!(err.contains(&weights.display().to_string()) && err.contains(&recorded) && err.contains(&actual), "{err}");
+    };
+    check(&run(segctl().args(["predict", "--model"]).arg(repo.join("pets")).arg(&photo).arg("--out").arg(dir.path().join("out"))));
+    check(&run(segctl().args(["evaluate", "--config"]).arg(&config).arg("--checkpoint").arg(&version)));
+
+    // serve keeps running and reports the version as failed, with the reason.
+    let mut child = segctl()
+        .args(["serve", "--port", "0", "--config"])
+        .arg(&config)
+        .arg("--repository")
+        .arg(&repo)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut first).unwrap();
+    let url = first.split_whitespace().find(|w| w.starts_with("http://")).unwrap_or_else(|| panic!("no address in {first:?}")).to_string();
+    let start = Instant::now();
+    let status = loop {
+        let body: serde_json::Value = ureq::get(&format!("{url}/v1/models/pets")).call().map(|r| r.into_json().unwrap()).unwrap_or_default();
+        let state = &body["model_version_status"][0];
+        if state["state"] == "END" {
+            break state.clone();
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "version never failed: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(status["status"]["error_message"].as_str().unwrap().contains("weights_sha256"), "{status}");
+
+    // A spec no config would allow is refused before any model is built.
+    std::fs::write(&weights, {
+        bytes[last] ^= 0x40;
+        &bytes
+    })
+    .unwrap();
+    let yaml = std::fs::read_to_string(version.join("model.yaml")).unwrap();
+    for (from, to, key) in [("input_size: 32", "input_size: 1000000", "input_size"), ("depth: 2", "depth: 0", "unet.depth")] {
+        assert!(yaml.contains(from), "{yaml}");
+        std::fs::write(version.join("model.yaml"), yaml.replace(from, to)).unwrap();
+        let out = run(segctl().args(["predict", "--model"]).arg(&version).arg(&photo).arg("--out").arg(dir.path().join("out")));
+        assert_eq!(out.status.code(), Some(2));
+        assert!(stderr(&out).contains(key) && stderr(&out).contains("model.yaml"), "{}", stderr(&out));
+    }
+}
