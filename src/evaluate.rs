@@ -16,7 +16,8 @@ use crate::data::pipeline::{Batch, Loader, LoaderConfig};
 use crate::data::{PetDataset, Split};
 use crate::loss::SegLoss;
 use crate::metrics::{ConfusionMatrix, PerImageIou, SegmentationReport};
-use crate::model::ModelState;
+use crate::model::inference::{InferenceModel, InferenceOptions, argmax_classes};
+use crate::model::{ModelSpec, ModelState};
 use crate::model_store::{self, ModelOrigin};
 use crate::progress::{ProgressMode, Unit};
 
@@ -42,9 +43,48 @@ pub struct EvalOutcome {
     pub loss: Option<f64>,
 }
 
-/// Runs `state` in inference mode over every batch of `loader`.
-pub fn evaluate_loader(state: &ModelState, loader: &Loader, loss: Option<&SegLoss>, progress: ProgressMode, label: &str) -> Result<EvalOutcome> {
-    let classes = state.spec.num_classes();
+/// A model the evaluation loop can run: class ids for a batch and, when asked, its loss.
+pub trait EvalModel {
+    fn spec(&self) -> &ModelSpec;
+    /// Class ids `[N·S·S]` of `batch`, and the batch's loss when `loss` is given.
+    fn predict(&self, batch: &Batch, loss: Option<&SegLoss>) -> Result<(Vec<u8>, Option<f64>)>;
+}
+
+/// candle's eval forward (training's validation).
+impl EvalModel for ModelState {
+    fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    fn predict(&self, batch: &Batch, loss: Option<&SegLoss>) -> Result<(Vec<u8>, Option<f64>)> {
+        let (images, targets) = batch_tensors(batch, &self.device)?;
+        let logits = self.forward(&images, false)?;
+        let loss = match loss {
+            Some(l) => Some(l.compute(&logits, &targets)?.to_scalar::<f32>()? as f64),
+            None => None,
+        };
+        Ok((predictions(&logits)?, loss))
+    }
+}
+
+/// The compiled inference plan (a saved model).
+impl EvalModel for InferenceModel {
+    fn spec(&self) -> &ModelSpec {
+        InferenceModel::spec(self)
+    }
+
+    fn predict(&self, batch: &Batch, loss: Option<&SegLoss>) -> Result<(Vec<u8>, Option<f64>)> {
+        if loss.is_some() {
+            bail!("the inference engine computes no loss");
+        }
+        let logits = self.logits(&batch.images, batch.len())?;
+        Ok((argmax_classes(&logits, self.spec().num_classes(), batch.size * batch.size), None))
+    }
+}
+
+/// Runs `model` in inference mode over every batch of `loader`.
+pub fn evaluate_loader(model: &dyn EvalModel, loader: &Loader, loss: Option<&SegLoss>, progress: ProgressMode, label: &str) -> Result<EvalOutcome> {
+    let classes = model.spec().num_classes();
     let mut confusion = ConfusionMatrix::new(classes);
     let mut per_image = PerImageIou::default();
     let mut samples = 0;
@@ -54,13 +94,11 @@ pub fn evaluate_loader(state: &ModelState, loader: &Loader, loss: Option<&SegLos
         if batch.is_empty() {
             continue;
         }
-        let (images, targets) = batch_tensors(&batch, &state.device)?;
-        let logits = state.forward(&images, false)?;
-        if let Some(l) = loss {
-            loss_sum += l.compute(&logits, &targets)?.to_scalar::<f32>()? as f64;
+        let (predicted, batch_loss) = model.predict(&batch, loss)?;
+        if let Some(l) = batch_loss {
+            loss_sum += l;
             batches += 1;
         }
-        let predicted = predictions(&logits)?;
         confusion.update(&batch.masks, &predicted);
         let plane = batch.size * batch.size;
         for (t, p) in batch.masks.chunks(plane).zip(predicted.chunks(plane)) {
@@ -74,11 +112,11 @@ pub fn evaluate_loader(state: &ModelState, loader: &Loader, loss: Option<&SegLos
 }
 
 /// The loader configuration for inference over a split (no shuffle, no flips, every sample).
-pub fn eval_loader_config(config: &Config, state: &ModelState, batch_size: usize) -> LoaderConfig {
+pub fn eval_loader_config(config: &Config, spec: &ModelSpec, batch_size: usize) -> LoaderConfig {
     LoaderConfig {
         batch_size,
-        image_size: state.spec.input_size as u32,
-        normalization: state.spec.normalization,
+        image_size: spec.input_size as u32,
+        normalization: spec.normalization,
         shuffle: false,
         hflip: false,
         seed: config.data.seed,
@@ -132,6 +170,8 @@ pub struct EvaluateReport {
     pub split: Split,
     pub model: ModelOrigin,
     pub model_description: String,
+    /// What ran the model: `plan (<kernels>)` on CPU, `candle` elsewhere.
+    pub engine: String,
     pub device: String,
     /// Samples skipped as unreadable.
     pub skipped_samples: usize,
@@ -145,7 +185,9 @@ pub struct EvaluateReport {
 pub fn evaluate(config: &Config, options: &EvaluateOptions) -> Result<EvaluateReport> {
     let start = Instant::now();
     let loaded = model_store::load_any(&options.checkpoint, &options.device)?;
-    let (metrics, skipped) = score(config, &loaded.state, options.split, options.progress)?;
+    let origin = loaded.origin;
+    let model = InferenceModel::new(loaded.state, InferenceOptions::default())?;
+    let (metrics, skipped) = score(config, &model, options.split, options.progress)?;
     let baseline = match &options.baseline {
         None => None,
         Some(path) => {
@@ -175,9 +217,10 @@ pub fn evaluate(config: &Config, options: &EvaluateOptions) -> Result<EvaluateRe
         images_per_s: metrics.samples as f64 / elapsed.max(1e-9),
         mean_iou_definition: "mean over classes of IoU from the confusion matrix summed over the whole split, at the model's input resolution",
         split: options.split,
-        model_description: loaded.state.spec.describe(),
+        model_description: model.spec().describe(),
+        engine: model.engine(),
         device: crate::model::device_name(&options.device),
-        model: loaded.origin,
+        model: origin,
         skipped_samples: skipped,
         gate: Gate { accepted: reasons.is_empty(), min_miou: options.min_miou, max_drop: options.max_drop, reasons },
         baseline,
@@ -187,14 +230,14 @@ pub fn evaluate(config: &Config, options: &EvaluateOptions) -> Result<EvaluateRe
 }
 
 /// Scores one model on one split. Returns the metrics and the number of skipped samples.
-pub fn score(config: &Config, state: &ModelState, split: Split, progress: ProgressMode) -> Result<(SegmentationReport, usize)> {
+pub fn score(config: &Config, model: &dyn EvalModel, split: Split, progress: ProgressMode) -> Result<(SegmentationReport, usize)> {
     let dataset = Arc::new(PetDataset::open(&config.data.root, split, config.data.val_fraction, config.data.seed)?);
-    let loader = Loader::new(dataset.clone(), eval_loader_config(config, state, config.evaluate.batch_size))?;
-    let outcome = evaluate_loader(state, &loader, None, progress, &format!("evaluate {}", split.name()))?;
+    let loader = Loader::new(dataset.clone(), eval_loader_config(config, model.spec(), config.evaluate.batch_size))?;
+    let outcome = evaluate_loader(model, &loader, None, progress, &format!("evaluate {}", split.name()))?;
     if outcome.samples == 0 {
         bail!("no readable samples in split `{}` of `{}`", split.name(), config.data.root.display());
     }
-    Ok((SegmentationReport::new(&outcome.confusion, &outcome.per_image, &state.spec.class_names, outcome.samples), dataset.skipped()))
+    Ok((SegmentationReport::new(&outcome.confusion, &outcome.per_image, &model.spec().class_names, outcome.samples), dataset.skipped()))
 }
 
 fn baseline_miou(config: &Config, path: &Path, options: &EvaluateOptions) -> Result<f64> {
@@ -213,5 +256,6 @@ fn baseline_miou(config: &Config, path: &Path, options: &EvaluateOptions) -> Res
             .with_context(|| format!("baseline `{}` has no `mean_iou`", path.display()));
     }
     let loaded = model_store::load_any(path, &options.device).with_context(|| format!("baseline `{}`", path.display()))?;
-    Ok(score(config, &loaded.state, options.split, options.progress)?.0.mean_iou)
+    let model = InferenceModel::new(loaded.state, InferenceOptions::default())?;
+    Ok(score(config, &model, options.split, options.progress)?.0.mean_iou)
 }

@@ -6,12 +6,13 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use image::{GrayImage, Luma, Rgb, RgbImage};
 use rayon::prelude::*;
 
 use crate::data::transform;
 use crate::model::ModelSpec;
+use crate::model::inference::{InferenceModel, InferenceOptions};
 use crate::model_store::{self, LoadedModel, ModelManifest, ModelOrigin};
 
 /// Display colours of the classes (pet, background, border); the serving page's legend uses
@@ -20,35 +21,50 @@ pub const PALETTE: [[u8; 3]; 3] = [[0xff, 0x8c, 0x00], [0x1e, 0x90, 0xff], [0xff
 /// Opacity of the colour mask over the photo in overlays.
 const OVERLAY_ALPHA: f32 = 0.45;
 
-/// A model ready to segment photos.
+/// A model ready to segment photos: its compiled inference plan (on CPU) and provenance.
 pub struct Predictor {
-    loaded: LoadedModel,
+    model: InferenceModel,
+    origin: ModelOrigin,
+    manifest: Option<ModelManifest>,
+    device: Device,
 }
 
 impl Predictor {
     /// Loads a checkpoint file, run folder, exported model folder or version folder.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        Ok(Self { loaded: model_store::load_any(path, device)? })
+        Self::load_with(path, device, InferenceOptions::default())
     }
 
-    pub fn from_loaded(loaded: LoadedModel) -> Self {
-        Self { loaded }
+    pub fn load_with(path: &Path, device: &Device, options: InferenceOptions) -> Result<Self> {
+        Self::from_loaded(model_store::load_any(path, device)?, options)
+    }
+
+    /// Compiles a loaded model for inference (the candle model is dropped on CPU).
+    pub fn from_loaded(loaded: LoadedModel, options: InferenceOptions) -> Result<Self> {
+        let device = loaded.state.device.clone();
+        let model = InferenceModel::new(loaded.state, options)?;
+        Ok(Self { model, origin: loaded.origin, manifest: loaded.manifest, device })
     }
 
     pub fn spec(&self) -> &ModelSpec {
-        &self.loaded.state.spec
+        self.model.spec()
     }
 
     pub fn origin(&self) -> &ModelOrigin {
-        &self.loaded.origin
+        &self.origin
     }
 
     pub fn manifest(&self) -> Option<&ModelManifest> {
-        self.loaded.manifest.as_ref()
+        self.manifest.as_ref()
     }
 
     pub fn device(&self) -> &Device {
-        &self.loaded.state.device
+        &self.device
+    }
+
+    /// The model as the inference engine runs it.
+    pub fn model(&self) -> &InferenceModel {
+        &self.model
     }
 
     /// Normalized model input `[3, S, S]` for one photo (the training preprocessing).
@@ -71,9 +87,7 @@ impl Predictor {
             }
             flat.extend_from_slice(input);
         }
-        let batch = Tensor::from_vec(flat, (inputs.len(), 3, size, size), &Device::Cpu)?.to_device(self.device())?;
-        let logits = self.loaded.state.forward(&batch, false).context("inference failed")?;
-        let values = logits.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let values = self.model.logits(&flat, inputs.len()).context("inference failed")?;
         Ok(values.chunks(spec.num_classes() * size * size).map(|c| c.to_vec()).collect())
     }
 

@@ -4,6 +4,7 @@
 //! Data flows one way: [`config`] → [`data`] → model → train/evaluate → export → infer →
 //! serve/predict. The `segctl` binary only parses flags and calls into these modules.
 
+pub mod benchmark;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

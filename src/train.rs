@@ -275,7 +275,7 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
     };
     let evaluated = average.as_ref().map_or(&state, |(a, _)| a);
     let val_loader = match &val_set {
-        Some(v) => Some(Loader::new(v.clone(), eval_loader_config(config, &state, t.batch_size))?),
+        Some(v) => Some(Loader::new(v.clone(), eval_loader_config(config, &state.spec, t.batch_size))?),
         None => None,
     };
     let loss_fn = SegLoss::new(&t.loss, device)?;

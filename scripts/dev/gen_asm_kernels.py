@@ -1,6 +1,6 @@
 # Generates src/model/kernels/asm.rs (hand-scheduled microkernels as inline assembly).
 # Run: python3 scripts/dev/gen_asm_kernels.py
-PREFETCH = 1024
+PREFETCH = 4096
 
 def kernel(name, isa, vec, mr, nv, lanes, feature, embedded):
     regs_per_base = 3

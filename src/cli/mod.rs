@@ -1,6 +1,7 @@
 //! Command-line surface: the clap definitions, shared flags, and one `exec` per subcommand.
 //! Each subcommand only turns flags into config overrides and options, then calls the library.
 
+mod benchmark;
 mod evaluate;
 mod export;
 mod fetch_data;
@@ -67,6 +68,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Segment photos: class-id and colour masks at each photo's size, overlays on request.
     Predict(predict::PredictArgs),
+    /// Time the inference engine on this machine: images/s and latency per model call.
+    Benchmark(benchmark::BenchmarkArgs),
 }
 
 /// Runs the chosen subcommand.
@@ -79,6 +82,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export(args) => export::exec(args, &cli.global),
         Command::Serve(args) => serve::exec(args, &cli.global),
         Command::Predict(args) => predict::exec(args, &cli.global),
+        Command::Benchmark(args) => benchmark::exec(args, &cli.global),
     }
 }
 

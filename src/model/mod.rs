@@ -6,6 +6,7 @@ pub mod batchnorm;
 pub mod blocks;
 pub mod direct;
 pub mod graph;
+pub mod inference;
 pub mod kernels;
 pub mod mobilenetv2;
 pub mod ops;

@@ -296,7 +296,9 @@ fn load_version(registry: Weak<Registry>, name: String, version: u64, path: Path
         if manifest.name != name || manifest.version != version {
             anyhow::bail!("model.yaml says {} version {}, the folder says {name} version {version}", manifest.name, manifest.version);
         }
-        let predictor = Arc::new(Predictor::from_loaded(loaded));
+        // The model threads share the cores: each call may use its share of them.
+        let threads = (crate::model::inference::available_cores() / reg.settings.threads.max(1)).max(1);
+        let predictor = Arc::new(Predictor::from_loaded(loaded, crate::model::inference::InferenceOptions { threads })?);
         let worker = Worker::start(predictor.clone(), reg.settings, reg.metrics.clone(), name.clone(), version)?;
         let served = Arc::new(ServedVersion { name: name.clone(), version, predictor, worker, manifest });
         warm_up(&served)?;

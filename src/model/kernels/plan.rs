@@ -111,16 +111,36 @@ pub enum StepKind {
 #[derive(Debug, Clone)]
 pub struct Step {
     pub kind: StepKind,
+    /// The kernel for batches of [`LARGE_BATCH`] and more, where it differs (Winograd's
+    /// larger weights pay only when reused over more images).
+    pub alt: Option<StepKind>,
     /// Buffers whose zero border this step writes (it writes them first).
     pub zero_borders: Vec<usize>,
     /// Floating-point operations per image (multiply-adds count two).
     pub flops: u64,
 }
 
+/// Batches from this size on run each step's `alt` kernel.
+pub const LARGE_BATCH: usize = 4;
+
 impl Step {
     /// Kernel name, for summaries.
     pub fn name(&self) -> &'static str {
-        match &self.kind {
+        kind_name(&self.kind)
+    }
+
+    /// The kernel a batch of `n` runs.
+    pub fn for_batch(&self, n: usize) -> &StepKind {
+        match &self.alt {
+            Some(alt) if n >= LARGE_BATCH => alt,
+            _ => &self.kind,
+        }
+    }
+}
+
+/// Kernel name of a step kind.
+pub fn kind_name(kind: &StepKind) -> &'static str {
+    match kind {
             StepKind::Input(_) => "input",
             StepKind::Output(_) => "output",
             StepKind::Direct(d) => match d.positions {
@@ -129,7 +149,12 @@ impl Step {
                 Positions::Strided { .. } => "direct-strided",
             },
             StepKind::SmallK(_) => "dot",
-            StepKind::Winograd(_) => "winograd-f4x4",
+            StepKind::Winograd(w) => match (w.transform.m, w.transform.r) {
+                (4, 3) => "winograd-f4x4-3x3",
+                (2, 2) => "winograd-f2x2-2x2",
+                (3, 2) => "winograd-f3x3-2x2",
+                _ => "winograd-f4x4-2x2",
+            },
             StepKind::Depthwise(_) => "depthwise",
             StepKind::MaxPool(_) => "maxpool",
             StepKind::Eltwise(e) => {
@@ -139,11 +164,12 @@ impl Step {
                     "copy"
                 }
             }
-        }
     }
+}
 
+impl StepKind {
     fn split(&self, n: usize, threads: usize) -> Split {
-        match &self.kind {
+        match self {
             StepKind::Direct(d) => d.split(n, threads),
             StepKind::SmallK(s) => s.split(n, threads),
             StepKind::Winograd(w) => w.split(n, threads),
@@ -152,7 +178,7 @@ impl Step {
     }
 
     fn compute_items(&self, n: usize, split: Split) -> usize {
-        match &self.kind {
+        match self {
             StepKind::Input(s) => s.items(n),
             StepKind::Output(s) => s.items(n),
             StepKind::Direct(d) => d.items(split),
@@ -183,11 +209,13 @@ pub struct PlanOptions {
     /// `None`: [`Isa::active`].
     pub isa: Option<Isa>,
     pub winograd: WinogradPolicy,
+    /// The batch size the kernels are chosen for (any batch runs; this one runs fastest).
+    pub batch: usize,
 }
 
 impl PlanOptions {
     pub fn new(height: usize, width: usize) -> Self {
-        Self { height, width, isa: None, winograd: WinogradPolicy::Auto }
+        Self { height, width, isa: None, winograd: WinogradPolicy::Auto, batch: 1 }
     }
 }
 
@@ -231,9 +259,7 @@ struct Placed {
     c0: usize,
 }
 
-/// Winograd pays when the weights are reused over enough tiles; below that, the direct
-/// kernel (9× smaller weights) wins.
-const WINOGRAD_MIN_TILES: usize = 16;
+/// Below this many input channels, Winograd's transforms cost more than they save.
 const WINOGRAD_MIN_CHANNELS: usize = 8;
 
 impl Plan {
@@ -343,7 +369,7 @@ impl Plan {
         // Steps.
         let mut steps: Vec<Step> = Vec::new();
         let push = |steps: &mut Vec<Step>, kind: StepKind, flops: u64| {
-            steps.push(Step { kind, zero_borders: Vec::new(), flops });
+            steps.push(Step { kind, alt: None, zero_borders: Vec::new(), flops });
         };
         for (id, node) in nodes.iter().enumerate() {
             let out_size = sizes[id];
@@ -355,25 +381,26 @@ impl Plan {
                         continue;
                     }
                     let x = node.inputs[0];
-                    let kind = lower_conv(conv, view(x)?, view(id)?, None, 1, lanes, options.winograd)
-                        .with_context(|| format!("node {id}"))?;
+                    let (kind, alt) = lower_conv_pair(conv, view(x)?, view(id)?, None, 1, lanes, options).with_context(|| format!("node {id}"))?;
                     push(&mut steps, kind, 2 * pixels * conv.macs_per_output_pixel() as u64);
+                    set_alt(&mut steps, alt);
                 }
                 Op::DepthToSpace(_) => {
                     let src = node.inputs[0];
                     let Op::Conv(conv) = &nodes[src].op else { unreachable!("checked above") };
-                    let kind = lower_conv(conv, view(nodes[src].inputs[0])?, view(id)?, None, 2, lanes, options.winograd)
-                        .with_context(|| format!("node {src}"))?;
+                    let (kind, alt) = lower_conv_pair(conv, view(nodes[src].inputs[0])?, view(id)?, None, 2, lanes, options).with_context(|| format!("node {src}"))?;
                     let in_pixels = (sizes[src].0 * sizes[src].1) as u64;
                     push(&mut steps, kind, 2 * in_pixels * conv.macs_per_output_pixel() as u64);
+                    set_alt(&mut steps, alt);
                 }
                 Op::Add => match residual_of[id] {
                     Some(other) => {
                         let conv_node = if node.inputs[0] == other { node.inputs[1] } else { node.inputs[0] };
                         let Op::Conv(conv) = &nodes[conv_node].op else { unreachable!("checked above") };
-                        let kind = lower_conv(conv, view(nodes[conv_node].inputs[0])?, view(id)?, Some(view(other)?), 1, lanes, options.winograd)
+                        let (kind, alt) = lower_conv_pair(conv, view(nodes[conv_node].inputs[0])?, view(id)?, Some(view(other)?), 1, lanes, options)
                             .with_context(|| format!("node {conv_node}"))?;
                         push(&mut steps, kind, 2 * pixels * (conv.macs_per_output_pixel() + conv.cout) as u64);
+                        set_alt(&mut steps, alt);
                     }
                     None => {
                         let step = EltwiseStep { a: view(node.inputs[0])?, b: Some(view(node.inputs[1])?), output: view(id)? };
@@ -415,7 +442,8 @@ impl Plan {
         let offsets = buffers.iter().map(|b| b.offset).collect();
         let scratch_floats = steps
             .iter()
-            .map(|s| match &s.kind {
+            .flat_map(|s| std::iter::once(&s.kind).chain(s.alt.as_ref()))
+            .map(|k| match k {
                 StepKind::Winograd(w) => w.scratch_floats(),
                 _ => 0,
             })
@@ -444,7 +472,8 @@ impl Plan {
         let weight_bytes = self
             .steps
             .iter()
-            .map(|s| match &s.kind {
+            .flat_map(|s| std::iter::once(&s.kind).chain(s.alt.as_ref()))
+            .map(|k| match k {
                 StepKind::Direct(d) => d.packed.len() + d.bias.len(),
                 StepKind::SmallK(d) => d.weights.len() + d.bias.len(),
                 StepKind::Winograd(w) => w.u.len() + w.bias.len(),
@@ -464,6 +493,25 @@ impl Plan {
             scratch_bytes_per_thread: self.scratch_floats * 4,
         }
     }
+}
+
+/// Sets the large-batch kernel of the step just pushed.
+fn set_alt(steps: &mut [Step], alt: Option<StepKind>) {
+    if let Some(last) = steps.last_mut() {
+        last.alt = alt;
+    }
+}
+
+/// The kernel for `options.batch`, and the one for [`LARGE_BATCH`] when it differs.
+#[allow(clippy::too_many_arguments)]
+fn lower_conv_pair(conv: &ConvOp, input: View, output: View, residual: Option<View>, up: usize, lanes: usize, options: &PlanOptions) -> Result<(StepKind, Option<StepKind>)> {
+    let kind = lower_conv(conv, input, output, residual, up, lanes, options.winograd, options.batch)?;
+    if options.batch >= LARGE_BATCH {
+        return Ok((kind, None));
+    }
+    let large = lower_conv(conv, input, output, residual, up, lanes, options.winograd, 8)?;
+    let differs = kind_name(&large) != kind_name(&kind);
+    Ok((kind, differs.then_some(large)))
 }
 
 /// Buffers a step reads and writes.
@@ -511,7 +559,8 @@ fn assign_offsets(buffers: &mut [Buffer]) -> usize {
 }
 
 /// Chooses a kernel for one convolution and packs its weights.
-fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Option<View>, up: usize, lanes: usize, policy: WinogradPolicy) -> Result<StepKind> {
+#[allow(clippy::too_many_arguments)]
+fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Option<View>, up: usize, lanes: usize, policy: WinogradPolicy, batch: usize) -> Result<StepKind> {
     let (min, max) = conv.act.bounds();
     let (cin, k) = (conv.cin, conv.k);
     match conv.kind {
@@ -620,30 +669,60 @@ fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Option<View>, 
             let nv = panel_vectors(lanes, cout);
             let nr = nv * lanes;
             let panels = cout.div_ceil(nr);
-            let winograd_fits = conv.kind == ConvKind::Dense && k == 3 && conv.stride == 1 && up == 1 && residual.is_none();
-            let tiles = input.h.div_ceil(winograd::M) * input.w.div_ceil(winograd::M);
-            let use_winograd = winograd_fits
-                && match policy {
-                    WinogradPolicy::Always => true,
-                    WinogradPolicy::Never => false,
-                    WinogradPolicy::Auto => tiles >= WINOGRAD_MIN_TILES && cin >= WINOGRAD_MIN_CHANNELS,
-                };
             let mut bias = vec![0f32; phases.len() * panels * nr];
             for p in 0..phases.len() {
                 for o in 0..cout {
                     bias[p * panels * nr + o] = bias_of(p, o);
                 }
             }
-            if use_winograd {
+            // Winograd: 3×3 stride-1 convolutions (one phase), transposed convolutions (four
+            // phases of 2×2 correlations).
+            let dense3 = conv.kind == ConvKind::Dense && k == 3 && conv.stride == 1 && up == 1 && residual.is_none();
+            let transposed = conv.kind == ConvKind::Transposed;
+            let choice = if dense3 || transposed {
+                let r = if dense3 { 3 } else { 2 };
+                let candidates: &[usize] = if dense3 { &[4] } else { &[2, 3, 4] };
+                choose_winograd(input.h, input.w, cin, cout, phases.len(), r, candidates, lanes, batch, policy)
+            } else {
+                None
+            };
+            if let Some(m) = choice {
+                let transform = winograd::Transform::new(m, if dense3 { 3 } else { 2 });
                 let mr = gemm::tile_rows(lanes, nv);
                 let cin_padded = cin.div_ceil(lanes) * lanes;
+                let xi = transform.alpha * transform.alpha;
+                let tiles = input.h.div_ceil(m) * input.w.div_ceil(m);
                 // V and one panel of M for a block within about half of a core's L2.
                 let budget = l2_bytes() / 2 / 4;
-                let per_tile = winograd::XI * (cin_padded + nr);
+                let per_tile = xi * (cin_padded + nr);
                 let block = ((budget / per_tile) / mr).clamp(1, tiles.div_ceil(mr).max(1)) * mr;
-                let u = winograd::pack(&conv.weight, cin, cout, nr);
-                bias.truncate(panels * nr);
-                return Ok(StepKind::Winograd(WinogradConv { input, output, cin, cout, nv, lanes, block, u, bias, min, max }));
+                let (wphases, u) = if dense3 {
+                    let phase = winograd::WinogradPhase { origin: (-1, -1), sub: (0, 0) };
+                    (vec![phase], winograd::pack(&transform, cin, cout, nr, |o, c| conv.weight[(o * cin + c) * 9..][..9].to_vec()))
+                } else {
+                    // Phase (a, b) correlates 2×2 inputs from offset (a − 1, b − 1) with kernel
+                    // taps [3, 1] (a = 0) or [2, 0] (a = 1) of the 4×4 transposed kernel.
+                    let taps = |a: usize| if a == 0 { [3usize, 1] } else { [2, 0] };
+                    let mut wphases = Vec::new();
+                    let mut u = Vec::new();
+                    for a in 0..2 {
+                        for b in 0..2 {
+                            wphases.push(winograd::WinogradPhase { origin: (a as isize - 1, b as isize - 1), sub: (a, b) });
+                            u.extend(winograd::pack(&transform, cin, cout, nr, |o, c| {
+                                let mut g = Vec::with_capacity(4);
+                                for ty in taps(a) {
+                                    for tx in taps(b) {
+                                        g.push(conv.weight[((c * cout + o) * 4 + ty) * 4 + tx]);
+                                    }
+                                }
+                                g
+                            }));
+                        }
+                    }
+                    (wphases, u)
+                };
+                let up = if dense3 { 1 } else { 2 };
+                return Ok(StepKind::Winograd(WinogradConv { input, output, transform, phases: wphases, up, cin, cout, nv, lanes, block, u, bias, min, max }));
             }
             let mut packed = Vec::new();
             for (phase, f) in &phases {
@@ -652,6 +731,41 @@ fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Option<View>, 
             let phases = phases.into_iter().map(|(p, _)| p).collect();
             Ok(StepKind::Direct(DirectConv { input, output, residual, positions, phases, cin, cout, nv, lanes, packed, bias, min, max }))
         }
+    }
+}
+
+/// The Winograd tile size `m` for a layer, or `None` for the direct kernel, from a cost model
+/// in cycles for a batch of `batch`: multiply-adds at `2·lanes` per cycle (Winograd's GEMMs
+/// at 80% of the direct kernel's rate, its transforms at a quarter), against weight traffic
+/// (about 2.5 bytes per cycle for weights beyond half the L2, which is what a core streams
+/// from memory on this class of machine), whichever dominates. Calibrated on the decoder of
+/// `mobilenetv2_unet`, where at batch 1 the 2.25–6× larger Winograd weights lose to the
+/// direct kernel and at batch 8 they win.
+#[allow(clippy::too_many_arguments)]
+fn choose_winograd(h: usize, w: usize, cin: usize, cout: usize, phases: usize, r: usize, candidates: &[usize], lanes: usize, batch: usize, policy: WinogradPolicy) -> Option<usize> {
+    let macs_per_cycle = 2.0 * lanes as f64;
+    let l2 = l2_bytes() as f64;
+    let traffic = |bytes: f64, reads: f64| if bytes <= l2 / 2.0 { bytes * reads / 64.0 } else { bytes * reads / 2.5 };
+    let (c, k, n, p) = (cin as f64, cout as f64, batch.max(1) as f64, phases as f64);
+    let direct = {
+        let positions = ((h + 2) * (w + 2)) as f64;
+        let macs = p * n * positions * c * k * (r * r) as f64;
+        (macs / macs_per_cycle).max(traffic(p * (r * r) as f64 * c * k * 4.0, 1.0))
+    };
+    let winograd = |m: usize| {
+        let alpha = (m + r - 1) as f64;
+        let tiles = n * (h.div_ceil(m) * w.div_ceil(m)) as f64;
+        let macs = p * tiles * alpha * alpha * c * k;
+        let transforms = p * tiles * alpha * alpha * (c + k) * 2.0 * alpha;
+        // Weights are read once per block of tiles; blocks hold tens of tiles.
+        let blocks = (tiles / 48.0).ceil();
+        ((1.25 * macs + 4.0 * transforms) / macs_per_cycle).max(traffic(p * alpha * alpha * c * k * 4.0, blocks))
+    };
+    let best = candidates.iter().copied().filter(|&m| h >= m && w >= m).min_by(|&a, &b| winograd(a).total_cmp(&winograd(b)))?;
+    match policy {
+        WinogradPolicy::Never => None,
+        WinogradPolicy::Always => Some(best),
+        WinogradPolicy::Auto => (cin >= WINOGRAD_MIN_CHANNELS && winograd(best) < direct).then_some(best),
     }
 }
 
@@ -683,7 +797,7 @@ unsafe fn run_item<S: Simd>(plan: &Plan, step: &Step, ctx: &Ctx, split: Split, i
     }
     let item = item - borders;
     unsafe {
-        match &step.kind {
+        match step.for_batch(ctx.n) {
             StepKind::Input(s) => s.run(ctx, item),
             StepKind::Output(s) => s.run(ctx, item),
             StepKind::Direct(s) => s.run::<S>(ctx, split, item),
@@ -801,8 +915,9 @@ impl Session {
             .steps
             .iter()
             .map(|s| {
-                let split = s.split(n, threads);
-                (split, s.zero_borders.len() * n + s.compute_items(n, split))
+                let kind = s.for_batch(n);
+                let split = kind.split(n, threads);
+                (split, s.zero_borders.len() * n + kind.compute_items(n, split))
             })
             .collect();
         for c in &self.counters {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::plan::{Plan, PlanOptions, Session, WinogradPolicy};
+use super::plan::{Plan, PlanOptions, Session, WinogradPolicy, kind_name};
 use super::Isa;
 use crate::config::{Arch, Config};
 use crate::model::{ModelSpec, ModelState};
@@ -76,26 +76,31 @@ fn compare(a: &[f32], b: &[f32], classes: usize, plane: usize) -> (f32, f64) {
 
 fn check(state: &ModelState, h: usize, w: usize, batches: &[usize], threads: &[usize], policy: WinogradPolicy) {
     let graph = state.model.lower().unwrap();
+    let cases: Vec<(usize, Vec<f32>, Vec<f32>)> = batches
+        .iter()
+        .map(|&n| {
+            let input = random_input(n, h, w, n as u64 * 31);
+            let expected = candle_logits(state, &input, n, h, w);
+            (n, input, expected)
+        })
+        .collect();
     for isa in isas() {
-        let options = PlanOptions { height: h, width: w, isa: Some(isa), winograd: policy };
+        let options = PlanOptions { height: h, width: w, isa: Some(isa), winograd: policy, batch: 1 };
         let plan = Arc::new(Plan::compile(&graph, &options).unwrap());
-        let uses_winograd = plan.steps.iter().any(|s| s.name().starts_with("winograd"));
-        let bound = if uses_winograd { 1e-3 } else { 1e-4 };
         for &t in threads {
             let mut session = Session::new(Arc::clone(&plan), t).unwrap();
-            for &n in batches {
-                let input = random_input(n, h, w, (n * 31 + t) as u64);
-                let expected = candle_logits(state, &input, n, h, w);
-                let got = session.run(&input, n).unwrap().to_vec();
-                let (diff, agree) = compare(&got, &expected, 3, h * w);
-                let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
-                eprintln!("{isa:?} {h}x{w} n={n} t={t}: max |logit| {scale}, max diff {diff}, agree {agree}");
+            for (n, input, expected) in &cases {
+                let n = *n;
+                let uses_winograd = plan.steps.iter().any(|s| kind_name(s.for_batch(n)).starts_with("winograd"));
+                let bound = if uses_winograd { 1e-3 } else { 1e-4 };
+                let got = session.run(input, n).unwrap().to_vec();
+                let (diff, agree) = compare(&got, expected, 3, h * w);
                 assert!(
                     diff <= bound && (!uses_winograd || agree >= 0.9999),
                     "{isa:?} {h}×{w} batch {n} threads {t}: max difference {diff} (bound {bound}), argmax agreement {agree}"
                 );
                 // A second call on the same session (arena reused) gives the same logits.
-                let again = session.run(&input, n).unwrap();
+                let again = session.run(input, n).unwrap();
                 assert_eq!(again, &got[..], "{isa:?} batch {n} threads {t}: a second call differs");
             }
         }
@@ -105,24 +110,24 @@ fn check(state: &ModelState, h: usize, w: usize, batches: &[usize], threads: &[u
 #[test]
 fn smoke_unet_plan_matches_candle() {
     let state = random_model(Arch::Unet, Some(vec![12, 16, 32, 64, 128, 256]), 3);
-    check(&state, 64, 64, &[1, 3], &[1, 2], WinogradPolicy::Auto);
+    check(&state, 64, 64, &[1, 3, 8], &[1, 2, 4], WinogradPolicy::Auto);
 }
 
 #[test]
 fn direct_only_plan_matches_candle_within_1e4() {
     let state = random_model(Arch::Unet, Some(vec![8, 16, 24]), 4);
-    check(&state, 40, 24, &[1, 2], &[1, 3], WinogradPolicy::Never);
+    check(&state, 40, 24, &[1, 3, 8], &[1, 2, 4], WinogradPolicy::Never);
 }
 
 #[test]
 fn winograd_everywhere_on_odd_tiles() {
     // 40×24 → 20×12 → 10×6: tiles of 4 that do not divide the maps.
     let state = random_model(Arch::Unet, Some(vec![8, 16, 24]), 5);
-    check(&state, 40, 24, &[1, 2], &[1, 2], WinogradPolicy::Always);
+    check(&state, 40, 24, &[1, 3, 8], &[1, 2, 4], WinogradPolicy::Always);
 }
 
 #[test]
 fn mobilenetv2_unet_plan_matches_candle() {
     let state = random_model(Arch::Mobilenetv2Unet, None, 6);
-    check(&state, 64, 96, &[1, 2], &[1, 2], WinogradPolicy::Auto);
+    check(&state, 64, 96, &[1, 3, 8], &[1, 2, 4], WinogradPolicy::Auto);
 }

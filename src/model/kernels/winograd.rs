@@ -1,12 +1,22 @@
-//! 3×3, stride-1, padding-1 convolutions with Winograd's minimal filtering F(4×4, 3×3)
-//! (Lavin & Gray 2016; interpolation points 0, ±1, ±2, ∞): each 4×4 output tile costs 36
-//! multiplies per input/output channel pair instead of 144.
+//! Winograd minimal filtering F(m×m, r×r) (Lavin & Gray 2016) for stride-1 correlations:
+//! each m×m output tile costs α² = (m + r − 1)² multiplies per input/output channel pair
+//! instead of m²·r².
+//!
+//! - 3×3 convolutions (padding 1) use F(4×4, 3×3) (points 0, ±1, ±2, ∞), with hand-written
+//!   transforms: 36 multiplies instead of 144.
+//! - A ConvTranspose(k4, s2, p1) is four 2×2 correlations, one per output phase (every other
+//!   pixel of the doubled map), each with its own 2×2 kernel and input offset. They use
+//!   F(m×m, 2×2) with m from 2 to 4 (the compiler picks m by the map size): 9, 16 or 25
+//!   multiplies instead of 16, 36 or 64.
+//!
+//! The transform matrices come from the Cook–Toom construction in double precision:
+//! `Bᵀ = C⁻ᵀ` for the Vandermonde matrix `C` of the points (with ∞), `G = V_r`, `Aᵀ = V_mᵀ`.
 //!
 //! Per block of tiles, in one thread's scratch: the input transform `V = Bᵀ d B` of every
-//! tile's 6×6 patch (vectorized along channels), then for each panel of output channels the
-//! 36 GEMMs `M[ξ] = V[ξ] · U[ξ]` on [`gemm::tile`] (weights transformed `U = G g Gᵀ` in
-//! double precision and packed at compile time), then the output transform `Y = Aᵀ M A` with
-//! bias and clamp, stored into the output's channel range.
+//! tile's α×α patch (vectorized along channels), then for each panel of output channels the
+//! α² GEMMs `M[ξ] = V[ξ] · U[ξ]` on [`gemm::tile`] (weights transformed `U = G g Gᵀ` and
+//! packed at compile time), then the output transform `Y = Aᵀ M A` with bias and clamp,
+//! stored into the output's channel range.
 
 #![allow(unsafe_op_in_unsafe_fn)]
 
@@ -15,41 +25,132 @@ use super::gemm::{self, tile, tile_rows};
 use super::plan::{Ctx, View};
 use super::simd::Simd;
 
-/// Output tile side.
-pub const M: usize = 4;
-/// Input patch side (`M + 3 − 1`).
-pub const T: usize = 6;
-/// Transform points per tile.
-pub const XI: usize = T * T;
+/// Largest patch side supported (F(4, 3) and F(4, 2) need 6 and 5).
+pub const MAX_ALPHA: usize = 6;
 
-/// `G` (6×3), the kernel transform.
-const G: [[f64; 3]; 6] = [
-    [1.0 / 4.0, 0.0, 0.0],
-    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-    [0.0, 0.0, 1.0],
-];
-
-/// `U = G g Gᵀ` of one 3×3 kernel, row-major 6×6.
-pub fn transform_kernel(g: &[f32; 9]) -> [f32; XI] {
-    let mut tmp = [[0f64; 3]; 6];
-    for i in 0..6 {
-        for j in 0..3 {
-            tmp[i][j] = (0..3).map(|k| G[i][k] * g[k * 3 + j] as f64).sum();
-        }
-    }
-    let mut u = [0f32; XI];
-    for i in 0..6 {
-        for j in 0..6 {
-            u[i * 6 + j] = (0..3).map(|k| tmp[i][k] * G[j][k]).sum::<f64>() as f32;
-        }
-    }
-    u
+/// The matrices of one F(m, r).
+#[derive(Debug, Clone)]
+pub struct Transform {
+    pub m: usize,
+    pub r: usize,
+    pub alpha: usize,
+    /// `Bᵀ`, α×α row-major.
+    pub bt: Vec<f32>,
+    /// `Aᵀ`, m×α row-major.
+    pub at: Vec<f32>,
+    /// `G`, α×r row-major (double precision: only used to transform weights).
+    pub g: Vec<f64>,
 }
 
-/// `Bᵀ d` for one column of six vectors.
+impl Transform {
+    /// F(m, r) for 2 ≤ m ≤ 4, 2 ≤ r ≤ 3.
+    pub fn new(m: usize, r: usize) -> Transform {
+        let alpha = m + r - 1;
+        assert!((2..=4).contains(&m) && (2..=3).contains(&r) && alpha <= MAX_ALPHA, "F({m}, {r})");
+        // α − 1 finite points and ∞; small points first keep the transforms well conditioned.
+        let all = [0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5];
+        let points: Vec<f64> = match (m, r) {
+            (4, 3) => vec![0.0, 1.0, -1.0, 2.0, -2.0],
+            (4, 2) => vec![0.0, 1.0, -1.0, 0.5],
+            _ => all[..alpha - 1].to_vec(),
+        };
+        // Evaluation of a polynomial of n coefficients at the points and ∞ (α × n).
+        let vander = |n: usize| -> Vec<f64> {
+            let mut v = vec![0f64; alpha * n];
+            for (i, p) in points.iter().enumerate() {
+                for j in 0..n {
+                    v[i * n + j] = p.powi(j as i32);
+                }
+            }
+            v[(alpha - 1) * n + n - 1] = 1.0;
+            v
+        };
+        let vm = vander(m);
+        let at: Vec<f32> = (0..m * alpha).map(|k| vm[(k % alpha) * m + k / alpha] as f32).collect();
+        if (m, r) == (4, 3) {
+            // Lavin & Gray's scaling of the same points (integer Bᵀ), which the hand-written
+            // transforms below implement.
+            return Transform { m, r, alpha, bt: F43_BT.iter().map(|&v| v as f32).collect(), at, g: F43_G.to_vec() };
+        }
+        let c_inv = invert(&vander(alpha), alpha);
+        // Bᵀ = C⁻ᵀ: Bᵀ[i][j] = C⁻¹[j][i].
+        let bt: Vec<f32> = (0..alpha * alpha).map(|k| c_inv[(k % alpha) * alpha + k / alpha] as f32).collect();
+        Transform { m, r, alpha, bt, at, g: vander(r) }
+    }
+
+    /// `U = G g Gᵀ` of one r×r kernel (row-major), α×α.
+    pub fn kernel(&self, g: &[f32]) -> Vec<f32> {
+        let (a, r) = (self.alpha, self.r);
+        let mut tmp = vec![0f64; a * r];
+        for i in 0..a {
+            for j in 0..r {
+                tmp[i * r + j] = (0..r).map(|k| self.g[i * r + k] * g[k * r + j] as f64).sum();
+            }
+        }
+        let mut u = vec![0f32; a * a];
+        for i in 0..a {
+            for j in 0..a {
+                u[i * a + j] = (0..r).map(|k| tmp[i * r + k] * self.g[j * r + k]).sum::<f64>() as f32;
+            }
+        }
+        u
+    }
+
+    /// Whether the hand-written F(4, 3) transforms apply.
+    fn is_f43(&self) -> bool {
+        self.m == 4 && self.r == 3
+    }
+}
+
+/// Bᵀ of F(4, 3), row-major 6×6.
+const F43_BT: [f64; 36] = [
+    4., 0., -5., 0., 1., 0., //
+    0., -4., -4., 1., 1., 0., //
+    0., 4., -4., -1., 1., 0., //
+    0., -2., -1., 2., 1., 0., //
+    0., 2., -1., -2., 1., 0., //
+    0., 4., 0., -5., 0., 1.,
+];
+
+/// G of F(4, 3), row-major 6×3.
+const F43_G: [f64; 18] = [
+    1. / 4., 0., 0., //
+    -1. / 6., -1. / 6., -1. / 6., //
+    -1. / 6., 1. / 6., -1. / 6., //
+    1. / 24., 1. / 12., 1. / 6., //
+    1. / 24., -1. / 12., 1. / 6., //
+    0., 0., 1.,
+];
+
+/// Inverse of an n×n matrix (Gauss–Jordan with partial pivoting).
+fn invert(a: &[f64], n: usize) -> Vec<f64> {
+    let mut m = a.to_vec();
+    let mut inv: Vec<f64> = (0..n * n).map(|k| if k / n == k % n { 1.0 } else { 0.0 }).collect();
+    for col in 0..n {
+        let pivot = (col..n).max_by(|&x, &y| m[x * n + col].abs().total_cmp(&m[y * n + col].abs())).unwrap_or(col);
+        for k in 0..n {
+            m.swap(col * n + k, pivot * n + k);
+            inv.swap(col * n + k, pivot * n + k);
+        }
+        let d = m[col * n + col];
+        for k in 0..n {
+            m[col * n + k] /= d;
+            inv[col * n + k] /= d;
+        }
+        for row in 0..n {
+            if row != col {
+                let f = m[row * n + col];
+                for k in 0..n {
+                    m[row * n + k] -= f * m[col * n + k];
+                    inv[row * n + k] -= f * inv[col * n + k];
+                }
+            }
+        }
+    }
+    inv
+}
+
+/// `Bᵀ d` for one column of six vectors, F(4, 3).
 #[inline(always)]
 unsafe fn input_1d<S: Simd>(d: [S::V; 6]) -> [S::V; 6] {
     let [d0, d1, d2, d3, d4, d5] = d;
@@ -70,7 +171,7 @@ unsafe fn input_1d<S: Simd>(d: [S::V; 6]) -> [S::V; 6] {
     ]
 }
 
-/// `Aᵀ m` for one column of six vectors.
+/// `Aᵀ m` for one column of six vectors, F(4, 3).
 #[inline(always)]
 unsafe fn output_1d<S: Simd>(m: [S::V; 6]) -> [S::V; 4] {
     let [m0, m1, m2, m3, m4, m5] = m;
@@ -81,20 +182,47 @@ unsafe fn output_1d<S: Simd>(m: [S::V; 6]) -> [S::V; 4] {
     [S::add(m0, S::add(a, c)), S::fma(S::splat(2.0), d, b), S::fma(S::splat(4.0), c, a), S::add(S::fma(S::splat(8.0), d, b), m5)]
 }
 
-/// A 3×3 convolution by F(4×4, 3×3).
+/// `out[i] = Σ_j mat[i·cols + j] · x[j]` for `rows` outputs (the generic transforms).
+#[inline(always)]
+unsafe fn apply<S: Simd>(mat: &[f32], rows: usize, cols: usize, x: &[S::V; MAX_ALPHA], out: &mut [S::V; MAX_ALPHA]) {
+    for i in 0..rows {
+        let mut acc = S::zero();
+        for j in 0..cols {
+            let w = mat[i * cols + j];
+            if w != 0.0 {
+                acc = S::fma_s(x[j], w, acc);
+            }
+        }
+        out[i] = acc;
+    }
+}
+
+/// One output phase of a Winograd step: where its patches start (input pixels, relative to
+/// the tile's first output) and which sub-pixel of an up-sampled output it writes.
+#[derive(Debug, Clone, Copy)]
+pub struct WinogradPhase {
+    pub origin: (isize, isize),
+    pub sub: (usize, usize),
+}
+
+/// A stride-1 correlation by F(m×m, r×r), for one or more output phases.
 #[derive(Debug, Clone)]
 pub struct WinogradConv {
     pub input: View,
     pub output: View,
+    pub transform: Transform,
+    pub phases: Vec<WinogradPhase>,
+    /// Output map size over the phase grid (1, or 2 for transposed convolutions).
+    pub up: usize,
     pub cin: usize,
     pub cout: usize,
     pub nv: usize,
     pub lanes: usize,
     /// Tiles per block (a multiple of the GEMM tile rows).
     pub block: usize,
-    /// `[ξ][panel][cin][nv·lanes]`.
+    /// `[phase][ξ][panel][cin][nv·lanes]`.
     pub u: Vec<f32>,
-    /// Zero-padded to whole panels.
+    /// Zero-padded to whole panels, `[phase][panel·nr]`.
     pub bias: Vec<f32>,
     pub min: f32,
     pub max: f32,
@@ -105,34 +233,41 @@ impl WinogradConv {
         self.cout.div_ceil(self.nv * self.lanes)
     }
 
+    fn xi(&self) -> usize {
+        self.transform.alpha * self.transform.alpha
+    }
+
     /// Input channels rounded up to whole vectors (the row stride of `V`).
     pub fn cin_padded(&self) -> usize {
         self.cin.div_ceil(self.lanes) * self.lanes
     }
 
+    /// Tiles per image and phase: the phase grid is the input map.
     fn tiles_per_image(&self) -> (usize, usize) {
-        (self.output.h.div_ceil(M), self.output.w.div_ceil(M))
+        let m = self.transform.m;
+        (self.input.h.div_ceil(m), self.input.w.div_ceil(m))
     }
 
     /// Floats of per-thread scratch: `V` for a block, `M` for one panel of it.
     pub fn scratch_floats(&self) -> usize {
-        XI * self.block * (self.cin_padded() + self.nv * self.lanes)
+        self.xi() * self.block * (self.cin_padded() + self.nv * self.lanes)
     }
 
     pub fn split(&self, n: usize, threads: usize) -> Split {
         let (th, tw) = self.tiles_per_image();
         let blocks = (n * th * tw).div_ceil(self.block);
+        let outer = blocks * self.phases.len();
         if threads <= 1 {
             return Split { groups: 1, chunks: blocks };
         }
         // Every block is an item; too few of them, and panels are split too (each group
         // repeats the block's input transform).
-        let groups = if blocks >= 2 * threads { 1 } else { self.panels().min((2 * threads).div_ceil(blocks)) };
+        let groups = if outer >= 2 * threads { 1 } else { self.panels().min((2 * threads).div_ceil(outer)) };
         Split { groups, chunks: blocks }
     }
 
     pub fn items(&self, split: Split) -> usize {
-        split.groups * split.chunks
+        self.phases.len() * split.groups * split.chunks
     }
 
     /// # Safety
@@ -150,7 +285,14 @@ impl WinogradConv {
     #[inline(always)]
     unsafe fn run_shape<S: Simd, const MR: usize, const NV: usize>(&self, ctx: &Ctx, split: Split, item: usize, scratch: *mut f32) {
         debug_assert_eq!(tile_rows(self.lanes, self.nv), MR);
-        let (block_index, group) = (item / split.groups, item % split.groups);
+        let per_phase = split.groups * split.chunks;
+        let (phase_index, rest) = (item / per_phase, item % per_phase);
+        let (block_index, group) = (rest / split.groups, rest % split.groups);
+        let phase = self.phases[phase_index];
+        let tr = &self.transform;
+        let (tm, alpha) = (tr.m, tr.alpha);
+        let xi_count = alpha * alpha;
+        let fast = tr.is_f43();
         let (th, tw) = self.tiles_per_image();
         let per_image = th * tw;
         let total = ctx.n * per_image;
@@ -159,7 +301,7 @@ impl WinogradConv {
         let cp = self.cin_padded();
         let nr = NV * S::LANES;
         let v = scratch;
-        let m = scratch.add(XI * self.block * cp);
+        let mbuf = scratch.add(xi_count * self.block * cp);
         let input = ctx.ptr(&self.input);
         let output = ctx.ptr(&self.output);
         let (ih, iw, ics) = (self.input.h, self.input.w, self.input.cs);
@@ -169,7 +311,7 @@ impl WinogradConv {
         // Input transform: V[ξ][t][c].
         for t in 0..self.block {
             if t >= count {
-                for xi in 0..XI {
+                for xi in 0..xi_count {
                     std::ptr::write_bytes(v.add((xi * self.block + t) * cp), 0, cp);
                 }
                 continue;
@@ -177,27 +319,44 @@ impl WinogradConv {
             let g = t0 + t;
             let (img, local) = (g / per_image, g % per_image);
             let (ty, tx) = (local / tw, local % tw);
-            // Padded coordinates of the patch's top-left corner.
-            let (py, px) = (ty * M, tx * M);
-            let inside = py + T <= ih + 2 && px + T <= iw + 2;
+            // Padded coordinates of the patch's top-left corner (origin ≥ −1).
+            let py = (ty * tm) as isize + phase.origin.0 + 1;
+            let px = (tx * tm) as isize + phase.origin.1 + 1;
+            let (py, px) = (py as usize, px as usize);
+            let inside = py + alpha <= ih + 2 && px + alpha <= iw + 2;
             let base = input.add(img * image_floats + (py * wp + px) * ics);
             let mut c = 0;
             while c < self.cin {
                 let n = self.cin - c;
-                let mut rows = [[S::zero(); T]; T];
-                for (y, row) in rows.iter_mut().enumerate() {
-                    let mut d = [S::zero(); T];
-                    for (x, dv) in d.iter_mut().enumerate() {
+                let mut rows = [[S::zero(); MAX_ALPHA]; MAX_ALPHA];
+                for (y, row) in rows.iter_mut().enumerate().take(alpha) {
+                    let mut d = [S::zero(); MAX_ALPHA];
+                    for (x, dv) in d.iter_mut().enumerate().take(alpha) {
                         if inside || (py + y < ih + 2 && px + x < iw + 2) {
                             *dv = S::load_n(base.add((y * wp + x) * ics + c), n);
                         }
                     }
-                    *row = input_1d::<S>(d);
+                    if fast {
+                        let out = input_1d::<S>([d[0], d[1], d[2], d[3], d[4], d[5]]);
+                        row[..6].copy_from_slice(&out);
+                    } else {
+                        apply::<S>(&tr.bt, alpha, alpha, &d, row);
+                    }
                 }
-                for xi_x in 0..T {
-                    let col = input_1d::<S>(std::array::from_fn(|y| rows[y][xi_x]));
-                    for (xi_y, value) in col.iter().enumerate() {
-                        S::store(v.add(((xi_y * T + xi_x) * self.block + t) * cp + c), *value);
+                for xi_x in 0..alpha {
+                    let mut column = [S::zero(); MAX_ALPHA];
+                    for (y, col) in column.iter_mut().enumerate().take(alpha) {
+                        *col = rows[y][xi_x];
+                    }
+                    let mut out = [S::zero(); MAX_ALPHA];
+                    if fast {
+                        let o = input_1d::<S>([column[0], column[1], column[2], column[3], column[4], column[5]]);
+                        out[..6].copy_from_slice(&o);
+                    } else {
+                        apply::<S>(&tr.bt, alpha, alpha, &column, &mut out);
+                    }
+                    for (xi_y, value) in out.iter().enumerate().take(alpha) {
+                        S::store(v.add(((xi_y * alpha + xi_x) * self.block + t) * cp + c), *value);
                     }
                 }
                 c += S::LANES;
@@ -206,19 +365,22 @@ impl WinogradConv {
 
         let panels = self.panels();
         let (p_lo, p_hi) = range(panels, split.groups, group);
-        let (oh, ow, ocs) = (self.output.h, self.output.w, self.output.cs);
+        let (ow, ocs) = (self.output.w, self.output.cs);
         let owp = ow + 2;
         let out_image = self.output.positions() * ocs;
         let (lo, hi) = (S::splat(self.min), S::splat(self.max));
         let rows = count.div_ceil(MR);
+        let up = self.up;
+        let u = self.u.as_ptr().add(phase_index * xi_count * panels * self.cin * nr);
+        let bias_base = self.bias.as_ptr().add(phase_index * panels * nr);
         for p in p_lo..p_hi {
-            // The 36 GEMMs of this panel: M[ξ][t][k].
-            for xi in 0..XI {
+            // The α² GEMMs of this panel: M[ξ][t][k].
+            for xi in 0..xi_count {
                 let a = v.add(xi * self.block * cp);
-                let b = self.u.as_ptr().add((xi * panels + p) * self.cin * nr);
+                let b = u.add((xi * panels + p) * self.cin * nr);
                 for rt in 0..rows {
                     let acc = tile::<S, MR, NV>(a.add(rt * MR * cp), cp, &[0], self.cin, b);
-                    let dst = m.add((xi * self.block + rt * MR) * nr);
+                    let dst = mbuf.add((xi * self.block + rt * MR) * nr);
                     for (r, row) in acc.iter().enumerate() {
                         for (j, value) in row.iter().enumerate() {
                             S::store(dst.add(r * nr + j * S::LANES), *value);
@@ -231,34 +393,51 @@ impl WinogradConv {
                 let g = t0 + t;
                 let (img, local) = (g / per_image, g % per_image);
                 let (ty, tx) = (local / tw, local % tw);
-                let (oy, ox) = (ty * M, tx * M);
-                let base = output.add(img * out_image + ((oy + 1) * owp + ox + 1) * ocs);
+                let (oy, ox) = (ty * tm, tx * tm);
                 for j in 0..NV {
                     let k = p * nr + j * S::LANES;
                     if k >= self.cout {
                         break;
                     }
                     let valid = self.cout - k;
-                    let mut cols = [[S::zero(); M]; T];
-                    for (xi_x, col) in cols.iter_mut().enumerate() {
-                        let mut column = [S::zero(); T];
-                        for (xi_y, c) in column.iter_mut().enumerate() {
-                            *c = S::load(m.add(((xi_y * T + xi_x) * self.block + t) * nr + j * S::LANES));
+                    // cols[ξx][dy] = Σ_ξy Aᵀ[dy][ξy] · M[ξy][ξx].
+                    let mut cols = [[S::zero(); MAX_ALPHA]; MAX_ALPHA];
+                    for (xi_x, col) in cols.iter_mut().enumerate().take(alpha) {
+                        let mut column = [S::zero(); MAX_ALPHA];
+                        for (xi_y, c) in column.iter_mut().enumerate().take(alpha) {
+                            *c = S::load(mbuf.add(((xi_y * alpha + xi_x) * self.block + t) * nr + j * S::LANES));
                         }
-                        *col = output_1d::<S>(column);
+                        if fast {
+                            let o = output_1d::<S>([column[0], column[1], column[2], column[3], column[4], column[5]]);
+                            col[..4].copy_from_slice(&o);
+                        } else {
+                            apply::<S>(&tr.at, tm, alpha, &column, col);
+                        }
                     }
-                    let bias = S::load(self.bias.as_ptr().add(k));
-                    for dy in 0..M {
-                        if oy + dy >= oh {
+                    let bias = S::load(bias_base.add(k));
+                    for dy in 0..tm {
+                        if oy + dy >= ih {
                             break;
                         }
-                        let out = output_1d::<S>(std::array::from_fn(|xi_x| cols[xi_x][dy]));
-                        for (dx, value) in out.iter().enumerate() {
-                            if ox + dx >= ow {
+                        let mut row = [S::zero(); MAX_ALPHA];
+                        for (xi_x, r) in row.iter_mut().enumerate().take(alpha) {
+                            *r = cols[xi_x][dy];
+                        }
+                        let mut out = [S::zero(); MAX_ALPHA];
+                        if fast {
+                            let o = output_1d::<S>([row[0], row[1], row[2], row[3], row[4], row[5]]);
+                            out[..4].copy_from_slice(&o);
+                        } else {
+                            apply::<S>(&tr.at, tm, alpha, &row, &mut out);
+                        }
+                        let y = (oy + dy) * up + phase.sub.0 + 1;
+                        for (dx, value) in out.iter().enumerate().take(tm) {
+                            if ox + dx >= iw {
                                 break;
                             }
-                            let y = S::min(S::max(S::add(*value, bias), lo), hi);
-                            S::store_n(base.add((dy * owp + dx) * ocs + k), y, valid);
+                            let x = (ox + dx) * up + phase.sub.1 + 1;
+                            let value = S::min(S::max(S::add(*value, bias), lo), hi);
+                            S::store_n(output.add(img * out_image + (y * owp + x) * ocs + k), value, valid);
                         }
                     }
                 }
@@ -267,18 +446,42 @@ impl WinogradConv {
     }
 }
 
-/// Transforms and packs weights `[cout, cin, 3, 3]` for [`WinogradConv`].
-pub fn pack(weight: &[f32], cin: usize, cout: usize, nr: usize) -> Vec<f32> {
-    let transformed: Vec<[f32; XI]> = (0..cout * cin)
-        .map(|i| {
-            let g: [f32; 9] = std::array::from_fn(|j| weight[i * 9 + j]);
-            transform_kernel(&g)
-        })
-        .collect();
+/// Transforms and packs one phase's weights for [`WinogradConv`]: `g(k, c)` is the r×r
+/// kernel (row-major) of output channel `k` and input channel `c`.
+pub fn pack(transform: &Transform, cin: usize, cout: usize, nr: usize, g: impl Fn(usize, usize) -> Vec<f32>) -> Vec<f32> {
+    let transformed: Vec<Vec<f32>> = (0..cout * cin).map(|i| transform.kernel(&g(i / cin, i % cin))).collect();
+    let xi_count = transform.alpha * transform.alpha;
     let panels = cout.div_ceil(nr);
-    let mut out = Vec::with_capacity(XI * panels * cin * nr);
-    for xi in 0..XI {
+    let mut out = Vec::with_capacity(xi_count * panels * cin * nr);
+    for xi in 0..xi_count {
         out.extend(gemm::pack_panels(1, cin, cout, nr, |_, c, k| transformed[k * cin + c][xi]));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// F(m, r) on one row against the direct correlation.
+    fn check_1d(m: usize, r: usize) {
+        let t = Transform::new(m, r);
+        let a = t.alpha;
+        let d: Vec<f64> = (0..a).map(|i| (i as f64 * 0.7 - 1.3).sin()).collect();
+        let g: Vec<f64> = (0..r).map(|i| (i as f64 * 1.1 + 0.2).cos()).collect();
+        let gg: Vec<f64> = (0..a).map(|i| (0..r).map(|k| t.g[i * r + k] * g[k]).sum()).collect();
+        let bd: Vec<f64> = (0..a).map(|i| (0..a).map(|j| t.bt[i * a + j] as f64 * d[j]).sum()).collect();
+        for o in 0..m {
+            let y: f64 = (0..a).map(|i| t.at[o * a + i] as f64 * gg[i] * bd[i]).sum();
+            let direct: f64 = (0..r).map(|u| d[o + u] * g[u]).sum();
+            assert!((y - direct).abs() < 1e-5, "F({m},{r}) output {o}: {y} vs {direct}");
+        }
+    }
+
+    #[test]
+    fn transforms_compute_the_correlation() {
+        for (m, r) in [(2, 2), (3, 2), (4, 2), (2, 3), (4, 3)] {
+            check_1d(m, r);
+        }
+    }
 }

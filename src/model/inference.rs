@@ -1,0 +1,146 @@
+//! A trained network made ready to run: on CPU its graph compiled once into a
+//! [`kernels::Plan`] (the candle model is dropped), elsewhere candle's eval forward. Used by
+//! `evaluate` of a saved model and, through `infer::Predictor`, by `predict` and `serve`.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, ensure};
+use candle_core::{Device, Tensor};
+
+use super::kernels::{self, Plan, PlanOptions, PlanSummary, Session};
+use super::{ModelSpec, ModelState};
+
+/// How to prepare a model for inference.
+#[derive(Debug, Clone, Copy)]
+pub struct InferenceOptions {
+    /// Threads one model call may use (0 = one per core).
+    pub threads: usize,
+}
+
+impl Default for InferenceOptions {
+    fn default() -> Self {
+        Self { threads: 0 }
+    }
+}
+
+/// The number of cores this process may use.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+enum Backend {
+    /// The compiled plan, and idle sessions (one is taken per concurrent call).
+    Plan { plan: Arc<Plan>, sessions: Mutex<Vec<Session>>, threads: usize },
+    Candle(ModelState),
+}
+
+/// A network ready for inference.
+pub struct InferenceModel {
+    spec: ModelSpec,
+    backend: Backend,
+}
+
+impl InferenceModel {
+    /// Prepares `state`: on CPU, compiles its plan for `spec.input_size`² inputs.
+    pub fn new(state: ModelState, options: InferenceOptions) -> Result<Self> {
+        let spec = state.spec.clone();
+        if !state.device.is_cpu() {
+            return Ok(Self { spec, backend: Backend::Candle(state) });
+        }
+        let graph = state.model.lower().context("failed to describe the model for the inference engine")?;
+        drop(state);
+        let plan = Plan::compile(&graph, &PlanOptions::new(spec.input_size, spec.input_size)).context("failed to compile the inference plan")?;
+        let threads = if options.threads == 0 { available_cores() } else { options.threads };
+        Ok(Self { spec, backend: Backend::Plan { plan: Arc::new(plan), sessions: Mutex::new(Vec::new()), threads } })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// `plan` (the kernel set is named) or `candle`.
+    pub fn engine(&self) -> String {
+        match &self.backend {
+            Backend::Plan { plan, .. } => format!("plan ({})", plan.isa.name()),
+            Backend::Candle(_) => "candle".into(),
+        }
+    }
+
+    /// What the compiled plan holds (`None` when candle runs the model).
+    pub fn plan_summary(&self) -> Option<PlanSummary> {
+        match &self.backend {
+            Backend::Plan { plan, .. } => Some(plan.summary()),
+            Backend::Candle(_) => None,
+        }
+    }
+
+    /// Logits `[n, classes, S, S]` for a normalized batch `[n, 3, S, S]`, appended to `out`
+    /// (cleared first).
+    pub fn logits_into(&self, input: &[f32], n: usize, out: &mut Vec<f32>) -> Result<()> {
+        let size = self.spec.input_size;
+        ensure!(input.len() == n * 3 * size * size, "input has {} values, the model expects {n}×3×{size}×{size}", input.len());
+        out.clear();
+        if n == 0 {
+            return Ok(());
+        }
+        match &self.backend {
+            Backend::Plan { plan, sessions, threads } => {
+                let idle = sessions.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let mut session = match idle {
+                    Some(s) => s,
+                    None => Session::new(Arc::clone(plan), *threads)?,
+                };
+                let result = session.run(input, n).map(|logits| out.extend_from_slice(logits));
+                sessions.lock().unwrap_or_else(|e| e.into_inner()).push(session);
+                result
+            }
+            Backend::Candle(state) => {
+                let batch = Tensor::from_slice(input, (n, 3, size, size), &Device::Cpu)?.to_device(&state.device)?;
+                let logits = state.forward(&batch, false).context("inference failed")?;
+                out.extend(logits.to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?);
+                Ok(())
+            }
+        }
+    }
+
+    /// [`Self::logits_into`] into a new vector.
+    pub fn logits(&self, input: &[f32], n: usize) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        self.logits_into(input, n, &mut out)?;
+        Ok(out)
+    }
+
+    /// Bytes the idle sessions hold (arenas, scratch).
+    pub fn session_bytes(&self) -> usize {
+        match &self.backend {
+            Backend::Plan { sessions, .. } => sessions.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|s| s.memory_bytes()).sum(),
+            Backend::Candle(_) => 0,
+        }
+    }
+}
+
+/// Class ids `[n·S·S]` from logits `[n, classes, S, S]` (first maximum wins).
+pub fn argmax_classes(logits: &[f32], classes: usize, plane: usize) -> Vec<u8> {
+    let images = logits.len() / (classes * plane).max(1);
+    let mut out = vec![0u8; images * plane];
+    for i in 0..images {
+        let base = &logits[i * classes * plane..][..classes * plane];
+        let dst = &mut out[i * plane..][..plane];
+        let mut best: Vec<f32> = base[..plane].to_vec();
+        for c in 1..classes {
+            for (p, (b, d)) in best.iter_mut().zip(dst.iter_mut()).enumerate() {
+                let v = base[c * plane + p];
+                if v > *b {
+                    *b = v;
+                    *d = c as u8;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The instruction set the plan's kernels use on this machine.
+pub fn kernel_isa() -> Result<&'static str> {
+    Ok(kernels::Isa::active()?.name())
+}
