@@ -5,9 +5,9 @@
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::batchnorm::BatchNorm;
+use super::kernels::batchnorm::BatchNorm;
 use super::graph::{ConvOp, GraphBuilder, NodeId};
-use super::ops;
+use super::kernels::ops;
 
 /// BatchNorm epsilon (PyTorch/timm's value; timm checkpoints were trained with it).
 pub const BN_EPS: f64 = 1e-5;

@@ -50,6 +50,14 @@ impl InferenceModel {
         let graph = state.model.lower().context("failed to describe the model for the inference engine")?;
         drop(state);
         let plan = Plan::compile(&graph, &PlanOptions::new(spec.input_size, spec.input_size)).context("failed to compile the inference plan")?;
+        ensure!(
+            plan.out_size == (spec.input_size, spec.input_size) && plan.out_channels == spec.num_classes(),
+            "the network's logits are {}×{:?}, expected {}×{}²",
+            plan.out_channels,
+            plan.out_size,
+            spec.num_classes(),
+            spec.input_size
+        );
         let threads = if options.threads == 0 { available_cores() } else { options.threads };
         Ok(Self { spec, backend: Backend::Plan { plan: Arc::new(plan), sessions: Mutex::new(Vec::new()), threads } })
     }

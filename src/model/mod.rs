@@ -2,14 +2,11 @@
 //! (architecture, settings, input size, normalization, class names), construction into a
 //! candle `VarMap`, deterministic initialisation, timm checkpoint loading, and BatchNorm folding.
 
-pub mod batchnorm;
 pub mod blocks;
-pub mod direct;
 pub mod graph;
 pub mod inference;
 pub mod kernels;
 pub mod mobilenetv2;
-pub mod ops;
 pub mod unet;
 
 use std::collections::HashMap;

@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 
 use super::blocks::{Act, BnMode, Conv, ConvBnPair, ConvKind, DoubleConv, UpConv2x2};
 use super::graph::{Graph, GraphBuilder};
-use super::ops;
+use super::kernels::ops;
 
 /// `unet` settings.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,9 +6,10 @@
 //!   place by their producers, up-sampling folded into the convolution's stores), and every
 //!   activation at an offset in one arena assigned at compile time. [`Session`] runs it with
 //!   a fixed set of threads and allocates nothing in steady state.
-//! - The training side (candle custom ops with their backward passes) lives in
-//!   [`super::ops`], [`super::direct`] and [`super::batchnorm`]; it shares the dispatch rule
-//!   below.
+//! - The training side: candle custom ops with their backward passes ([`ops`]: GEMM
+//!   convolutions, depthwise, pooling; [`direct`]: narrow 3×3 convolutions; [`batchnorm`]:
+//!   fused BatchNorm + activation). The models call these through candle tensors and never
+//!   see a layout; they follow the same dispatch rule.
 //!
 //! **Dispatch rule.** [`Isa::active`] is the widest instruction set the CPU has (AVX-512F,
 //! then AVX2+FMA, then the portable Rust path), unless the `SEGCTL_KERNELS` environment
@@ -17,8 +18,11 @@
 
 #[cfg(target_arch = "x86_64")]
 pub mod asm;
+pub mod batchnorm;
 pub mod conv;
+pub mod direct;
 pub mod gemm;
+pub mod ops;
 pub mod plan;
 pub mod pool;
 pub mod simd;

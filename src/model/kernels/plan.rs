@@ -227,6 +227,8 @@ pub struct Plan {
     pub width: usize,
     pub in_channels: usize,
     pub out_channels: usize,
+    /// Output map size (the input's, for segmentation networks).
+    pub out_size: (usize, usize),
     pub steps: Vec<Step>,
     pub buffers: Vec<Buffer>,
     offsets: Vec<usize>,
@@ -451,8 +453,8 @@ impl Plan {
             .unwrap_or(0);
         let in_channels = channels[0];
         let out_channels = channels[graph.output];
-        ensure!(sizes[graph.output] == (h, w), "the network's output is {:?} for a {h}×{w} input", sizes[graph.output]);
-        Ok(Plan { isa, height: h, width: w, in_channels, out_channels, steps, buffers, offsets, arena_per_image, scratch_floats })
+        let out_size = sizes[graph.output];
+        Ok(Plan { isa, height: h, width: w, in_channels, out_channels, out_size, steps, buffers, offsets, arena_per_image, scratch_floats })
     }
 
     /// Floats of one input image (`C × H × W`) and of one output (`classes × H × W`).
@@ -461,7 +463,7 @@ impl Plan {
     }
 
     pub fn output_len(&self) -> usize {
-        self.out_channels * self.height * self.width
+        self.out_channels * self.out_size.0 * self.out_size.1
     }
 
     pub fn summary(&self) -> PlanSummary {

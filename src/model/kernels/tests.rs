@@ -131,3 +131,162 @@ fn mobilenetv2_unet_plan_matches_candle() {
     let state = random_model(Arch::Mobilenetv2Unet, None, 6);
     check(&state, 64, 96, &[1, 3, 8], &[1, 2, 4], WinogradPolicy::Auto);
 }
+
+// ---- Each kernel alone, against candle's op on the same weights ----
+
+mod single {
+    use super::*;
+    use crate::model::kernels::ops;
+    use crate::model::blocks::{Act, ConvKind};
+    use crate::model::graph::{ConvOp, Graph, GraphBuilder};
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = Rng::new(seed);
+        (0..n).map(|_| rng.normal()).collect()
+    }
+
+    fn op(kind: ConvKind, cin: usize, cout: usize, k: usize, stride: usize, pad: usize, act: Act, seed: u64) -> ConvOp {
+        let len = match kind {
+            ConvKind::Depthwise => cin * k * k,
+            _ => cin * cout * k * k,
+        };
+        let scale = 1.0 / ((len / cout.max(1)) as f32).sqrt();
+        let weight = values(len, seed).into_iter().map(|v| v * scale).collect();
+        ConvOp { kind, cin, cout, k, stride, pad, weight, bias: values(cout, seed + 1), act }
+    }
+
+    fn tensor(v: &[f32], shape: &[usize]) -> Tensor {
+        Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
+    }
+
+    /// candle's convolution with bias and activation.
+    fn reference_conv(op: &ConvOp, x: &Tensor) -> Tensor {
+        let k = op.k;
+        let y = match op.kind {
+            ConvKind::Dense => x.conv2d(&tensor(&op.weight, &[op.cout, op.cin, k, k]), op.pad, op.stride, 1, 1),
+            ConvKind::Depthwise => x.conv2d(&tensor(&op.weight, &[op.cin, 1, k, k]), op.pad, op.stride, 1, op.cin),
+            ConvKind::Transposed => x.conv_transpose2d(&tensor(&op.weight, &[op.cin, op.cout, k, k]), op.pad, 0, op.stride, 1),
+        }
+        .unwrap();
+        let y = y.broadcast_add(&tensor(&op.bias, &[1, op.cout, 1, 1])).unwrap();
+        op.act.apply(&y).unwrap()
+    }
+
+    /// Runs `graph` on every instruction set, thread count and batch, and compares with
+    /// `reference(input tensor)`.
+    fn check_graph(graph: &Graph, cin: usize, h: usize, w: usize, policy: WinogradPolicy, bound: f32, reference: impl Fn(&Tensor) -> Tensor) {
+        check_graph_on(graph, cin, h, w, policy, bound, false, reference)
+    }
+
+    /// With `grid`, inputs are multiples of 0.5 (equal values, for ties).
+    #[allow(clippy::too_many_arguments)]
+    fn check_graph_on(graph: &Graph, cin: usize, h: usize, w: usize, policy: WinogradPolicy, bound: f32, grid: bool, reference: impl Fn(&Tensor) -> Tensor) {
+        for n in [1, 3, 8] {
+            let mut input = values(n * cin * h * w, 40 + n as u64);
+            if grid {
+                input.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0);
+            }
+            let expected: Vec<f32> = reference(&tensor(&input, &[n, cin, h, w])).flatten_all().unwrap().to_vec1().unwrap();
+            for isa in isas() {
+                let options = PlanOptions { height: h, width: w, isa: Some(isa), winograd: policy, batch: 1 };
+                let plan = Arc::new(Plan::compile(graph, &options).unwrap());
+                for threads in [1, 2, 4] {
+                    let mut session = Session::new(Arc::clone(&plan), threads).unwrap();
+                    let got = session.run(&input, n).unwrap();
+                    assert_eq!(got.len(), expected.len());
+                    let diff = got.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                    let kernels: Vec<&str> = plan.steps.iter().map(|s| kind_name(s.for_batch(n))).collect();
+                    assert!(diff <= bound, "{isa:?} batch {n} threads {threads} {kernels:?}: max difference {diff}");
+                }
+            }
+        }
+    }
+
+    fn single_conv(op: ConvOp, cin: usize, h: usize, w: usize, policy: WinogradPolicy, bound: f32) {
+        let mut g = GraphBuilder::new(cin);
+        let x = g.input();
+        let y = g.conv(x, op.clone());
+        let graph = g.finish(y);
+        check_graph(&graph, cin, h, w, policy, bound, |x| reference_conv(&op, x));
+    }
+
+    #[test]
+    fn dense_3x3_direct_all_panel_shapes() {
+        // 3 (dot kernel), 12 and 16 (one vector or a tail), 24 and 40 (two-vector panels, tails).
+        for (i, cout) in [3, 12, 16, 24, 40].into_iter().enumerate() {
+            single_conv(op(ConvKind::Dense, 5, cout, 3, 1, 1, Act::Relu6, i as u64), 5, 9, 13, WinogradPolicy::Never, 1e-4);
+        }
+    }
+
+    #[test]
+    fn dense_3x3_winograd() {
+        for (i, (cin, cout)) in [(9, 12), (16, 24), (20, 40)].into_iter().enumerate() {
+            single_conv(op(ConvKind::Dense, cin, cout, 3, 1, 1, Act::Relu, 10 + i as u64), cin, 9, 13, WinogradPolicy::Always, 1e-3);
+        }
+    }
+
+    #[test]
+    fn pointwise_and_strided() {
+        single_conv(op(ConvKind::Dense, 24, 20, 1, 1, 0, Act::Identity, 20), 24, 7, 10, WinogradPolicy::Auto, 1e-4);
+        single_conv(op(ConvKind::Dense, 3, 16, 3, 2, 1, Act::Relu6, 21), 3, 9, 14, WinogradPolicy::Auto, 1e-4);
+        single_conv(op(ConvKind::Dense, 8, 40, 3, 2, 1, Act::Relu, 22), 8, 16, 11, WinogradPolicy::Auto, 1e-4);
+    }
+
+    #[test]
+    fn depthwise_stride_1_and_2() {
+        for (i, stride) in [1, 2].into_iter().enumerate() {
+            single_conv(op(ConvKind::Depthwise, 20, 20, 3, stride, 1, Act::Relu6, 30 + i as u64), 20, 9, 11, WinogradPolicy::Auto, 1e-4);
+        }
+    }
+
+    #[test]
+    fn transposed_direct_and_winograd() {
+        for (i, cout) in [3, 20].into_iter().enumerate() {
+            let o = op(ConvKind::Transposed, 12, cout, 4, 2, 1, Act::Relu, 40 + i as u64);
+            single_conv(o.clone(), 12, 5, 7, WinogradPolicy::Never, 1e-4);
+            single_conv(o, 12, 5, 7, WinogradPolicy::Always, 1e-3);
+        }
+    }
+
+    #[test]
+    fn pointwise_then_depth_to_space() {
+        let o = op(ConvKind::Dense, 8, 24, 1, 1, 0, Act::Relu, 50);
+        let mut g = GraphBuilder::new(8);
+        let x = g.input();
+        let y = g.conv(x, o.clone());
+        let z = g.depth_to_space(y, 2);
+        let graph = g.finish(z);
+        check_graph(&graph, 8, 5, 6, WinogradPolicy::Auto, 1e-4, |x| ops::pixel_shuffle(&reference_conv(&o, x), 2).unwrap());
+    }
+
+    #[test]
+    fn max_pool_with_ties_and_odd_edges() {
+        let mut g = GraphBuilder::new(20);
+        let x = g.input();
+        let y = g.max_pool2x2(x);
+        let graph = g.finish(y);
+        // Values on a coarse grid, so windows hold equal maxima; 9×11 drops the odd edges.
+        check_graph_on(&graph, 20, 9, 11, WinogradPolicy::Auto, 0.0, true, |x| {
+            let (_, _, h, w) = x.dims4().unwrap();
+            x.narrow(2, 0, h / 2 * 2).unwrap().narrow(3, 0, w / 2 * 2).unwrap().max_pool2d(2).unwrap()
+        });
+    }
+
+    #[test]
+    fn residual_sum_and_concatenation() {
+        // y = relu6(conv1x1(x) + x) concatenated with a 3×3 branch, written in place.
+        let a = op(ConvKind::Dense, 16, 16, 1, 1, 0, Act::Identity, 60);
+        let b = op(ConvKind::Dense, 16, 8, 3, 1, 1, Act::Relu, 61);
+        let mut g = GraphBuilder::new(16);
+        let x = g.input();
+        let ya = g.conv(x, a.clone());
+        let sum = g.add(ya, x);
+        let yb = g.conv(x, b.clone());
+        let cat = g.concat(&[sum, yb]);
+        let graph = g.finish(cat);
+        check_graph(&graph, 16, 6, 9, WinogradPolicy::Never, 1e-4, |x| {
+            let s = (reference_conv(&a, x) + x).unwrap();
+            Tensor::cat(&[&s, &reference_conv(&b, x)], 1).unwrap()
+        });
+    }
+}

@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Device,
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
-use super::blocks::Act;
+use crate::model::blocks::Act;
 
 /// Parameters and statistics of one BatchNorm layer.
 #[derive(Debug, Clone)]

@@ -995,6 +995,45 @@ mod tests {
     }
 
     #[test]
+    fn batch_of_one_forward_and_gradients() {
+        // In a pool of 4 threads one image takes the every-thread-per-image path, in a pool of
+        // 1 the image-per-thread path: both, whatever this machine's core count.
+        for threads in [1, 4] {
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(batch_of_one_cases);
+        }
+    }
+
+    fn batch_of_one_cases() {
+        check(|x, w| conv2d(x, w, None, 1, 1), |x, w| x.conv2d(w, 1, 1, 1, 1), &[1, 24, 9, 9], &[6, 24, 3, 3]);
+        check(|x, w| conv2d(x, w, None, 1, 1), |x, w| x.conv2d(w, 1, 1, 1, 1), &[1, 8, 9, 9], &[8, 8, 3, 3]);
+        check(|x, w| conv2d(x, w, None, 2, 1), |x, w| x.conv2d(w, 1, 2, 1, 1), &[1, 3, 9, 9], &[5, 3, 3, 3]);
+        check(|x, w| conv_transpose2d(x, w, None, 2, 1), |x, w| x.conv_transpose2d(w, 1, 0, 2, 1), &[1, 4, 5, 5], &[4, 3, 4, 4]);
+        check(|x, w| depthwise_conv2d(x, w, 1, 1), |x, w| x.conv2d(w, 1, 1, 1, 4), &[1, 4, 7, 7], &[4, 1, 3, 3]);
+    }
+
+    #[test]
+    fn max_pool_ties_route_the_gradient_to_the_first_maximum() {
+        // Every window of this input is four equal values.
+        let x = Var::from_tensor(&Tensor::ones((1, 2, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap()).unwrap();
+        let y = max_pool2x2(x.as_tensor()).unwrap();
+        let probe = rand(y.dims(), 8);
+        let grads = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = grads.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let ps = probe.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for plane in 0..2 {
+            for oy in 0..2 {
+                for ox in 0..2 {
+                    let first = plane * 16 + 2 * oy * 4 + 2 * ox;
+                    assert_eq!(dx[first], ps[plane * 4 + oy * 2 + ox]);
+                    for other in [first + 1, first + 4, first + 5] {
+                        assert_eq!(dx[other], 0.0);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn gemm_conv_in_column_blocks_matches_candle() {
         // 40·9 rows × 64 columns: two output rows per L2 block, so 32 blocks per image.
         check(

@@ -130,15 +130,10 @@ unsafe fn grad_weight_block_avx2(x: &[f32], dy: &[f32], s: Shape3x3, index: usiz
     grad_weight_block::<true>(x, dy, s, index, dst)
 }
 
+/// Whether the AVX2/FMA build of these kernels runs: the plan's dispatch rule
+/// ([`super::Isa::active`], so `SEGCTL_KERNELS=portable` selects the portable loops here too).
 fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    matches!(super::Isa::active(), Ok(super::Isa::Avx512 | super::Isa::Avx2))
 }
 
 /// `y [N, Cout, H, W] = conv3x3(x [N, Cin, H, W], w [Cout, Cin, 3, 3])`, padding 1.
