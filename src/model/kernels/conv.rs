@@ -112,7 +112,19 @@ impl DirectConv {
 
     pub fn split(&self, n: usize, threads: usize) -> Split {
         let (rows, per_row) = self.tiles(n, self.mr());
-        Split::new(rows * per_row, self.panels(), self.phases.len(), threads, 4)
+        let tiles = rows * per_row;
+        // When the weights outweigh the activations (deep layers, small batches), threads
+        // take different panels, so each weight is streamed from memory once, not once per
+        // thread.
+        let weights = self.packed.len() / self.phases.len();
+        let activations = n * self.input.positions() * self.cin;
+        if threads > 1 && weights > activations {
+            let want = 4 * threads;
+            let groups = self.panels().min(want.div_ceil(self.phases.len())).max(1);
+            let chunks = if self.phases.len() * groups >= 2 * threads { 1 } else { (2 * threads).div_ceil(self.phases.len() * groups).min(tiles) };
+            return Split { groups, chunks: chunks.max(1) };
+        }
+        Split::new(tiles, self.panels(), self.phases.len(), threads, 4)
     }
 
     pub fn items(&self, split: Split) -> usize {
@@ -304,13 +316,16 @@ pub struct SmallKConv {
     pub max: f32,
 }
 
-/// Pixels per [`SmallKConv`] tile.
-const SMALL_K_ROWS: usize = 4;
+/// Pixels per [`SmallKConv`] tile: accumulators for `rows × k` plus `k` weight vectors fit
+/// the registers (32 on AVX-512, 16 otherwise).
+fn small_k_rows(lanes: usize) -> usize {
+    if lanes == 16 { 8 } else { 4 }
+}
 
 impl SmallKConv {
     fn tiles(&self, n: usize) -> usize {
         let wp = self.input.w + 2;
-        (n * self.input.positions() - 2 * (wp + 1)).div_ceil(SMALL_K_ROWS)
+        (n * self.input.positions() - 2 * (wp + 1)).div_ceil(small_k_rows(self.lanes))
     }
 
     pub fn split(&self, n: usize, threads: usize) -> Split {
@@ -325,7 +340,21 @@ impl SmallKConv {
     /// As [`DirectConv::run`].
     #[inline(always)]
     pub unsafe fn run<S: Simd>(&self, ctx: &Ctx, split: Split, item: usize) {
-        const R: usize = SMALL_K_ROWS;
+        match (S::LANES, self.cout) {
+            (16, 1) => self.run_k::<S, 1, 8>(ctx, split, item),
+            (16, 2) => self.run_k::<S, 2, 8>(ctx, split, item),
+            (16, 3) => self.run_k::<S, 3, 8>(ctx, split, item),
+            (16, _) => self.run_k::<S, 4, 8>(ctx, split, item),
+            (_, 1) => self.run_k::<S, 1, 4>(ctx, split, item),
+            (_, 2) => self.run_k::<S, 2, 4>(ctx, split, item),
+            (_, 3) => self.run_k::<S, 3, 4>(ctx, split, item),
+            _ => self.run_k::<S, 4, 4>(ctx, split, item),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn run_k<S: Simd, const K: usize, const R: usize>(&self, ctx: &Ctx, split: Split, item: usize) {
+        debug_assert!(self.cout == K && R == small_k_rows(S::LANES));
         let phase_index = item / split.chunks;
         let chunk = item % split.chunks;
         let phase = &self.phases[phase_index];
@@ -340,26 +369,27 @@ impl SmallKConv {
         let (ow, oh) = (w * self.up, h * self.up);
         let out_per_image = (oh + 2) * (ow + 2);
         let cs = self.input.cs;
-        let taps: Vec<isize> = phase.taps.iter().map(|&(dy, dx)| (dy * wp as isize + dx) * cs as isize).collect();
-        let weights = self.weights.as_ptr().add(phase_index * self.cout * taps.len() * self.cin_padded);
-        let bias = &self.bias[phase_index * self.cout..][..self.cout];
+        let ntaps = phase.taps.len();
+        let weights = self.weights.as_ptr().add(phase_index * K * ntaps * self.cin_padded);
+        let bias = &self.bias[phase_index * K..][..K];
         let (t_lo, t_hi) = range(self.tiles(n), split.chunks, chunk);
         for t in t_lo..t_hi {
             let q0 = first + t * R;
-            let mut acc = [[S::zero(); SMALL_K]; R];
+            let mut acc = [[S::zero(); K]; R];
             let a = input.add(q0 * cs);
-            for (ti, &off) in taps.iter().enumerate() {
+            for (ti, &(dy, dx)) in phase.taps.iter().enumerate() {
+                let at = a.offset((dy * wp as isize + dx) * cs as isize);
                 let mut c = 0;
                 while c < self.cin {
                     let valid = self.cin - c;
-                    let mut xs = [S::zero(); R];
-                    for (r, x) in xs.iter_mut().enumerate() {
-                        *x = S::load_n(a.offset(off).add(r * cs + c), valid);
+                    let mut wv = [S::zero(); K];
+                    for (k, v) in wv.iter_mut().enumerate() {
+                        *v = S::load(weights.add((k * ntaps + ti) * self.cin_padded + c));
                     }
-                    for k in 0..self.cout {
-                        let wv = S::load(weights.add((k * taps.len() + ti) * self.cin_padded + c));
-                        for r in 0..R {
-                            acc[r][k] = S::fma(xs[r], wv, acc[r][k]);
+                    for (r, row) in acc.iter_mut().enumerate() {
+                        let x = S::load_n(at.add(r * cs + c), valid);
+                        for k in 0..K {
+                            row[k] = S::fma(x, wv[k], row[k]);
                         }
                     }
                     c += S::LANES;
@@ -378,7 +408,7 @@ impl SmallKConv {
                     img * out_per_image + ((py - 1) * self.up + phase.sub.0 + 1) * (ow + 2) + (px - 1) * self.up + phase.sub.1 + 1
                 };
                 let dst = output.add(out * self.output.cs);
-                for k in 0..self.cout {
+                for k in 0..K {
                     *dst.add(k) = (S::sum(row[k]) + bias[k]).max(self.min).min(self.max);
                 }
             }
