@@ -825,6 +825,24 @@ unsafe fn run_item_avx2(plan: &Plan, step: &Step, ctx: &Ctx, split: Split, item:
     unsafe { run_item::<super::simd::Avx2>(plan, step, ctx, split, item, scratch) }
 }
 
+/// Runs one item with the kernels of the plan's instruction set.
+///
+/// # Safety
+/// The plan was compiled for an instruction set this CPU has (checked then); `ctx` and
+/// `scratch` are laid out for the plan and batch.
+#[inline]
+unsafe fn dispatch(plan: &Plan, step: &Step, ctx: &Ctx, split: Split, item: usize, scratch: *mut f32) {
+    unsafe {
+        match plan.isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => run_item_avx512(plan, step, ctx, split, item, scratch),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => run_item_avx2(plan, step, ctx, split, item, scratch),
+            _ => run_item::<super::simd::Portable>(plan, step, ctx, split, item, scratch),
+        }
+    }
+}
+
 /// Zeroes the one-pixel border of image `img` of `buffer`.
 unsafe fn zero_border(plan: &Plan, ctx: &Ctx, buffer: usize, img: usize) {
     let b = &plan.buffers[buffer];
@@ -847,7 +865,6 @@ pub struct Session {
     plan: Arc<Plan>,
     threads: usize,
     arena: Vec<f32>,
-    arena_batch: usize,
     scratch: Vec<f32>,
     output: Vec<f32>,
     counters: Vec<AtomicUsize>,
@@ -865,7 +882,7 @@ impl Session {
         let counters = (0..plan.steps.len()).map(|_| AtomicUsize::new(0)).collect();
         let scratch = vec![0f32; plan.scratch_floats * threads];
         let timings = (0..plan.steps.len()).map(|_| AtomicU64::new(0)).collect();
-        Ok(Session { plan, threads, arena: Vec::new(), arena_batch: 0, scratch, output: Vec::new(), counters, timings, profile: false, team })
+        Ok(Session { plan, threads, arena: Vec::new(), scratch, output: Vec::new(), counters, timings, profile: false, team })
     }
 
     pub fn plan(&self) -> &Arc<Plan> {
@@ -896,23 +913,19 @@ impl Session {
         let plan = Arc::clone(&self.plan);
         ensure!(n > 0, "empty batch");
         ensure!(input.len() == n * plan.input_len(), "input has {} values, the plan expects {n}×{}", input.len(), plan.input_len());
-        if n > self.arena_batch {
-            // Grown once to the largest batch seen; every buffer offset scales with n.
-            let len = n * plan.arena_per_image + 16;
-            self.arena = vec![0f32; len];
+        let threads = self.threads;
+        // Grown to the largest batch seen; every buffer offset scales with n.
+        let arena_len = n * plan.arena_per_image + 16;
+        if self.arena.len() < arena_len + 16 {
+            self.arena = vec![0f32; arena_len + 16];
+        }
+        if self.output.len() < n * plan.output_len() {
             self.output = vec![0f32; n * plan.output_len()];
-            self.arena_batch = n;
         }
         // 64-byte alignment of the arena start.
         let align = self.arena.as_ptr().align_offset(64).min(15);
-        let ctx = Ctx {
-            arena: unsafe { self.arena.as_mut_ptr().add(align) },
-            offsets: plan.offsets.as_ptr(),
-            n,
-            input: input.as_ptr(),
-            output: self.output.as_mut_ptr(),
-        };
-        let threads = self.threads;
+        let arena = unsafe { self.arena.as_mut_ptr().add(align) };
+        let ctx = Ctx { arena, offsets: plan.offsets.as_ptr(), n, input: input.as_ptr(), output: self.output.as_mut_ptr() };
         let work: Vec<(Split, usize)> = plan
             .steps
             .iter()
@@ -928,7 +941,6 @@ impl Session {
         let scratch = self.scratch.as_mut_ptr() as usize;
         let per_thread = plan.scratch_floats;
         let counters = &self.counters;
-        let isa = plan.isa;
         let (profile, timings) = (self.profile, &self.timings);
         let body = |tid: usize, barrier: Option<&SpinBarrier>| {
             let scratch = (scratch as *mut f32).wrapping_add(tid * per_thread);
@@ -940,16 +952,8 @@ impl Session {
                     if item >= items {
                         break;
                     }
-                    // SAFETY: the plan was compiled for `isa`, which this CPU has (checked then).
-                    unsafe {
-                        match isa {
-                            #[cfg(target_arch = "x86_64")]
-                            Isa::Avx512 => run_item_avx512(&plan, step, &ctx, split, item, scratch),
-                            #[cfg(target_arch = "x86_64")]
-                            Isa::Avx2 => run_item_avx2(&plan, step, &ctx, split, item, scratch),
-                            _ => run_item::<super::simd::Portable>(&plan, step, &ctx, split, item, scratch),
-                        }
-                    }
+                    // SAFETY: items of one step write disjoint parts of the arena.
+                    unsafe { dispatch(&plan, step, &ctx, split, item, scratch) };
                 }
                 if let Some(b) = barrier {
                     b.wait();
