@@ -58,6 +58,18 @@ fn main() -> Result<()> {
     if args.iter().any(|a| a == "--plan") {
         return plan_bench(&state, &args, &arch, batch, size, steps, warmup);
     }
+    if args.iter().any(|a| a == "--rss-probe") {
+        rss("state built");
+        let m = segctl::model::inference::InferenceModel::new(state, segctl::model::inference::InferenceOptions { threads: 1 })?;
+        rss("inference model");
+        let input = vec![0.1f32; 3 * size * size];
+        m.logits(&input, 1)?;
+        rss("one call");
+        let s = m.plan_summary().unwrap();
+        eprintln!("weights {} arena {} scratch {}", s.weight_bytes, s.arena_bytes_per_image, s.scratch_bytes_per_thread);
+        unsafe { libmimalloc_sys::mi_stats_print_out(None, std::ptr::null_mut()) };
+        return Ok(());
+    }
     let mut opt = AdamW::new(state.trainable_vars(), OptimizerConfig::default())?;
     let loss = SegLoss::new(&LossConfig::default(), &device)?;
     let x = Tensor::randn(0f32, 1f32, (batch, 3, size, size), &device)?;
@@ -108,8 +120,17 @@ fn plan_bench(state: &ModelState, args: &[String], arch: &str, batch: usize, siz
         _ => WinogradPolicy::Auto,
     };
     options.batch = arg(args, "--plan-batch", "1").parse()?;
-    let plan = std::sync::Arc::new(Plan::compile(&state.model.lower()?, &options)?);
+    rss("model built");
+    let graph = state.model.lower()?;
+    rss("graph lowered");
+    let plan = std::sync::Arc::new(Plan::compile(&graph, &options)?);
+    rss("plan compiled");
+    if std::env::var_os("BENCH_STATS").is_some() { unsafe { libmimalloc_sys::mi_stats_print_out(None, std::ptr::null_mut()) }; }
+    drop(graph);
+    rss("graph dropped");
     let mut session = Session::new(plan.clone(), threads)?;
+    rss("session made");
+    if std::env::var_os("BENCH_RSS").is_some() { eprintln!("arena/img {} scratch {} out {}", plan.arena_per_image, plan.scratch_floats, plan.output_len()); }
     let input: Vec<f32> = (0..batch * plan.input_len()).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
     let profile = args.iter().any(|a| a == "--profile");
     let mut times = Vec::new();
@@ -118,6 +139,9 @@ fn plan_bench(state: &ModelState, args: &[String], arch: &str, batch: usize, siz
         session.set_profiling(profile && i >= warmup);
         let t0 = Instant::now();
         session.run(&input, batch)?;
+        if i < 2 {
+            rss("a call");
+        }
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());
             if profile {
@@ -128,6 +152,7 @@ fn plan_bench(state: &ModelState, args: &[String], arch: &str, batch: usize, siz
             }
         }
     }
+    rss("after runs");
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = times[times.len() / 2];
     let summary = plan.summary();
@@ -160,3 +185,27 @@ fn step_shape(step: &segctl::model::kernels::plan::Step) -> String {
         _ => String::new(),
     }
 }
+
+fn rss(stage: &str) {
+    if std::env::var_os("BENCH_RSS").is_some() {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let line = status.lines().find(|l| l.starts_with("VmRSS")).unwrap_or("");
+        eprintln!("{stage}: {line}");
+        if std::env::var_os("BENCH_SMAPS").is_some() {
+            let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+            let mut range = "";
+            for l in smaps.lines() {
+                if l.contains('-') && !l.starts_with(|c: char| c.is_ascii_uppercase()) {
+                    range = l;
+                } else if let Some(v) = l.strip_prefix("AnonHugePages:").or_else(|| l.strip_prefix("Rss:")) {
+                    let kb: usize = v.trim().trim_end_matches(" kB").trim().parse().unwrap_or(0);
+                    if kb > 4096 {
+                        eprintln!("    {kb} kB {range}");
+                    }
+                }
+            }
+        }
+    }
+}
+#[allow(dead_code)]
+fn _unused() {}

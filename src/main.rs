@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-// Training and inference allocate and free many large tensors per step; glibc's allocator
-// returns them to the kernel each time (page faults and zeroing dominated CPU profiles).
+// Training allocates and frees many large tensors per step; glibc's allocator returns them to
+// the kernel each time (page faults and zeroing dominated CPU profiles).
 /// `mi_option_purge_delay` in mimalloc.h (v2 and v3); libmimalloc-sys does not export it.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
@@ -23,8 +23,12 @@ fn keep_freed_memory() {
 }
 
 fn main() -> ExitCode {
-    keep_freed_memory();
     let args = cli::Cli::parse();
+    // Only training needs it: the inference engine allocates nothing per call, and a server
+    // should give memory back after a burst (mimalloc's default purge delay).
+    if matches!(args.command, cli::Command::Train(_)) {
+        keep_freed_memory();
+    }
     cli::init_logging(&args.global);
     match cli::run(args) {
         Ok(code) => code,

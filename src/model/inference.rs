@@ -59,6 +59,9 @@ impl InferenceModel {
             spec.input_size
         );
         let threads = if options.threads == 0 { available_cores() } else { options.threads };
+        drop(graph);
+        // Loading held the checkpoint, the candle model and the graph: give that memory back.
+        crate::util::release_free_memory();
         Ok(Self { spec, backend: Backend::Plan { plan: Arc::new(plan), sessions: Mutex::new(Vec::new()), threads } })
     }
 

@@ -112,8 +112,9 @@ pub enum StepKind {
 pub struct Step {
     pub kind: StepKind,
     /// The kernel for batches of [`LARGE_BATCH`] and more, where it differs (Winograd's
-    /// larger weights pay only when reused over more images).
-    pub alt: Option<StepKind>,
+    /// larger weights pay only when reused over more images): built on the first such batch,
+    /// so a server that only ever sees single images never holds its weights.
+    pub alt: Option<Box<LazyKernel>>,
     /// Buffers whose zero border this step writes (it writes them first).
     pub zero_borders: Vec<usize>,
     /// Floating-point operations per image (multiply-adds count two).
@@ -129,12 +130,45 @@ impl Step {
         kind_name(&self.kind)
     }
 
-    /// The kernel a batch of `n` runs.
+    /// The kernel a batch of `n` runs (the large-batch one only once built).
     pub fn for_batch(&self, n: usize) -> &StepKind {
-        match &self.alt {
+        match self.alt.as_ref().and_then(|a| a.built.get()) {
             Some(alt) if n >= LARGE_BATCH => alt,
             _ => &self.kind,
         }
+    }
+}
+
+/// A kernel compiled on first use, from the layer it computes.
+#[derive(Debug)]
+pub struct LazyKernel {
+    conv: ConvOp,
+    input: View,
+    output: View,
+    residual: Option<View>,
+    up: usize,
+    lanes: usize,
+    policy: WinogradPolicy,
+    built: std::sync::OnceLock<StepKind>,
+}
+
+impl Clone for LazyKernel {
+    fn clone(&self) -> Self {
+        let built = std::sync::OnceLock::new();
+        if let Some(k) = self.built.get() {
+            let _ = built.set(k.clone());
+        }
+        Self { conv: self.conv.clone(), input: self.input, output: self.output, residual: self.residual, up: self.up, lanes: self.lanes, policy: self.policy, built }
+    }
+}
+
+impl LazyKernel {
+    fn build(&self) -> Result<&StepKind> {
+        if let Some(k) = self.built.get() {
+            return Ok(k);
+        }
+        let kind = lower_conv(&self.conv, self.input, self.output, self.residual, self.up, self.lanes, self.policy, LARGE_BATCH.max(8))?;
+        Ok(self.built.get_or_init(|| kind))
     }
 }
 
@@ -442,15 +476,7 @@ impl Plan {
         }
         let arena_per_image = assign_offsets(&mut buffers);
         let offsets = buffers.iter().map(|b| b.offset).collect();
-        let scratch_floats = steps
-            .iter()
-            .flat_map(|s| std::iter::once(&s.kind).chain(s.alt.as_ref()))
-            .map(|k| match k {
-                StepKind::Winograd(w) => w.scratch_floats(),
-                _ => 0,
-            })
-            .max()
-            .unwrap_or(0);
+        let scratch_floats = max_scratch(steps.iter().map(|s| &s.kind));
         let in_channels = channels[0];
         let out_channels = channels[graph.output];
         let out_size = sizes[graph.output];
@@ -474,7 +500,7 @@ impl Plan {
         let weight_bytes = self
             .steps
             .iter()
-            .flat_map(|s| std::iter::once(&s.kind).chain(s.alt.as_ref()))
+            .flat_map(|s| std::iter::once(&s.kind).chain(s.alt.as_ref().and_then(|a| a.built.get())))
             .map(|k| match k {
                 StepKind::Direct(d) => d.packed.len() + d.bias.len(),
                 StepKind::SmallK(d) => d.weights.len() + d.bias.len(),
@@ -498,7 +524,7 @@ impl Plan {
 }
 
 /// Sets the large-batch kernel of the step just pushed.
-fn set_alt(steps: &mut [Step], alt: Option<StepKind>) {
+fn set_alt(steps: &mut [Step], alt: Option<Box<LazyKernel>>) {
     if let Some(last) = steps.last_mut() {
         last.alt = alt;
     }
@@ -506,14 +532,40 @@ fn set_alt(steps: &mut [Step], alt: Option<StepKind>) {
 
 /// The kernel for `options.batch`, and the one for [`LARGE_BATCH`] when it differs.
 #[allow(clippy::too_many_arguments)]
-fn lower_conv_pair(conv: &ConvOp, input: View, output: View, residual: Option<View>, up: usize, lanes: usize, options: &PlanOptions) -> Result<(StepKind, Option<StepKind>)> {
+fn lower_conv_pair(conv: &ConvOp, input: View, output: View, residual: Option<View>, up: usize, lanes: usize, options: &PlanOptions) -> Result<(StepKind, Option<Box<LazyKernel>>)> {
     let kind = lower_conv(conv, input, output, residual, up, lanes, options.winograd, options.batch)?;
     if options.batch >= LARGE_BATCH {
         return Ok((kind, None));
     }
-    let large = lower_conv(conv, input, output, residual, up, lanes, options.winograd, 8)?;
-    let differs = kind_name(&large) != kind_name(&kind);
-    Ok((kind, differs.then_some(large)))
+    let choice = |batch| winograd_choice(conv, input, residual, up, lanes, options.winograd, batch);
+    if choice(options.batch) == choice(8) {
+        return Ok((kind, None));
+    }
+    let lazy = LazyKernel { conv: conv.clone(), input, output, residual, up, lanes, policy: options.winograd, built: std::sync::OnceLock::new() };
+    Ok((kind, Some(Box::new(lazy))))
+}
+
+/// The Winograd tile size a convolution runs with for `batch` (`None`: another kernel).
+fn winograd_choice(conv: &ConvOp, input: View, residual: Option<View>, up: usize, lanes: usize, policy: WinogradPolicy, batch: usize) -> Option<usize> {
+    let dense3 = conv.kind == ConvKind::Dense && conv.k == 3 && conv.stride == 1 && conv.pad == 1 && up == 1 && residual.is_none();
+    let transposed = conv.kind == ConvKind::Transposed && conv.k == 4 && conv.stride == 2 && conv.pad == 1;
+    if !(dense3 || transposed) || conv.cout <= SMALL_K {
+        return None;
+    }
+    let (r, phases) = if dense3 { (3, 1) } else { (2, 4) };
+    let candidates: &[usize] = if dense3 { &[4] } else { &[2, 3, 4] };
+    choose_winograd(input.h, input.w, conv.cin, conv.cout, phases, r, candidates, lanes, batch, policy)
+}
+
+/// Per-thread scratch floats the kernels need.
+fn max_scratch<'a>(kinds: impl Iterator<Item = &'a StepKind>) -> usize {
+    kinds
+        .map(|k| match k {
+            StepKind::Winograd(w) => w.scratch_floats(),
+            _ => 0,
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Buffers a step reads and writes.
@@ -680,15 +732,7 @@ fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Option<View>, 
             // Winograd: 3×3 stride-1 convolutions (one phase), transposed convolutions (four
             // phases of 2×2 correlations).
             let dense3 = conv.kind == ConvKind::Dense && k == 3 && conv.stride == 1 && up == 1 && residual.is_none();
-            let transposed = conv.kind == ConvKind::Transposed;
-            let choice = if dense3 || transposed {
-                let r = if dense3 { 3 } else { 2 };
-                let candidates: &[usize] = if dense3 { &[4] } else { &[2, 3, 4] };
-                choose_winograd(input.h, input.w, cin, cout, phases.len(), r, candidates, lanes, batch, policy)
-            } else {
-                None
-            };
-            if let Some(m) = choice {
+            if let Some(m) = winograd_choice(conv, input, residual, up, lanes, policy, batch) {
                 let transform = winograd::Transform::new(m, if dense3 { 3 } else { 2 });
                 let mr = gemm::tile_rows(lanes, nv);
                 let cin_padded = cin.div_ceil(lanes) * lanes;
@@ -912,6 +956,18 @@ impl Session {
     pub fn run(&mut self, input: &[f32], n: usize) -> Result<&[f32]> {
         let plan = Arc::clone(&self.plan);
         ensure!(n > 0, "empty batch");
+        if n >= LARGE_BATCH {
+            // The large-batch kernels, compiled on the first large batch (once per plan).
+            for step in &plan.steps {
+                if let Some(alt) = &step.alt {
+                    alt.build()?;
+                }
+            }
+        }
+        let scratch_floats = max_scratch(plan.steps.iter().map(|s| s.for_batch(n)));
+        if self.scratch.len() < scratch_floats * self.threads {
+            self.scratch = vec![0f32; scratch_floats * self.threads];
+        }
         ensure!(input.len() == n * plan.input_len(), "input has {} values, the plan expects {n}×{}", input.len(), plan.input_len());
         let threads = self.threads;
         // Grown to the largest batch seen; every buffer offset scales with n.
@@ -939,7 +995,7 @@ impl Session {
             c.store(0, Ordering::Relaxed);
         }
         let scratch = self.scratch.as_mut_ptr() as usize;
-        let per_thread = plan.scratch_floats;
+        let per_thread = scratch_floats;
         let counters = &self.counters;
         let (profile, timings) = (self.profile, &self.timings);
         let body = |tid: usize, barrier: Option<&SpinBarrier>| {

@@ -21,7 +21,7 @@
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use super::conv::{Split, range};
-use super::gemm::{self, tile, tile_rows};
+use super::gemm::{tile, tile_rows};
 use super::plan::{Ctx, View};
 use super::simd::Simd;
 
@@ -446,15 +446,19 @@ impl WinogradConv {
     }
 }
 
-/// Transforms and packs one phase's weights for [`WinogradConv`]: `g(k, c)` is the r×r
-/// kernel (row-major) of output channel `k` and input channel `c`.
+/// Transforms and packs one phase's weights for [`WinogradConv`], `[ξ][panel][cin][nr]`:
+/// `g(k, c)` is the r×r kernel (row-major) of output channel `k` and input channel `c`.
 pub fn pack(transform: &Transform, cin: usize, cout: usize, nr: usize, g: impl Fn(usize, usize) -> Vec<f32>) -> Vec<f32> {
-    let transformed: Vec<Vec<f32>> = (0..cout * cin).map(|i| transform.kernel(&g(i / cin, i % cin))).collect();
     let xi_count = transform.alpha * transform.alpha;
     let panels = cout.div_ceil(nr);
-    let mut out = Vec::with_capacity(xi_count * panels * cin * nr);
-    for xi in 0..xi_count {
-        out.extend(gemm::pack_panels(1, cin, cout, nr, |_, c, k| transformed[k * cin + c][xi]));
+    let mut out = vec![0f32; xi_count * panels * cin * nr];
+    for k in 0..cout {
+        let (p, j) = (k / nr, k % nr);
+        for c in 0..cin {
+            for (xi, v) in transform.kernel(&g(k, c)).into_iter().enumerate() {
+                out[((xi * panels + p) * cin + c) * nr + j] = v;
+            }
+        }
     }
     out
 }
