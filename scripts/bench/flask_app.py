@@ -1,40 +1,75 @@
-"""The "classic stack" competitor of `segctl serve`: Flask + PyTorch (CPU), run under gunicorn.
+"""The "classic stack" competitor of `segctl serve`: Flask under gunicorn, with onnxruntime
+(what a Python team deploys on CPU) or PyTorch eager as the model runtime.
 
 POST /segment with the raw JPEG/PNG body answers the class-id mask as a PNG at the photo's
 size, doing per request what segctl's `:segment` does: decode (EXIF orientation applied),
 RGB, bilinear resize to 128x128, normalise (x/255 for unet, ImageNet mean/std for
-mobilenetv2_unet), model forward (eval mode, inference_mode), bilinear up-sampling of the
-logits to the photo's size (align_corners=False), argmax, PNG encoding.
+mobilenetv2_unet), model forward, bilinear up-sampling of the logits to the photo's size
+(pixel centres aligned, as align_corners=False), argmax, PNG encoding.
 GET /readyz answers 200 once the model has loaded and run a warm-up inference.
 
-Environment: ARCH (unet | mobilenetv2_unet, default mobilenetv2_unet), TORCH_THREADS
-(torch.set_num_threads per worker process, default 1), IMAGE_SIZE (default 128).
+Environment:
+  ARCH          smoke | unet | mobilenetv2_unet                   [mobilenetv2_unet]
+  BACKEND       onnxruntime | torch                               [onnxruntime]
+  ONNX_PATH     the exported model (onnxruntime; exported here when unset)
+  MODEL_THREADS intra-op threads per worker process               [1]
+  IMAGE_SIZE    model input side                                  [128]
 
-  ARCH=unet TORCH_THREADS=1 gunicorn -w 2 -b 127.0.0.1:8000 --chdir scripts/bench flask_app:app
+  ARCH=smoke BACKEND=onnxruntime ONNX_PATH=/tmp/smoke.onnx gunicorn -w 2 -b 127.0.0.1:8000 --chdir scripts/bench flask_app:app
 """
 
 import io
 import os
 import sys
+import tempfile
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from flask import Flask, Response, request
 from PIL import Image, ImageOps
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import torch_models  # noqa: E402
+from normalization import NORMALIZATION  # noqa: E402
 
 ARCH = os.environ.get("ARCH", "mobilenetv2_unet")
+BACKEND = os.environ.get("BACKEND", "onnxruntime")
 SIZE = int(os.environ.get("IMAGE_SIZE", "128"))
-torch.set_num_threads(int(os.environ.get("TORCH_THREADS", "1")))
-torch.manual_seed(0)
+THREADS = int(os.environ.get("MODEL_THREADS", os.environ.get("TORCH_THREADS", "1")))
+_mean, _std = NORMALIZATION[ARCH]
+MEAN = np.array(_mean, dtype=np.float32).reshape(3, 1, 1)
+STD = np.array(_std, dtype=np.float32).reshape(3, 1, 1)
 
-MODEL = torch_models.build_model(ARCH).eval()
-_mean, _std = torch_models.NORMALIZATION[ARCH]
-MEAN = torch.tensor(_mean).view(3, 1, 1)
-STD = torch.tensor(_std).view(3, 1, 1)
+if BACKEND == "onnxruntime":
+    import onnxruntime as ort
+
+    path = os.environ.get("ONNX_PATH")
+    if not path:
+        import torch
+        import torch_models
+
+        torch.manual_seed(0)
+        path = os.path.join(tempfile.mkdtemp(), f"{ARCH}.onnx")
+        torch_models.export_onnx(torch_models.build_model(ARCH), path, SIZE)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    SESSION = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def logits_of(x):
+        return SESSION.run(None, {"image": x})[0][0]
+elif BACKEND == "torch":
+    import torch
+    import torch_models
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    MODEL = torch_models.build_model(ARCH).eval()
+
+    def logits_of(x):
+        with torch.inference_mode():
+            return MODEL(torch.from_numpy(x)).numpy()[0]
+else:
+    raise SystemExit(f"BACKEND must be onnxruntime or torch, not {BACKEND}")
 
 
 def segment_bytes(data: bytes) -> bytes:
@@ -42,12 +77,12 @@ def segment_bytes(data: bytes) -> bytes:
         im = ImageOps.exif_transpose(im).convert("RGB")
     width, height = im.size
     small = im.resize((SIZE, SIZE), Image.BILINEAR)
-    x = torch.from_numpy(np.array(small)).permute(2, 0, 1).float().div_(255.0)
-    x = ((x - MEAN) / STD).unsqueeze(0)
-    with torch.inference_mode():
-        logits = MODEL(x)
-        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        mask = logits.argmax(dim=1)[0].to(torch.uint8).numpy()
+    x = np.asarray(small, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    x = ((x - MEAN) / STD)[None].astype(np.float32)
+    logits = logits_of(x)
+    # Bilinear up-sampling of each class plane (PIL float images), then argmax.
+    planes = [np.asarray(Image.fromarray(c).resize((width, height), Image.BILINEAR)) for c in logits]
+    mask = np.argmax(np.stack(planes), axis=0).astype(np.uint8)
     out = io.BytesIO()
     Image.fromarray(mask).save(out, format="PNG")  # uint8 HxW -> mode "L"
     return out.getvalue()

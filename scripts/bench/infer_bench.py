@@ -30,7 +30,7 @@ import onnxruntime as ort
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_models import build_model, parameter_count  # noqa: E402
+from torch_models import build_model, export_onnx as export_model, parameter_count  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,13 +49,8 @@ DESCRIPTION = {
 
 def export_onnx(arch, path, size):
     kwargs, _ = ARCHS[arch]
-    model = build_model(**kwargs).eval()
-    x = torch.randn(1, 3, size, size)
-    with torch.no_grad():
-        torch.onnx.export(
-            model, x, path, input_names=["image"], output_names=["logits"],
-            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
-        )
+    model = build_model(**kwargs)
+    export_model(model, path, size)
     return parameter_count(model)
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Serving throughput and latency: `segctl serve` vs Flask + PyTorch under gunicorn (CPU).
+# Serving throughput and latency: `segctl serve` vs Flask under gunicorn with onnxruntime (the
+# stack a Python team deploys on CPU), and with PyTorch eager as a second row.
 #
 # Per request both servers decode a real-sized JPEG, resize it to 128x128 (bilinear),
 # normalise, run the model, up-sample the logits bilinearly to the photo's size, take the
@@ -8,19 +9,20 @@
 #
 # Usage (repo root):  scripts/bench/serve_bench.sh
 # Environment (defaults in brackets):
-#   ARCH             mobilenetv2_unet | unet                         [mobilenetv2_unet]
+#   ARCH             smoke (configs/smoke.yaml) | unet | mobilenetv2_unet   [mobilenetv2_unet]
+#   BACKENDS         Flask model runtimes, first = the main competitor  ["onnxruntime torch"]
 #   DURATION         seconds per measured point                      [20]
 #   CONCURRENCY      client connections to measure                   ["1 8 64"]
 #   WARMUP           seconds of warm-up load per server              [5]
-#   FLASK_CONFIGS    gunicorn candidates "workers:threads:torch_threads" ...; the one with the
+#   FLASK_CONFIGS    gunicorn candidates "workers:threads:model_threads" ...; the one with the
 #                    highest req/s at 8 connections over SELECT_DURATION seconds is measured
 #                    ["2:1:1 1:2:1" = 2 sync workers x 1 torch thread | 1 gthread worker with
-#                    2 request threads x 1 torch thread]
+#                    2 request threads x 1 model thread], chosen per backend
 #   SELECT_DURATION  seconds per Flask candidate                     [5]
 #   IMAGE            JPEG to POST    [../shared/realpets/images/american_bulldog_100.jpg if it
 #                    exists, else the largest image of a synthetic dataset]
 #   SEGCTL           segctl binary                                   [target/release/segctl]
-#   PYTHON           Python with torch, timm, flask, gunicorn, pillow, numpy     [python3]
+#   PYTHON           Python with torch, timm, onnx, onnxruntime, flask, gunicorn, pillow, numpy [python3]
 #   WRK_TIMEOUT      wrk request timeout                             [30s]
 #   OUT              JSON results        [scripts/bench/results/serve-$ARCH.json]
 set -euo pipefail
@@ -28,6 +30,7 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 ARCH="${ARCH:-mobilenetv2_unet}"
+BACKENDS="${BACKENDS:-onnxruntime torch}"
 DURATION="${DURATION:-20}"
 CONCURRENCY="${CONCURRENCY:-1 8 64}"
 WARMUP="${WARMUP:-5}"
@@ -39,11 +42,15 @@ WRK_TIMEOUT="${WRK_TIMEOUT:-30s}"
 OUT="${OUT:-$HERE/results/serve-$ARCH.json}"
 HELPER="$PYTHON $HERE/serve_helper.py"
 
-case "$ARCH" in unet|mobilenetv2_unet) ;; *) echo "ARCH must be unet or mobilenetv2_unet" >&2; exit 2 ;; esac
+case "$ARCH" in
+  smoke) SEGCTL_MODEL=(--config "$REPO/configs/smoke.yaml" --set model.arch=unet) ;;
+  unet|mobilenetv2_unet) SEGCTL_MODEL=(--set model.arch="$ARCH" --set model.unet.depth=4 --set model.unet.base_width=32) ;;
+  *) echo "ARCH must be smoke, unet or mobilenetv2_unet" >&2; exit 2 ;;
+esac
 [ -x "$SEGCTL" ] || { echo "$SEGCTL not found: build it with 'cargo build --release'" >&2; exit 2; }
 command -v wrk >/dev/null || { echo "wrk not found: apt-get install -y wrk" >&2; exit 2; }
-$PYTHON -c "import torch, timm, flask, gunicorn, PIL, numpy" 2>/dev/null || {
-  echo "$PYTHON lacks torch/timm/flask/gunicorn/pillow/numpy: pip install -r scripts/bench/requirements.txt (or set PYTHON)" >&2; exit 2; }
+$PYTHON -c "import torch, timm, onnx, onnxruntime, flask, gunicorn, PIL, numpy" 2>/dev/null || {
+  echo "$PYTHON lacks torch/timm/onnx/onnxruntime/flask/gunicorn/pillow/numpy: pip install -r scripts/bench/requirements.txt (or set PYTHON)" >&2; exit 2; }
 
 T="$(mktemp -d /tmp/segctl-serve-bench.XXXXXX)"
 SERVER_PID=""
@@ -56,7 +63,16 @@ stop_server() {
     SERVER_PID=""
   fi
 }
-cleanup() { stop_server; rm -rf "$T"; }
+RSS_PID=""
+# Samples the resident memory of a process and its children (gunicorn's workers) every 0.2 s.
+start_rss() {  # start_rss PID FILE
+  ( while kill -0 "$1" 2>/dev/null; do
+      ps -o rss= --pid "$1" --ppid "$1" 2>/dev/null | awk '{s+=$1} END {print s+0}' >>"$2"; sleep 0.2
+    done ) &
+  RSS_PID=$!
+}
+stop_rss() { if [ -n "$RSS_PID" ]; then kill "$RSS_PID" 2>/dev/null || true; wait "$RSS_PID" 2>/dev/null || true; RSS_PID=""; fi; }
+cleanup() { stop_rss; stop_server; rm -rf "$T"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 log() { echo "[serve_bench] $*" >&2; }
@@ -64,14 +80,16 @@ log() { echo "[serve_bench] $*" >&2; }
 # --- the model repository (segctl side) and the photo ----------------------------------------
 log "building a $ARCH model repository in $T (1 training step on 40 synthetic samples)"
 "$SEGCTL" -q fetch-data --synthetic 40 --root "$T/data" >/dev/null
-"$SEGCTL" -q train --set data.root="$T/data" --set model.arch="$ARCH" --set model.encoder.weights=none \
-  --set model.unet.depth=4 --set model.unet.base_width=32 \
+"$SEGCTL" -q train "${SEGCTL_MODEL[@]}" --set data.root="$T/data" --set model.encoder.weights=none \
   --set train.output_dir="$T/runs" --set train.run_name=bench --set train.epochs=1 \
   --set train.max_steps_per_epoch=1 --set train.batch_size=4 --set train.device=cpu >"$T/train.log" 2>&1 \
   || { cat "$T/train.log" >&2; exit 1; }
 # The Flask side builds the same architecture in PyTorch: compare the parameter counts.
 SEG_PARAMS="$(grep -o '([0-9]* parameters)' "$T/train.log" | head -1 | tr -dc 0-9 || true)"
 PT_PARAMS="$(cd "$HERE" && $PYTHON -c "import torch_models as m; print(m.parameter_count(m.build_model('$ARCH')))")"
+# The onnxruntime side runs the twin exported to ONNX once (every worker loads the same file).
+(cd "$HERE" && $PYTHON -c "import torch, torch_models as m; torch.manual_seed(0); m.export_onnx(m.build_model('$ARCH'), '$T/model.onnx')") 2>"$T/onnx.log" \
+  || { cat "$T/onnx.log" >&2; exit 1; }
 if [ "$SEG_PARAMS" != "$PT_PARAMS" ]; then
   log "WARNING: segctl's $ARCH has ${SEG_PARAMS:-?} parameters, the PyTorch twin $PT_PARAMS: the servers do not run the same network"
 else
@@ -107,15 +125,18 @@ run_wrk() {
   echo "$out"
 }
 
-# measure NAME URL: warm-up, then every concurrency level
+# measure NAME URL: warm-up, then every concurrency level, with the server's peak RSS per level
 measure() {
   local name="$1" url="$2" c out
   log "$name: warm-up ${WARMUP}s at 8 connections"
   run_wrk "$name-warmup" 8 "$WARMUP" "$url" >/dev/null
   for c in $CONCURRENCY; do
     log "$name: ${DURATION}s at $c connection(s)"
+    : >"$T/rss-$name-$c"
+    start_rss "$SERVER_PID" "$T/rss-$name-$c"
     out="$(run_wrk "$name" "$c" "$DURATION" "$url")"
-    $HELPER point "$POINTS" "$name" "$c" "$out" >/dev/null
+    stop_rss
+    $HELPER point "$POINTS" "$name" "$c" "$out" "$T/rss-$name-$c" >/dev/null
   done
 }
 
@@ -133,13 +154,14 @@ log "segctl answer: $SEGCTL_CHECK"
 measure segctl "$SEGCTL_URL"
 stop_server
 
-# --- Flask + PyTorch under gunicorn ---------------------------------------------------------------
-start_flask() {  # start_flask "workers:threads:torch_threads" -> sets SERVER_PID, FLASK_URL
-  local w th tt extra=()
-  IFS=: read -r w th tt <<<"$1"
+# --- Flask under gunicorn, per model runtime ----------------------------------------------------
+start_flask() {  # start_flask BACKEND "workers:threads:model_threads" -> sets SERVER_PID, FLASK_URL
+  local backend="$1" w th tt extra=()
+  IFS=: read -r w th tt <<<"$2"
   if [ "$th" -gt 1 ]; then extra=(--worker-class gthread --threads "$th"); fi
   PORT="$($HELPER port)"
-  ARCH="$ARCH" TORCH_THREADS="$tt" OMP_NUM_THREADS="$tt" $PYTHON -m gunicorn --chdir "$HERE" \
+  ARCH="$ARCH" BACKEND="$backend" ONNX_PATH="$T/model.onnx" MODEL_THREADS="$tt" OMP_NUM_THREADS="$tt" \
+    $PYTHON -m gunicorn --chdir "$HERE" \
     --bind "127.0.0.1:$PORT" --workers "$w" "${extra[@]}" --timeout 120 --backlog 2048 \
     --log-level warning flask_app:app >"$T/gunicorn.log" 2>&1 &
   SERVER_PID=$!
@@ -147,54 +169,56 @@ start_flask() {  # start_flask "workers:threads:torch_threads" -> sets SERVER_PI
   sleep 2  # let every worker finish loading (each loads the model and runs a warm-up inference)
   FLASK_URL="http://127.0.0.1:$PORT/segment"
 }
-describe() {
+describe() {  # describe BACKEND SPEC
   local w th tt
-  IFS=: read -r w th tt <<<"$1"
-  if [ "$th" -gt 1 ]; then echo "$w gthread worker(s) x $th threads, torch.set_num_threads($tt)";
-  else echo "$w sync worker(s), torch.set_num_threads($tt)"; fi
+  IFS=: read -r w th tt <<<"$2"
+  if [ "$th" -gt 1 ]; then echo "$1, $w gthread worker(s) x $th threads, $tt model thread(s)";
+  else echo "$1, $w sync worker(s), $tt model thread(s)"; fi
 }
 
-set -- $FLASK_CONFIGS
-BEST="$1"
-SELECTION="[]"
-if [ "$#" -gt 1 ]; then
-  BEST_RPS=0
-  SELECTION="["
-  for cfg in "$@"; do
-    log "Flask candidate $(describe "$cfg"): ${SELECT_DURATION}s at 8 connections (after ${WARMUP}s warm-up)"
-    start_flask "$cfg"
-    run_wrk flask-select-warmup 8 "$WARMUP" "$FLASK_URL" >/dev/null
-    out="$(run_wrk flask-select 8 "$SELECT_DURATION" "$FLASK_URL")"
-    rps="$($HELPER rps "$out")"
-    log "  -> $rps req/s"
-    SELECTION+="{\"config\": \"$cfg\", \"description\": \"$(describe "$cfg")\", \"requests_per_s_c8\": $rps},"
-    stop_server
-    if $PYTHON -c "import sys; sys.exit(0 if float(sys.argv[1]) > float(sys.argv[2]) else 1)" "$rps" "$BEST_RPS"; then
-      BEST="$cfg"; BEST_RPS="$rps"
-    fi
-  done
-  SELECTION="${SELECTION%,}]"
-fi
-FLASK_CONFIG="$(describe "$BEST")"
-log "Flask: measuring $FLASK_CONFIG"
-start_flask "$BEST"
-FLASK_CHECK="$($HELPER check "$FLASK_URL" "$IMAGE")" || { cat "$T/gunicorn.log" >&2; exit 1; }
-log "Flask answer: $FLASK_CHECK"
-measure flask "$FLASK_URL"
-stop_server
+FLASK_META="{"
+for backend in $BACKENDS; do
+  set -- $FLASK_CONFIGS
+  BEST="$1"
+  SELECTION="[]"
+  if [ "$#" -gt 1 ]; then
+    BEST_RPS=0
+    SELECTION="["
+    for cfg in "$@"; do
+      log "Flask candidate $(describe "$backend" "$cfg"): ${SELECT_DURATION}s at 8 connections (after ${WARMUP}s warm-up)"
+      start_flask "$backend" "$cfg"
+      run_wrk flask-select-warmup 8 "$WARMUP" "$FLASK_URL" >/dev/null
+      out="$(run_wrk flask-select 8 "$SELECT_DURATION" "$FLASK_URL")"
+      rps="$($HELPER rps "$out")"
+      log "  -> $rps req/s"
+      SELECTION+="{\"config\": \"$cfg\", \"description\": \"$(describe "$backend" "$cfg")\", \"requests_per_s_c8\": $rps},"
+      stop_server
+      if $PYTHON -c "import sys; sys.exit(0 if float(sys.argv[1]) > float(sys.argv[2]) else 1)" "$rps" "$BEST_RPS"; then
+        BEST="$cfg"; BEST_RPS="$rps"
+      fi
+    done
+    SELECTION="${SELECTION%,}]"
+  fi
+  log "Flask: measuring $(describe "$backend" "$BEST")"
+  start_flask "$backend" "$BEST"
+  CHECK="$($HELPER check "$FLASK_URL" "$IMAGE")" || { cat "$T/gunicorn.log" >&2; exit 1; }
+  log "Flask ($backend) answer: $CHECK"
+  measure "flask-$backend" "$FLASK_URL"
+  stop_server
+  FLASK_META+="\"flask-$backend\": {\"config\": \"$(describe "$backend" "$BEST")\", \"spec\": \"$BEST\", \"selection\": $SELECTION, \"answer\": $CHECK},"
+done
+FLASK_META="${FLASK_META%,}}"
 
 # --- report -----------------------------------------------------------------------------------------
-META=$($PYTHON - "$IMAGE" "$IMG_W" "$IMG_H" "$DURATION" "$WARMUP" "$CONCURRENCY" "$SEGCTL_CONFIG" "$FLASK_CONFIG" "$BEST" \
-  "$SELECTION" "$SEGCTL_CHECK" "$FLASK_CHECK" "$WRK_TIMEOUT" <<'EOF'
+META=$($PYTHON - "$IMAGE" "$IMG_W" "$IMG_H" "$DURATION" "$WARMUP" "$CONCURRENCY" "$SEGCTL_CONFIG" "$FLASK_META" \
+  "$SEGCTL_CHECK" "$WRK_TIMEOUT" <<'EOF'
 import json, sys, importlib.metadata as md
 a = sys.argv[1:]
-v = {p: md.version(p) for p in ("torch", "timm", "flask", "gunicorn", "pillow", "numpy")}
+v = {p: md.version(p) for p in ("torch", "timm", "onnx", "onnxruntime", "flask", "gunicorn", "pillow", "numpy")}
 print(json.dumps({"image": a[0], "image_w": int(a[1]), "image_h": int(a[2]), "duration_s": float(a[3]),
                   "warmup_s": float(a[4]), "concurrency": [int(c) for c in a[5].split()],
-                  "segctl_config": a[6], "flask_config": a[7], "flask_config_spec": a[8],
-                  "flask_selection": json.loads(a[9]), "segctl_answer": json.loads(a[10]),
-                  "flask_answer": json.loads(a[11]), "wrk_timeout": a[12], "wrk_threads": "min(connections, 2)",
-                  "versions": v}))
+                  "segctl_config": a[6], "competitors": json.loads(a[7]), "segctl_answer": json.loads(a[8]),
+                  "wrk_timeout": a[9], "wrk_threads": "min(connections, 2)", "versions": v}))
 EOF
 )
 $HELPER report "$POINTS" "$OUT" "$ARCH" "$META"

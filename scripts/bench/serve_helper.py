@@ -114,7 +114,7 @@ def drain(url, image):
     print(f"{time.perf_counter() - t0:.2f}")
 
 
-def point(points_file, name, concurrency, wrk_out):
+def point(points_file, name, concurrency, wrk_out, rss_file=None):
     text = open(wrk_out).read()
     line = next((l for l in text.splitlines() if l.startswith("WRK_JSON ")), None)
     if line is None:
@@ -123,6 +123,9 @@ def point(points_file, name, concurrency, wrk_out):
     p.update(server=name, concurrency=int(concurrency))
     # wrk counts non-2xx/3xx answers as requests too: keep only the successful ones.
     p["ok_requests_per_s"] = (p["requests"] - p["errors"]["status"]) / (p["duration_us"] / 1e6)
+    if rss_file:
+        samples = [int(l) for l in open(rss_file) if l.strip().isdigit()]
+        p["peak_rss_mb"] = max(samples) / 1024 if samples else None
     with open(points_file, "a") as f:
         f.write(json.dumps(p) + "\n")
     e = p["errors"]
@@ -153,31 +156,46 @@ def report(points_file, out, arch, meta_json):
     by = {}
     for p in points:
         by.setdefault(p["server"], {})[p["concurrency"]] = p
-    seg, fl = by.get("segctl", {}), by.get("flask", {})
-    levels = sorted(set(seg) | set(fl))
+    seg = by.get("segctl", {})
+    competitors = [name for name in by if name != "segctl"]
+    levels = sorted(set().union(*[set(v) for v in by.values()]))
     rows = []
     print()
     print(f"Serving `{arch}` (128x128 model input, {meta.get('image_w')}x{meta.get('image_h')} JPEG, "
           f"{meta.get('duration_s')} s per point, wrk on the same {os.cpu_count()}-core machine)")
-    print(f"segctl: {meta.get('segctl_config')}; Flask: gunicorn {meta.get('flask_config')}")
+    print(f"segctl: {meta.get('segctl_config')}")
+    for name in competitors:
+        print(f"{name}: gunicorn, {meta.get('competitors', {}).get(name, {}).get('config')}")
     print()
-    print("| concurrency | segctl req/s | p50 ms | p99 ms | Flask req/s | p50 ms | p99 ms | throughput ratio (segctl/Flask) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def cells(p):
+        if not p:
+            return ["-", "-", "-", "-"]
+        if p["requests"] == 0:
+            return ["0 (no answer in time)", "-", "-", "-"]
+        errs = p["errors"]["status"] + p["errors"]["timeout"]
+        mark = f" ({errs} err)" if errs else ""
+        rss = f"{p['peak_rss_mb']:.0f}" if p.get("peak_rss_mb") else "-"
+        return [f"{p['ok_requests_per_s']:.1f}{mark}", ms(p["latency_us"]["p50"]), ms(p["latency_us"]["p99"]), rss]
+
+    for name in competitors:
+        print(f"segctl against {name}:")
+        print()
+        print(f"| connections | segctl req/s | p50 ms | p99 ms | peak RSS MB | {name} req/s | p50 ms | p99 ms | peak RSS MB | segctl/{name} |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for c in levels:
+            s_, f = seg.get(c), by[name].get(c)
+            ratio = s_["ok_requests_per_s"] / f["ok_requests_per_s"] if s_ and f and f["ok_requests_per_s"] > 0 else None
+            print(f"| {c} | " + " | ".join(cells(s_) + cells(f)) + f" | {f'**{ratio:.2f}x**' if ratio else '-'} |")
+        print()
     for c in levels:
-        s, f = seg.get(c), fl.get(c)
-        ratio = s["ok_requests_per_s"] / f["ok_requests_per_s"] if s and f and f["ok_requests_per_s"] > 0 else None
-
-        def cells(p):
-            if not p:
-                return ["-", "-", "-"]
-            if p["requests"] == 0:
-                return ["0 (no answer in time)", "-", "-"]
-            errs = sum(p["errors"].values())
-            mark = f" ({errs} err)" if errs else ""
-            return [f"{p['ok_requests_per_s']:.1f}{mark}", ms(p["latency_us"]["p50"]), ms(p["latency_us"]["p99"])]
-
-        print(f"| {c} | " + " | ".join(cells(s) + cells(f)) + f" | {f'{ratio:.2f}x' if ratio else '-'} |")
-        rows.append({"concurrency": c, "segctl": s, "flask": f, "throughput_ratio_segctl_over_flask": ratio})
+        row = {"concurrency": c, "segctl": seg.get(c)}
+        for name in competitors:
+            f = by[name].get(c)
+            row[name] = f
+            s_ = seg.get(c)
+            row[f"throughput_ratio_segctl_over_{name}"] = s_["ok_requests_per_s"] / f["ok_requests_per_s"] if s_ and f and f["ok_requests_per_s"] > 0 else None
+        rows.append(row)
     result = {
         "benchmark": "serve", "arch": arch,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -14,13 +14,7 @@ from torch import nn
 
 NUM_CLASSES = 3
 
-# Normalisation of the model input, as segctl applies it (`Normalization::UNIT` / `IMAGENET`).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMALIZATION = {
-    "unet": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # x / 255
-    "mobilenetv2_unet": (IMAGENET_MEAN, IMAGENET_STD),  # (x / 255 - mean) / std
-}
+from normalization import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATION  # noqa: E402,F401
 
 
 def _bn(c):
@@ -109,12 +103,29 @@ class MobileNetV2Unet(nn.Module):
         return self.head(x)
 
 
+# configs/smoke.yaml's model.
+SMOKE_WIDTHS = (12, 16, 32, 64, 128, 256)
+
+
 def build_model(arch, depth=4, base_width=32, widths=None):
     if arch == "unet":
         return UNet(depth=depth, base_width=base_width, widths=widths)
+    if arch == "smoke":
+        return UNet(widths=SMOKE_WIDTHS)
     if arch == "mobilenetv2_unet":
         return MobileNetV2Unet()
-    raise ValueError(f"unknown arch `{arch}` (unet or mobilenetv2_unet)")
+    raise ValueError(f"unknown arch `{arch}` (smoke, unet or mobilenetv2_unet)")
+
+
+def export_onnx(model, path, size=128):
+    """The model (eval mode) as ONNX: opset 17, input `image` [N,3,size,size] with a dynamic
+    batch, output `logits`: what a team deploying onnxruntime does."""
+    model = model.eval()
+    with torch.no_grad():
+        torch.onnx.export(
+            model, torch.randn(1, 3, size, size), path, input_names=["image"], output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+        )
 
 
 def parameter_count(model):
