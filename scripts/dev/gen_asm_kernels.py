@@ -4,7 +4,7 @@ PREFETCH = 4096
 
 def kernel(name, isa, vec, mr, nv, lanes, feature, embedded):
     regs_per_base = 3
-    bases = mr // 3
+    bases = (mr + 2) // 3
     lines = []
     lines.append("2:")
     for j in range(nv):
@@ -93,6 +93,7 @@ use std::arch::x86_64::*;
 '''
 out += kernel("tile_avx512_12x2", "AVX-512F", "zmm_reg", 12, 2, 16, "avx512f", False)
 out += kernel("tile_avx512_24x1", "AVX-512F", "zmm_reg", 24, 1, 16, "avx512f", True)
+out += kernel("tile_avx512_8x2", "AVX-512F", "zmm_reg", 8, 2, 16, "avx512f", False)
 out += kernel("tile_avx2_6x2", "AVX2 and FMA", "ymm_reg", 6, 2, 8, "avx2,fma", False)
 out += kernel("tile_avx2_12x1", "AVX2 and FMA", "ymm_reg", 12, 1, 8, "avx2,fma", False)
 import os; open(os.path.join(os.path.dirname(__file__), "../../src/model/kernels/asm.rs"), "w").write(out)

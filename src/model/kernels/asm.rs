@@ -213,6 +213,89 @@ pub unsafe fn tile_avx512_24x1(a: *const f32, lda: usize, offsets: &[isize], kc:
     acc
 }
 
+/// `8×2` tile of 16-float vectors (AVX-512F).
+///
+/// # Safety
+/// As [`super::gemm::tile`]; the CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn tile_avx512_8x2(a: *const f32, lda: usize, offsets: &[isize], kc: usize, b: *const f32) -> [[__m512; 2]; 8] {
+    let mut acc = [[_mm512_setzero_ps(); 2]; 8];
+    if kc == 0 {
+        return acc;
+    }
+    let mut bp = b;
+    for &offset in offsets {
+        let a0 = a.offset(offset);
+        let rows: [*const f32; 3] = std::array::from_fn(|i| a0.add(3 * i * lda));
+        // SAFETY: the caller guarantees every row and panel address is readable.
+        asm!(
+                "2:",
+                "vmovups {b0}, [{bp} + 0]",
+                "vmovups {b1}, [{bp} + 64]",
+                "prefetcht0 [{bp} + 4096]",
+                "prefetcht0 [{bp} + 4160]",
+                "vbroadcastss {t0}, dword ptr [{r0}]",
+                "vfmadd231ps {c0_0}, {b0}, {t0}",
+                "vfmadd231ps {c0_1}, {b1}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{r0} + {l}]",
+                "vfmadd231ps {c1_0}, {b0}, {t1}",
+                "vfmadd231ps {c1_1}, {b1}, {t1}",
+                "vbroadcastss {t0}, dword ptr [{r0} + {l}*2]",
+                "vfmadd231ps {c2_0}, {b0}, {t0}",
+                "vfmadd231ps {c2_1}, {b1}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{r1}]",
+                "vfmadd231ps {c3_0}, {b0}, {t1}",
+                "vfmadd231ps {c3_1}, {b1}, {t1}",
+                "vbroadcastss {t0}, dword ptr [{r1} + {l}]",
+                "vfmadd231ps {c4_0}, {b0}, {t0}",
+                "vfmadd231ps {c4_1}, {b1}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{r1} + {l}*2]",
+                "vfmadd231ps {c5_0}, {b0}, {t1}",
+                "vfmadd231ps {c5_1}, {b1}, {t1}",
+                "vbroadcastss {t0}, dword ptr [{r2}]",
+                "vfmadd231ps {c6_0}, {b0}, {t0}",
+                "vfmadd231ps {c6_1}, {b1}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{r2} + {l}]",
+                "vfmadd231ps {c7_0}, {b0}, {t1}",
+                "vfmadd231ps {c7_1}, {b1}, {t1}",
+                "add {r0}, 4",
+                "add {r1}, 4",
+                "add {r2}, 4",
+                "add {bp}, 128",
+                "dec {k}",
+                "jnz 2b",
+                r0 = inout(reg) rows[0] => _,
+                r1 = inout(reg) rows[1] => _,
+                r2 = inout(reg) rows[2] => _,
+                l = in(reg) lda * 4,
+                bp = inout(reg) bp,
+                k = inout(reg) kc => _,
+                b0 = out(zmm_reg) _,
+                b1 = out(zmm_reg) _,
+                t0 = out(zmm_reg) _,
+                t1 = out(zmm_reg) _,
+                c0_0 = inout(zmm_reg) acc[0][0],
+                c0_1 = inout(zmm_reg) acc[0][1],
+                c1_0 = inout(zmm_reg) acc[1][0],
+                c1_1 = inout(zmm_reg) acc[1][1],
+                c2_0 = inout(zmm_reg) acc[2][0],
+                c2_1 = inout(zmm_reg) acc[2][1],
+                c3_0 = inout(zmm_reg) acc[3][0],
+                c3_1 = inout(zmm_reg) acc[3][1],
+                c4_0 = inout(zmm_reg) acc[4][0],
+                c4_1 = inout(zmm_reg) acc[4][1],
+                c5_0 = inout(zmm_reg) acc[5][0],
+                c5_1 = inout(zmm_reg) acc[5][1],
+                c6_0 = inout(zmm_reg) acc[6][0],
+                c6_1 = inout(zmm_reg) acc[6][1],
+                c7_0 = inout(zmm_reg) acc[7][0],
+                c7_1 = inout(zmm_reg) acc[7][1],
+                options(nostack, readonly)
+        );
+    }
+    acc
+}
+
 /// `6×2` tile of 8-float vectors (AVX2 and FMA).
 ///
 /// # Safety

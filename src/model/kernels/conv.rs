@@ -32,7 +32,13 @@ pub enum Positions {
     /// Output rows of a strided convolution whose top-left tap is at `(y·stride − pad,
     /// x·stride − pad)`.
     Strided { stride: usize, pad: usize },
+    /// Stride 1 like `Flat`, but tiles of [`ROW_TILE`] pixels along each row: on 8-pixel-wide
+    /// maps a flat tile would spend a quarter of its rows on border pixels.
+    Rows { up: usize },
 }
+
+/// Pixels per tile in [`Positions::Rows`] (AVX-512, two-vector panels).
+pub const ROW_TILE: usize = 8;
 
 /// One phase: the taps it sums (input offsets in pixels `(dy, dx)` relative to the
 /// position) and the sub-pixel it writes when the output is up-sampled.
@@ -103,11 +109,15 @@ impl DirectConv {
                 (span.div_ceil(mr), 1)
             }
             Positions::Strided { .. } => (n * self.output.h, self.output.w.div_ceil(mr)),
+            Positions::Rows { .. } => (n * self.input.h, self.input.w.div_ceil(mr)),
         }
     }
 
     pub fn mr(&self) -> usize {
-        tile_rows(self.lanes, self.nv)
+        match self.positions {
+            Positions::Rows { .. } => ROW_TILE,
+            _ => tile_rows(self.lanes, self.nv),
+        }
     }
 
     pub fn split(&self, n: usize, threads: usize) -> Split {
@@ -137,6 +147,10 @@ impl DirectConv {
     /// `ctx` must point at an arena laid out for this plan and batch; `S` must be available.
     #[inline(always)]
     pub unsafe fn run<S: Simd>(&self, ctx: &Ctx, split: Split, item: usize) {
+        if let Positions::Rows { .. } = self.positions {
+            // Chosen only for 16 lanes and two-vector panels (see the compiler).
+            return self.run_shape::<S, ROW_TILE, 2>(ctx, split, item);
+        }
         match (S::LANES, self.nv) {
             (16, 2) => self.run_shape::<S, 12, 2>(ctx, split, item),
             (16, _) => self.run_shape::<S, 24, 1>(ctx, split, item),
@@ -212,6 +226,34 @@ impl DirectConv {
                         }
                         if !any {
                             continue;
+                        }
+                        let acc = tile::<S, MR, NV>(input.add(q0 * cs_in), cs_in, &offsets, self.cin, weights.add(p * panel_len));
+                        out.store::<S, MR, NV>(&acc, &targets, p);
+                    }
+                }
+            }
+            Positions::Rows { up } => {
+                let (w, h) = (self.input.w, self.input.h);
+                let wp = w + 2;
+                let per_image = self.input.positions();
+                let (ow, oh) = (w * up, h * up);
+                let out_per_image = (oh + 2) * (ow + 2);
+                for p in p_lo..p_hi {
+                    for t in t_lo..t_hi {
+                        let (row, col) = (t / per_row, t % per_row);
+                        let (img, y) = (row / h, row % h);
+                        let x0 = col * MR;
+                        let q0 = img * per_image + (y + 1) * wp + x0 + 1;
+                        let mut targets = [None; MR];
+                        for (r, target) in targets.iter_mut().enumerate() {
+                            if x0 + r < w {
+                                let out = if up == 1 {
+                                    q0 + r
+                                } else {
+                                    img * out_per_image + (y * up + phase.sub.0 + 1) * (ow + 2) + (x0 + r) * up + phase.sub.1 + 1
+                                };
+                                *target = Some((out, Some(q0 + r)));
+                            }
                         }
                         let acc = tile::<S, MR, NV>(input.add(q0 * cs_in), cs_in, &offsets, self.cin, weights.add(p * panel_len));
                         out.store::<S, MR, NV>(&acc, &targets, p);

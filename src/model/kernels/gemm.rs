@@ -40,15 +40,16 @@ pub unsafe fn tile<S: Simd, const MR: usize, const NV: usize>(
     kc: usize,
     b: *const f32,
 ) -> [[S::V; NV]; MR] {
-    debug_assert!(MR % 3 == 0 && MR <= 24 && NV <= 2);
+    debug_assert!(MR <= 24 && NV <= 2);
     #[cfg(target_arch = "x86_64")]
     {
         use super::{Isa, asm};
-        // SAFETY (all four): `S::ISA` says the CPU has the instructions; the tile types are
+        // SAFETY (all of them): `S::ISA` says the CPU has the instructions; the tile types are
         // the same `[[vector; NV]; MR]` arrays.
         match (S::ISA, MR, NV) {
             (Isa::Avx512, 12, 2) => return std::mem::transmute_copy(&asm::tile_avx512_12x2(a, lda, offsets, kc, b)),
             (Isa::Avx512, 24, 1) => return std::mem::transmute_copy(&asm::tile_avx512_24x1(a, lda, offsets, kc, b)),
+            (Isa::Avx512, 8, 2) => return std::mem::transmute_copy(&asm::tile_avx512_8x2(a, lda, offsets, kc, b)),
             (Isa::Avx2, 6, 2) => return std::mem::transmute_copy(&asm::tile_avx2_6x2(a, lda, offsets, kc, b)),
             (Isa::Avx2, 12, 1) => return std::mem::transmute_copy(&asm::tile_avx2_12x1(a, lda, offsets, kc, b)),
             _ => {}
@@ -65,7 +66,7 @@ pub unsafe fn tile<S: Simd, const MR: usize, const NV: usize>(
                 // address modes (base + index·scale, scales 4 and 8), so eight base registers
                 // and one stride address 24 rows.
                 let mut base = [a; 8];
-                for (i, p) in base.iter_mut().enumerate().take(MR / 3) {
+                for (i, p) in base.iter_mut().enumerate().take(MR.div_ceil(3)) {
                     *p = a.offset(offset).add(3 * i * lda);
                 }
                 for _ in 0..kc {
@@ -80,7 +81,7 @@ pub unsafe fn tile<S: Simd, const MR: usize, const NV: usize>(
                             }
                         }
                     )*
-                    for p in base.iter_mut().take(MR / 3) {
+                    for p in base.iter_mut().take(MR.div_ceil(3)) {
                         *p = p.add(1);
                     }
                     bp = bp.add(NV * S::LANES);

@@ -181,6 +181,8 @@ pub fn kind_name(kind: &StepKind) -> &'static str {
                 Positions::Flat { up: 2 } => "direct-phases",
                 Positions::Flat { .. } => "direct",
                 Positions::Strided { .. } => "direct-strided",
+                Positions::Rows { up: 2 } => "direct-phases-rows",
+                Positions::Rows { .. } => "direct-rows",
             },
             StepKind::SmallK(_) => "dot",
             StepKind::Winograd(w) => match (w.transform.m, w.transform.r) {
@@ -695,7 +697,7 @@ fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Option<View>, 
             };
             let bias_of = |phase: usize, o: usize| if up == 2 && conv.kind == ConvKind::Dense { conv.bias[o * 4 + phase] } else { conv.bias[o] };
             let flat_up = match positions {
-                Positions::Flat { up } => Some(up),
+                Positions::Flat { up } | Positions::Rows { up } => Some(up),
                 Positions::Strided { .. } => None,
             };
             if cout <= SMALL_K
@@ -770,6 +772,11 @@ fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Option<View>, 
                 let up = if dense3 { 1 } else { 2 };
                 return Ok(StepKind::Winograd(WinogradConv { input, output, transform, phases: wphases, up, cin, cout, nv, lanes, block, u, bias, min, max }));
             }
+            // 8-pixel-wide maps: tiles along rows waste no border pixels (AVX-512 tile 8×2).
+            let positions = match positions {
+                Positions::Flat { up } if lanes == 16 && nv == 2 && input.w == super::conv::ROW_TILE => Positions::Rows { up },
+                other => other,
+            };
             let mut packed = Vec::new();
             for (phase, f) in &phases {
                 packed.extend(gemm::pack_panels(phase.taps.len(), cin, cout, nr, f));

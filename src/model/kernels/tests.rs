@@ -219,6 +219,22 @@ mod single {
     }
 
     #[test]
+    fn eight_pixel_wide_maps_tile_along_rows() {
+        // On AVX-512 these take the 8-pixel row tiles (plain, transposed, with a residual).
+        single_conv(op(ConvKind::Dense, 5, 40, 3, 1, 1, Act::Relu6, 5), 5, 5, 8, WinogradPolicy::Never, 1e-4);
+        single_conv(op(ConvKind::Transposed, 12, 40, 4, 2, 1, Act::Relu, 6), 12, 3, 8, WinogradPolicy::Never, 1e-4);
+        single_conv(op(ConvKind::Dense, 40, 33, 1, 1, 0, Act::Identity, 7), 40, 8, 8, WinogradPolicy::Never, 1e-4);
+        if Isa::Avx512.supported() {
+            let mut g = GraphBuilder::new(5);
+            let x = g.input();
+            let y = g.conv(x, op(ConvKind::Dense, 5, 40, 3, 1, 1, Act::Relu6, 5));
+            let options = PlanOptions { height: 5, width: 8, isa: Some(Isa::Avx512), winograd: WinogradPolicy::Never, batch: 1 };
+            let plan = Plan::compile(&g.finish(y), &options).unwrap();
+            assert!(plan.steps.iter().any(|s| s.name() == "direct-rows"), "{:?}", plan.summary().kernels);
+        }
+    }
+
+    #[test]
     fn dense_3x3_winograd() {
         for (i, (cin, cout)) in [(9, 12), (16, 24), (20, 40)].into_iter().enumerate() {
             single_conv(op(ConvKind::Dense, cin, cout, 3, 1, 1, Act::Relu, 10 + i as u64), cin, 9, 13, WinogradPolicy::Always, 1e-3);
@@ -275,16 +291,17 @@ mod single {
     #[test]
     fn residual_sum_and_concatenation() {
         // y = relu6(conv1x1(x) + x) concatenated with a 3×3 branch, written in place.
-        let a = op(ConvKind::Dense, 16, 16, 1, 1, 0, Act::Identity, 60);
-        let b = op(ConvKind::Dense, 16, 8, 3, 1, 1, Act::Relu, 61);
-        let mut g = GraphBuilder::new(16);
+        let a = op(ConvKind::Dense, 24, 24, 1, 1, 0, Act::Identity, 60);
+        let b = op(ConvKind::Dense, 24, 8, 3, 1, 1, Act::Relu, 61);
+        let mut g = GraphBuilder::new(24);
         let x = g.input();
         let ya = g.conv(x, a.clone());
         let sum = g.add(ya, x);
         let yb = g.conv(x, b.clone());
         let cat = g.concat(&[sum, yb]);
         let graph = g.finish(cat);
-        check_graph(&graph, 16, 6, 9, WinogradPolicy::Never, 1e-4, |x| {
+        // 8 pixels wide: the residual sum goes through the row tiles too.
+        check_graph(&graph, 24, 6, 8, WinogradPolicy::Never, 1e-4, |x| {
             let s = (reference_conv(&a, x) + x).unwrap();
             Tensor::cat(&[&s, &reference_conv(&b, x)], 1).unwrap()
         });
