@@ -740,8 +740,11 @@ fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Option<View>, 
                 let cin_padded = cin.div_ceil(lanes) * lanes;
                 let xi = transform.alpha * transform.alpha;
                 let tiles = input.h.div_ceil(m) * input.w.div_ceil(m);
-                // V and one panel of M for a block within about half of a core's L2.
-                let budget = l2_bytes() / 2 / 4;
+                // V and one panel of M for a block within half of a core's L2; when the
+                // transformed weights (read once per block) are larger than that themselves,
+                // within all of it: fewer, larger blocks read them fewer times.
+                let u_bytes = xi * cin * cout * 4;
+                let budget = if u_bytes > l2_bytes() / 2 { l2_bytes() / 4 } else { l2_bytes() / 2 / 4 };
                 let per_tile = xi * (cin_padded + nr);
                 let block = ((budget / per_tile) / mr).clamp(1, tiles.div_ceil(mr).max(1)) * mr;
                 let (wphases, u) = if dense3 {
