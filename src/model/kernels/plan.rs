@@ -791,31 +791,35 @@ fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Option<View>, 
 }
 
 /// The Winograd tile size `m` for a layer, or `None` for the direct kernel, from a cost model
-/// in cycles for a batch of `batch`: multiply-adds at `2·lanes` per cycle (Winograd's GEMMs
-/// at 80% of the direct kernel's rate, its transforms at a quarter), against weight traffic
-/// (about 2.5 bytes per cycle for weights beyond half the L2, which is what a core streams
-/// from memory on this class of machine), whichever dominates. Calibrated on the decoder of
-/// `mobilenetv2_unet`, where at batch 1 the 2.25–6× larger Winograd weights lose to the
-/// direct kernel and at batch 8 they win.
+/// in cycles for a batch of `batch`: multiply-adds at `2·lanes` per cycle (output channels
+/// padded to whole vectors; Winograd's GEMMs at 80% of the direct kernel's rate), Winograd's
+/// transforms and bookkeeping at about `40 + 2·(input + output channel vectors)` cycles per
+/// tile and transform point, against weight traffic (about 2.5 bytes per cycle for weights
+/// beyond half the L2, what a core streams from memory on this class of machine), whichever
+/// dominates. Calibrated on AVX-512 against measured layers: the UNets' 128² layers (12 and
+/// 32 channels) and `mobilenetv2_unet`'s decoder, where at batch 1 the 2.25–6× larger
+/// Winograd weights lose to the direct kernel and at batch 8 they win.
 #[allow(clippy::too_many_arguments)]
 fn choose_winograd(h: usize, w: usize, cin: usize, cout: usize, phases: usize, r: usize, candidates: &[usize], lanes: usize, batch: usize, policy: WinogradPolicy) -> Option<usize> {
     let macs_per_cycle = 2.0 * lanes as f64;
     let l2 = l2_bytes() as f64;
     let traffic = |bytes: f64, reads: f64| if bytes <= l2 / 2.0 { bytes * reads / 64.0 } else { bytes * reads / 2.5 };
+    let k_padded = (cout.div_ceil(lanes) * lanes) as f64;
     let (c, k, n, p) = (cin as f64, cout as f64, batch.max(1) as f64, phases as f64);
+    let vectors = (cin.div_ceil(lanes) + cout.div_ceil(lanes)) as f64;
     let direct = {
         let positions = ((h + 2) * (w + 2)) as f64;
-        let macs = p * n * positions * c * k * (r * r) as f64;
+        let macs = p * n * positions * c * k_padded * (r * r) as f64;
         (macs / macs_per_cycle).max(traffic(p * (r * r) as f64 * c * k * 4.0, 1.0))
     };
     let winograd = |m: usize| {
         let alpha = (m + r - 1) as f64;
         let tiles = n * (h.div_ceil(m) * w.div_ceil(m)) as f64;
-        let macs = p * tiles * alpha * alpha * c * k;
-        let transforms = p * tiles * alpha * alpha * (c + k) * 2.0 * alpha;
+        let macs = p * tiles * alpha * alpha * c * k_padded;
+        let transforms = p * tiles * alpha * alpha * (40.0 + 2.0 * vectors);
         // Weights are read once per block of tiles; blocks hold tens of tiles.
         let blocks = (tiles / 48.0).ceil();
-        ((1.25 * macs + 4.0 * transforms) / macs_per_cycle).max(traffic(p * alpha * alpha * c * k * 4.0, blocks))
+        (1.25 * macs / macs_per_cycle + transforms).max(traffic(p * alpha * alpha * c * k * 4.0, blocks))
     };
     let best = candidates.iter().copied().filter(|&m| h >= m && w >= m).min_by(|&a, &b| winograd(a).total_cmp(&winograd(b)))?;
     match policy {
