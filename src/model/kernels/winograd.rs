@@ -96,10 +96,6 @@ impl Transform {
         u
     }
 
-    /// Whether the hand-written F(4, 3) transforms apply.
-    fn is_f43(&self) -> bool {
-        self.m == 4 && self.r == 3
-    }
 }
 
 /// Bᵀ of F(4, 3), row-major 6×6.
@@ -197,6 +193,112 @@ unsafe fn apply<S: Simd>(mat: &[f32], rows: usize, cols: usize, x: &[S::V; MAX_A
     }
 }
 
+/// The transforms of one F(m, r), applied to a column of vectors (inlined with constant
+/// coefficients, so zeros and ±1 cost nothing).
+trait Transforms {
+    /// `Bᵀ x` (α outputs).
+    unsafe fn input<S: Simd>(tr: &Transform, x: &[S::V; MAX_ALPHA]) -> [S::V; MAX_ALPHA];
+    /// `Aᵀ x` (m outputs).
+    unsafe fn output<S: Simd>(tr: &Transform, x: &[S::V; MAX_ALPHA]) -> [S::V; MAX_ALPHA];
+}
+
+/// Hand-written F(4, 3).
+struct F43;
+
+impl Transforms for F43 {
+    #[inline(always)]
+    unsafe fn input<S: Simd>(_: &Transform, x: &[S::V; MAX_ALPHA]) -> [S::V; MAX_ALPHA] {
+        input_1d::<S>(*x)
+    }
+    #[inline(always)]
+    unsafe fn output<S: Simd>(_: &Transform, x: &[S::V; MAX_ALPHA]) -> [S::V; MAX_ALPHA] {
+        let o = output_1d::<S>(*x);
+        [o[0], o[1], o[2], o[3], S::zero(), S::zero()]
+    }
+}
+
+/// `out[i] = Σ_j mat[i][j] · x[j]` with constant coefficients.
+#[inline(always)]
+unsafe fn apply_const<S: Simd, const ROWS: usize, const COLS: usize>(mat: &[[f32; COLS]; ROWS], x: &[S::V; MAX_ALPHA]) -> [S::V; MAX_ALPHA] {
+    let mut out = [S::zero(); MAX_ALPHA];
+    for i in 0..ROWS {
+        let mut acc = S::zero();
+        for j in 0..COLS {
+            let w = mat[i][j];
+            if w == 1.0 {
+                acc = S::add(acc, x[j]);
+            } else if w == -1.0 {
+                acc = S::sub(acc, x[j]);
+            } else if w != 0.0 {
+                acc = S::fma_s(x[j], w, acc);
+            }
+        }
+        out[i] = acc;
+    }
+    out
+}
+
+/// F(m, 2) with the matrices of [`Transform::new`] as constants (points 0, 1[, −1[, ½]], ∞).
+macro_rules! const_transform {
+    ($name:ident, $alpha:literal, $m:literal, $bt:expr, $at:expr) => {
+        struct $name;
+        impl $name {
+            const BT: [[f32; $alpha]; $alpha] = $bt;
+            const AT: [[f32; $alpha]; $m] = $at;
+        }
+        impl Transforms for $name {
+            #[inline(always)]
+            unsafe fn input<S: Simd>(_: &Transform, x: &[S::V; MAX_ALPHA]) -> [S::V; MAX_ALPHA] {
+                apply_const::<S, $alpha, $alpha>(&Self::BT, x)
+            }
+            #[inline(always)]
+            unsafe fn output<S: Simd>(_: &Transform, x: &[S::V; MAX_ALPHA]) -> [S::V; MAX_ALPHA] {
+                apply_const::<S, $m, $alpha>(&Self::AT, x)
+            }
+        }
+    };
+}
+
+const_transform!(F22, 3, 2, [[1., -1., 0.], [0., 1., 0.], [0., -1., 1.]], [[1., 1., 0.], [0., 1., 1.]]);
+const_transform!(
+    F32,
+    4,
+    3,
+    [[1., 0., -1., 0.], [0., 0.5, 0.5, 0.], [0., -0.5, 0.5, 0.], [0., -1., 0., 1.]],
+    [[1., 1., 1., 0.], [0., 1., -1., 0.], [0., 1., 1., 1.]]
+);
+const_transform!(
+    F42,
+    5,
+    4,
+    [
+        [1., -2., -1., 2., 0.],
+        [0., -0.5, 0.5, 1., 0.],
+        [0., -1. / 6., 0.5, -1. / 3., 0.],
+        [0., 8. / 3., 0., -8. / 3., 0.],
+        [0., 0.5, -1., -0.5, 1.]
+    ],
+    [[1., 1., 1., 1., 0.], [0., 1., -1., 0.5, 0.], [0., 1., 1., 0.25, 0.], [0., 1., -1., 0.125, 1.]]
+);
+
+/// Any other F(m, r): the matrices read at run time.
+struct Dynamic;
+
+impl Transforms for Dynamic {
+    #[inline(always)]
+    unsafe fn input<S: Simd>(tr: &Transform, x: &[S::V; MAX_ALPHA]) -> [S::V; MAX_ALPHA] {
+        let mut out = [S::zero(); MAX_ALPHA];
+        apply::<S>(&tr.bt, tr.alpha, tr.alpha, x, &mut out);
+        out
+    }
+    #[inline(always)]
+    unsafe fn output<S: Simd>(tr: &Transform, x: &[S::V; MAX_ALPHA]) -> [S::V; MAX_ALPHA] {
+        let mut out = [S::zero(); MAX_ALPHA];
+        apply::<S>(&tr.at, tr.m, tr.alpha, x, &mut out);
+        out
+    }
+}
+
 /// One output phase of a Winograd step: where its patches start (input pixels, relative to
 /// the tile's first output) and which sub-pixel of an up-sampled output it writes.
 #[derive(Debug, Clone, Copy)]
@@ -284,6 +386,17 @@ impl WinogradConv {
 
     #[inline(always)]
     unsafe fn run_shape<S: Simd, const MR: usize, const NV: usize>(&self, ctx: &Ctx, split: Split, item: usize, scratch: *mut f32) {
+        match (self.transform.m, self.transform.r) {
+            (4, 3) => self.run_with::<S, MR, NV, F43>(ctx, split, item, scratch),
+            (2, 2) => self.run_with::<S, MR, NV, F22>(ctx, split, item, scratch),
+            (3, 2) => self.run_with::<S, MR, NV, F32>(ctx, split, item, scratch),
+            (4, 2) => self.run_with::<S, MR, NV, F42>(ctx, split, item, scratch),
+            _ => self.run_with::<S, MR, NV, Dynamic>(ctx, split, item, scratch),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn run_with<S: Simd, const MR: usize, const NV: usize, X: Transforms>(&self, ctx: &Ctx, split: Split, item: usize, scratch: *mut f32) {
         debug_assert_eq!(tile_rows(self.lanes, self.nv), MR);
         let per_phase = split.groups * split.chunks;
         let (phase_index, rest) = (item / per_phase, item % per_phase);
@@ -292,7 +405,6 @@ impl WinogradConv {
         let tr = &self.transform;
         let (tm, alpha) = (tr.m, tr.alpha);
         let xi_count = alpha * alpha;
-        let fast = tr.is_f43();
         let (th, tw) = self.tiles_per_image();
         let per_image = th * tw;
         let total = ctx.n * per_image;
@@ -336,25 +448,14 @@ impl WinogradConv {
                             *dv = S::load_n(base.add((y * wp + x) * ics + c), n);
                         }
                     }
-                    if fast {
-                        let out = input_1d::<S>([d[0], d[1], d[2], d[3], d[4], d[5]]);
-                        row[..6].copy_from_slice(&out);
-                    } else {
-                        apply::<S>(&tr.bt, alpha, alpha, &d, row);
-                    }
+                    *row = X::input::<S>(tr, &d);
                 }
                 for xi_x in 0..alpha {
                     let mut column = [S::zero(); MAX_ALPHA];
                     for (y, col) in column.iter_mut().enumerate().take(alpha) {
                         *col = rows[y][xi_x];
                     }
-                    let mut out = [S::zero(); MAX_ALPHA];
-                    if fast {
-                        let o = input_1d::<S>([column[0], column[1], column[2], column[3], column[4], column[5]]);
-                        out[..6].copy_from_slice(&o);
-                    } else {
-                        apply::<S>(&tr.bt, alpha, alpha, &column, &mut out);
-                    }
+                    let out = X::input::<S>(tr, &column);
                     for (xi_y, value) in out.iter().enumerate().take(alpha) {
                         S::store(v.add(((xi_y * alpha + xi_x) * self.block + t) * cp + c), *value);
                     }
@@ -407,12 +508,7 @@ impl WinogradConv {
                         for (xi_y, c) in column.iter_mut().enumerate().take(alpha) {
                             *c = S::load(mbuf.add(((xi_y * alpha + xi_x) * self.block + t) * nr + j * S::LANES));
                         }
-                        if fast {
-                            let o = output_1d::<S>([column[0], column[1], column[2], column[3], column[4], column[5]]);
-                            col[..4].copy_from_slice(&o);
-                        } else {
-                            apply::<S>(&tr.at, tm, alpha, &column, col);
-                        }
+                        *col = X::output::<S>(tr, &column);
                     }
                     let bias = S::load(bias_base.add(k));
                     for dy in 0..tm {
@@ -423,13 +519,7 @@ impl WinogradConv {
                         for (xi_x, r) in row.iter_mut().enumerate().take(alpha) {
                             *r = cols[xi_x][dy];
                         }
-                        let mut out = [S::zero(); MAX_ALPHA];
-                        if fast {
-                            let o = output_1d::<S>([row[0], row[1], row[2], row[3], row[4], row[5]]);
-                            out[..4].copy_from_slice(&o);
-                        } else {
-                            apply::<S>(&tr.at, tm, alpha, &row, &mut out);
-                        }
+                        let out = X::output::<S>(tr, &row);
                         let y = (oy + dy) * up + phase.sub.0 + 1;
                         for (dx, value) in out.iter().enumerate().take(tm) {
                             if ox + dx >= iw {
@@ -480,6 +570,22 @@ mod tests {
             let direct: f64 = (0..r).map(|u| d[o + u] * g[u]).sum();
             assert!((y - direct).abs() < 1e-5, "F({m},{r}) output {o}: {y} vs {direct}");
         }
+    }
+
+    #[test]
+    fn constant_transforms_are_the_computed_ones() {
+        fn same<const A: usize, const M: usize>(m: usize, bt: &[[f32; A]; A], at: &[[f32; A]; M]) {
+            let t = Transform::new(m, 2);
+            let flat_bt: Vec<f32> = bt.iter().flatten().copied().collect();
+            let flat_at: Vec<f32> = at.iter().flatten().copied().collect();
+            for (a, b) in t.bt.iter().zip(&flat_bt).chain(t.at.iter().zip(&flat_at)) {
+                assert!((a - b).abs() < 1e-6, "F({m}, 2): {a} vs {b}");
+            }
+            assert_eq!((t.bt.len(), t.at.len()), (flat_bt.len(), flat_at.len()));
+        }
+        same(2, &F22::BT, &F22::AT);
+        same(3, &F32::BT, &F32::AT);
+        same(4, &F42::BT, &F42::AT);
     }
 
     #[test]
