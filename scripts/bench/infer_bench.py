@@ -6,7 +6,9 @@ CPU execution provider (graph optimizations on, `intra_op_num_threads` = threads
 inter-op thread): what a Python team deploys. segctl's side is `segctl benchmark --json`
 on an untrained model of the same architecture (speed does not depend on the weights).
 
-Both sides run one after the other, alternating in `--rounds` rounds (this VM's speed drifts
+Both sides run pinned to the same cores (the first `threads` CPUs: on a VM the vCPUs may run
+at different speeds, and an unpinned single-threaded run lands on either), one after the
+other, alternating in `--rounds` rounds (this VM's speed drifts
 from minute to minute; alternating keeps the comparison fair), each round `--calls` timed
 calls after a warm-up; a side's figure is the median of its per-round medians. Prints a
 Markdown table with images/s, GFLOP/s on each side and the ratio, and writes the raw
@@ -89,12 +91,16 @@ def main():
     args = p.parse_args()
 
     rows = []
+    all_cpus = os.sched_getaffinity(0)
     tmp = tempfile.mkdtemp(prefix="segctl-infer-bench-")
     for arch in args.archs.split(","):
         onnx_path = os.path.join(tmp, f"{arch}.onnx")
         params = export_onnx(arch, onnx_path, args.size)
         print(f"{arch}: exported the PyTorch twin ({params:,} parameters) to ONNX", file=sys.stderr)
         for threads in map(int, args.threads.split(",")):
+            # This process (onnxruntime) and the segctl child it starts run on the same cores.
+            cpus = sorted(all_cpus)[:threads]
+            os.sched_setaffinity(0, cpus)
             so = ort.SessionOptions()
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
@@ -116,12 +122,13 @@ def main():
                     "gflop_per_image": flops,
                     "segctl_gflop_per_s": flops * batch / seg, "onnxruntime_gflop_per_s": flops * batch / onnx,
                     "segctl_round_s": seg_times, "onnxruntime_round_s": ort_times,
-                    "segctl_kernels": report["engine"], "plan": report.get("plan"),
+                    "segctl_kernels": report["engine"], "plan": report.get("plan"), "cpus": cpus,
                 }
                 rows.append(row)
                 print(f"  threads {threads} batch {batch}: segctl {row['segctl_images_per_s']:.1f} img/s, "
                       f"onnxruntime {row['onnxruntime_images_per_s']:.1f} img/s, ratio {row['ratio']:.2f}", file=sys.stderr)
 
+    os.sched_setaffinity(0, all_cpus)
     meta = {"onnxruntime": ort.__version__, "torch": torch.__version__, "calls": args.calls, "rounds": args.rounds,
             "size": args.size, "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M")}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
