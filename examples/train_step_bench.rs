@@ -60,7 +60,7 @@ fn main() -> Result<()> {
     }
     if args.iter().any(|a| a == "--rss-probe") {
         rss("state built");
-        let m = segctl::model::inference::InferenceModel::new(state, segctl::model::inference::InferenceOptions { threads: 1 })?;
+        let m = segctl::model::inference::InferenceModel::new(state, segctl::model::inference::InferenceOptions { threads: 1, ..Default::default() })?;
         rss("inference model");
         let input = vec![0.1f32; 3 * size * size];
         m.logits(&input, 1)?;

@@ -63,7 +63,7 @@ pub fn benchmark(options: &BenchmarkOptions) -> Result<BenchmarkReport> {
         None => (ModelState::new(&options.spec, &options.device, 1)?, "untrained".to_string()),
     };
     let threads = if options.threads == 0 { available_cores() } else { options.threads };
-    let model = InferenceModel::new(state, InferenceOptions { threads })?;
+    let model = InferenceModel::new(state, InferenceOptions { threads, ..Default::default() })?;
     let spec = model.spec().clone();
     let size = spec.input_size;
     let mut rng = Rng::new(7);

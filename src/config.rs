@@ -462,16 +462,41 @@ pub struct ServeConfig {
     pub models: Vec<ServedModelConfig>,
     /// `/infer` serves this model (none = the only or first model).
     pub default_model: Option<String>,
+    /// Most images in one model call (what is queued when a model thread frees up).
     pub max_batch_size: usize,
+    /// How long a model thread waits for a fuller batch; 0 = never (dispatch at once).
     pub max_delay_ms: u64,
     /// Requests waiting per model version before 503.
     pub queue_capacity: usize,
     pub max_body_bytes: usize,
-    /// Largest decoded image, in pixels (decompression bombs).
+    /// Most decoded pixels per request, summed over all its images (decompression bombs).
     pub max_pixels: u64,
+    /// Bytes of request data in flight across all requests (bodies, decoded photos, masks,
+    /// answers); a request waits for its share, or gets 413 when it alone needs more.
+    pub memory_budget_bytes: u64,
+    /// Largest JSON answer (`/infer`, `:predict`, `:segment?format=json`), checked before
+    /// any work.
+    pub max_json_response_bytes: u64,
+    /// Deadline of a request, queueing included; queued work of a request past it (or whose
+    /// client left) is dropped.
     pub request_timeout_ms: u64,
+    /// Cores the server keeps busy: request stages and model calls share this many tokens
+    /// (0 = every core).
+    pub cpu_threads: usize,
     /// Inference threads per model version.
     pub model_threads: usize,
+    /// Time a client has to send a request's headers (slow-header clients are dropped).
+    pub header_read_timeout_ms: u64,
+    /// An idle keep-alive connection is closed after this long.
+    pub keep_alive_timeout_ms: u64,
+    /// Open connections at most; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Largest request header block; larger ones get 431.
+    pub max_header_bytes: usize,
+    /// After SIGTERM/SIGINT, in-flight requests get this long before the server exits.
+    pub shutdown_timeout_ms: u64,
+    /// Origins allowed to call the API from a browser (CORS); empty = none (same-origin only).
+    pub cors_origins: Vec<String>,
     /// How often the repository is rescanned for new or removed versions.
     pub poll_interval_ms: u64,
     /// Device for inference: `auto`, `cpu`, `cuda` or `cuda:N`.
@@ -487,12 +512,21 @@ impl Default for ServeConfig {
             models: Vec::new(),
             default_model: None,
             max_batch_size: 16,
-            max_delay_ms: 5,
+            max_delay_ms: 0,
             queue_capacity: 256,
             max_body_bytes: 32 << 20,
             max_pixels: 40_000_000,
+            memory_budget_bytes: 256 << 20,
+            max_json_response_bytes: 16 << 20,
             request_timeout_ms: 30_000,
+            cpu_threads: 0,
             model_threads: 1,
+            header_read_timeout_ms: 10_000,
+            keep_alive_timeout_ms: 15_000,
+            max_connections: 1024,
+            max_header_bytes: 16 << 10,
+            shutdown_timeout_ms: 10_000,
+            cors_origins: Vec::new(),
             poll_interval_ms: 1000,
             device: "auto".into(),
         }
@@ -604,6 +638,20 @@ impl Config {
         ensure_key(s.queue_capacity >= 1, "serve.queue_capacity", || "must be at least 1".into())?;
         ensure_key(s.model_threads >= 1, "serve.model_threads", || "must be at least 1".into())?;
         ensure_key(s.max_pixels >= 1, "serve.max_pixels", || "must be at least 1".into())?;
+        ensure_key(s.memory_budget_bytes >= 1 << 20, "serve.memory_budget_bytes", || "must be at least 1 MiB (1048576)".into())?;
+        ensure_key(s.max_json_response_bytes >= 1, "serve.max_json_response_bytes", || "must be at least 1".into())?;
+        ensure_key(s.request_timeout_ms >= 1, "serve.request_timeout_ms", || "must be at least 1".into())?;
+        ensure_key(s.header_read_timeout_ms >= 1, "serve.header_read_timeout_ms", || "must be at least 1".into())?;
+        ensure_key(s.keep_alive_timeout_ms >= 1, "serve.keep_alive_timeout_ms", || "must be at least 1".into())?;
+        ensure_key(s.max_connections >= 1, "serve.max_connections", || "must be at least 1".into())?;
+        ensure_key(s.max_header_bytes >= 1024, "serve.max_header_bytes", || "must be at least 1024".into())?;
+        for (i, origin) in s.cors_origins.iter().enumerate() {
+            ensure_key(
+                origin == "*" || ((origin.starts_with("http://") || origin.starts_with("https://")) && !origin.ends_with('/')),
+                &format!("serve.cors_origins[{i}]"),
+                || format!("`{origin}` is not an origin: use scheme://host[:port] (no path, no trailing slash) or *"),
+            )?;
+        }
         for (i, m) in s.models.iter().enumerate() {
             ensure_key(is_valid_model_name(&m.name), &format!("serve.models[{i}].name"), || {
                 format!("`{}` is not a model name (letters, digits, `-`, `_`, `.`)", m.name)

@@ -75,6 +75,16 @@ impl Predictor {
 
     /// Logits `[classes, S, S]` for each prepared input, in one model call.
     pub fn logits(&self, inputs: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+        self.logits_with(inputs, 0)
+    }
+
+    /// Threads one model call may use (the most [`Self::logits_with`] runs on).
+    pub fn max_threads(&self) -> usize {
+        self.model.max_threads()
+    }
+
+    /// [`Self::logits`] on `threads` threads (0 = [`Self::max_threads`]).
+    pub fn logits_with(&self, inputs: &[Vec<f32>], threads: usize) -> Result<Vec<Vec<f32>>> {
         if inputs.is_empty() {
             return Ok(Vec::new());
         }
@@ -87,7 +97,8 @@ impl Predictor {
             }
             flat.extend_from_slice(input);
         }
-        let values = self.model.logits(&flat, inputs.len()).context("inference failed")?;
+        let mut values = Vec::new();
+        self.model.logits_into_threads(&flat, inputs.len(), threads, &mut values).context("inference failed")?;
         Ok(values.chunks(spec.num_classes() * size * size).map(|c| c.to_vec()).collect())
     }
 
@@ -95,6 +106,12 @@ impl Predictor {
     pub fn mask_from_logits(&self, logits: &[f32], width: u32, height: u32) -> GrayImage {
         let spec = self.spec();
         upsample_argmax(logits, spec.num_classes(), spec.input_size, width, height)
+    }
+
+    /// [`Self::mask_from_logits`] on the calling thread only (a server stage holding one core).
+    pub fn mask_from_logits_seq(&self, logits: &[f32], width: u32, height: u32) -> GrayImage {
+        let spec = self.spec();
+        upsample_argmax_with(logits, spec.num_classes(), spec.input_size, width, height, false)
     }
 
     /// Class-id masks, each at its photo's size.
@@ -108,6 +125,11 @@ impl Predictor {
 /// Bilinearly resizes `classes` logit planes of `size`×`size` to `width`×`height` (pixel-centre
 /// alignment, like PyTorch's `align_corners=False`) and takes the argmax per pixel.
 pub fn upsample_argmax(logits: &[f32], classes: usize, size: usize, width: u32, height: u32) -> GrayImage {
+    upsample_argmax_with(logits, classes, size, width, height, true)
+}
+
+/// [`upsample_argmax`], its rows spread over rayon's threads when `parallel`.
+pub fn upsample_argmax_with(logits: &[f32], classes: usize, size: usize, width: u32, height: u32, parallel: bool) -> GrayImage {
     let scale_x = size as f32 / width as f32;
     let scale_y = size as f32 / height as f32;
     let axis = |dst: u32, scale: f32| {
@@ -118,7 +140,7 @@ pub fn upsample_argmax(logits: &[f32], classes: usize, size: usize, width: u32, 
     };
     let xs: Vec<(usize, usize, f32)> = (0..width).map(|x| axis(x, scale_x)).collect();
     let mut mask = GrayImage::new(width, height);
-    mask.par_chunks_mut(width as usize).enumerate().for_each(|(y, row)| {
+    let row_fn = |(y, row): (usize, &mut [u8])| {
         let (y0, y1, fy) = axis(y as u32, scale_y);
         for (x, out) in row.iter_mut().enumerate() {
             let (x0, x1, fx) = xs[x];
@@ -134,7 +156,12 @@ pub fn upsample_argmax(logits: &[f32], classes: usize, size: usize, width: u32, 
             }
             *out = best.1;
         }
-    });
+    };
+    if parallel {
+        mask.par_chunks_mut(width as usize).enumerate().for_each(row_fn);
+    } else {
+        mask.chunks_mut(width as usize).enumerate().for_each(row_fn);
+    }
     mask
 }
 
@@ -176,6 +203,22 @@ where
     let mut out = Vec::new();
     image
         .write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .context("PNG encoding failed")?;
+    Ok(out)
+}
+
+/// PNG bytes with fast compression settings (what a server answers: a class-id mask is
+/// mostly long runs, which fast deflate packs nearly as well).
+pub fn encode_png_fast<P, C>(image: &image::ImageBuffer<P, C>) -> Result<Vec<u8>>
+where
+    P: image::PixelWithColorType<Subpixel = u8>,
+    C: std::ops::Deref<Target = [u8]>,
+{
+    use image::ImageEncoder;
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+    let mut out = Vec::new();
+    PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::Adaptive)
+        .write_image(image.as_raw(), image.width(), image.height(), P::COLOR_TYPE)
         .context("PNG encoding failed")?;
     Ok(out)
 }

@@ -66,6 +66,27 @@ pub fn list_versions(model_dir: &Path) -> Vec<u64> {
     versions
 }
 
+/// [`list_versions`], telling a folder that is gone (no versions) from one that could not be
+/// read (an error: the caller keeps what it serves).
+pub fn try_list_versions(model_dir: &Path) -> std::io::Result<Vec<u64>> {
+    let entries = match std::fs::read_dir(model_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut versions = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            if let Some(v) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+                versions.push(v);
+            }
+        }
+    }
+    versions.sort_unstable();
+    Ok(versions)
+}
+
 /// Reads `model.yaml` of a version folder.
 pub fn read_manifest(version_dir: &Path) -> Result<ModelManifest> {
     let path = version_dir.join(MANIFEST_FILE);

@@ -366,3 +366,273 @@ fn sigterm_lets_an_in_flight_request_finish() {
     };
     assert_eq!(code, Some(0));
 }
+
+/// Peak resident memory of a process (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap();
+    kb * 1024
+}
+
+/// `process_resident_memory_bytes` from `/metrics`.
+fn metrics_rss(server: &Server) -> u64 {
+    let text = String::from_utf8(body_bytes(request("GET", &server.url("/metrics"), None, None, None).1)).unwrap();
+    text.lines().find_map(|l| l.strip_prefix("process_resident_memory_bytes ")).and_then(|v| v.trim().parse().ok()).expect("process_resident_memory_bytes")
+}
+
+fn png_bytes<P: image::PixelWithColorType<Subpixel = u8>>(img: &image::ImageBuffer<P, Vec<u8>>) -> Vec<u8> {
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    out
+}
+
+#[test]
+fn every_endpoint_gives_the_mask_predict_writes_pixel_for_pixel() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, repo) = trained_model(dir.path(), 16);
+    let photo_path = std::fs::read_dir(dir.path().join("pets/images")).unwrap().next().unwrap().unwrap().path();
+    let photo = std::fs::read(&photo_path).unwrap();
+    let out = dir.path().join("out");
+    let r = run(segctl().args(["predict", "--model"]).arg(repo.join("pets/1")).arg(&photo_path).arg("--out").arg(&out));
+    assert!(r.status.success(), "{}", stderr(&r));
+    let stem = photo_path.file_stem().unwrap().to_string_lossy().to_string();
+    let expected = image::open(out.join(format!("{stem}_mask.png"))).unwrap().into_luma8();
+    let (w, h) = expected.dimensions();
+    // A mask that is all one class would make the comparison weak.
+    let classes: std::collections::BTreeSet<u8> = expected.pixels().map(|p| p.0[0]).collect();
+    assert!(classes.len() >= 2, "the trained model predicts a single class: {classes:?}");
+    let rows = |v: &serde_json::Value| -> Vec<u8> {
+        let rows = v.as_array().unwrap();
+        assert_eq!(rows.len() as u32, h);
+        rows.iter().flat_map(|r| r.as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u8).collect::<Vec<_>>()).collect()
+    };
+
+    let server = Server::start(&config, &repo, &[]);
+    let (status, r) = request("POST", &server.url("/v1/models/pets:segment"), Some("image/jpeg"), None, Some(&photo));
+    assert_eq!(status, 200);
+    let png = image::load_from_memory(&body_bytes(r)).unwrap().into_luma8();
+    assert_eq!(png.as_raw(), expected.as_raw(), ":segment mask differs from predict --model");
+
+    let (status, r) = request("POST", &server.url("/v1/models/pets:segment?format=json"), Some("image/jpeg"), None, Some(&photo));
+    assert_eq!(status, 200);
+    assert_eq!(rows(&body_json(r)["mask"]), *expected.as_raw(), ":segment?format=json");
+
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&photo);
+    let body = serde_json::json!({ "instances": [{ "b64": b64 }, { "b64": b64 }] }).to_string();
+    let (status, r) = request("POST", &server.url("/v1/models/pets:predict"), Some("application/json"), None, Some(body.as_bytes()));
+    assert_eq!(status, 200);
+    let v = body_json(r);
+    for i in 0..2 {
+        assert_eq!(rows(&v["predictions"][i]), *expected.as_raw(), ":predict instance {i}");
+    }
+
+    // /infer takes pixels: the decoded photo (EXIF-free synthetic JPEG) as numbers.
+    let decoded = image::load_from_memory(&photo).unwrap().into_rgb8();
+    let nested: Vec<Vec<[u8; 3]>> = (0..h).map(|y| (0..w).map(|x| decoded.get_pixel(x, y).0).collect()).collect();
+    let body = serde_json::json!({ "image": nested }).to_string();
+    let (status, r) = request("POST", &server.url("/infer"), Some("application/json"), None, Some(body.as_bytes()));
+    assert_eq!(status, 200);
+    assert_eq!(rows(&body_json(r)["mask"]), *expected.as_raw(), "/infer");
+
+    let remote = dir.path().join("remote");
+    let r = run(segctl().args(["predict", "--server"]).arg(&server.url)
+        .arg(&photo_path).arg("--out").arg(&remote));
+    assert!(r.status.success(), "{}", stderr(&r));
+    let via_server = image::open(remote.join(format!("{stem}_mask.png"))).unwrap().into_luma8();
+    assert_eq!(via_server.as_raw(), expected.as_raw(), "predict --server");
+}
+
+#[test]
+fn hostile_requests_get_json_errors_within_the_memory_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, repo) = trained_model(dir.path(), 16);
+    let server = Server::start(&config, &repo, &[]);
+    let (photo, _) = a_photo(dir.path());
+    // A 6300×6300 PNG compresses to a few tens of KB.
+    let huge = png_bytes(&image::GrayImage::new(6300, 6300));
+    assert!(huge.len() < 400_000, "{} bytes", huge.len());
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&huge);
+    let many = serde_json::json!({ "instances": (0..48).map(|_| serde_json::json!({ "b64": b64 })).collect::<Vec<_>>() }).to_string();
+    let started = Instant::now();
+    let (status, r) = request("POST", &server.url("/v1/models/pets:predict"), Some("application/json"), None, Some(many.as_bytes()));
+    assert_eq!(status, 413);
+    assert!(body_json(r)["error"].as_str().unwrap().contains("serve.max_pixels"));
+    assert!(started.elapsed() < Duration::from_secs(5), "refused before decoding");
+
+    let (status, r) = request("POST", &server.url("/v1/models/pets:segment?format=json"), Some("image/png"), None, Some(&huge));
+    assert_eq!(status, 413);
+    assert!(body_json(r)["error"].as_str().unwrap().contains("serve.max_json_response_bytes"));
+
+    // The same photo answered as a PNG is allowed: the mask at 6300×6300, within the budget.
+    let (status, r) = request("POST", &server.url("/v1/models/pets:segment"), Some("image/png"), None, Some(&huge));
+    assert_eq!(status, 200);
+    assert_eq!(image::load_from_memory(&body_bytes(r)).unwrap().width(), 6300);
+
+    // Browsers: a simple cross-site POST, a text body, a foreign origin, a wrong method.
+    let cross_site = ureq::post(&server.url("/infer")).set("Content-Type", "text/plain").set("Origin", "https://evil.example").send_bytes(b"{}");
+    match cross_site {
+        Err(ureq::Error::Status(code, r)) => {
+            assert!(code == 403 || code == 415, "{code}");
+            assert!(r.header("access-control-allow-origin").is_none());
+            assert!(body_json(r)["error"].is_string());
+        }
+        other => panic!("served a cross-site request: {:?}", other.map(|r| r.status())),
+    }
+    let (status, r) = request("POST", &server.url("/infer"), Some("text/plain"), None, Some(b"{}"));
+    assert_eq!(status, 415);
+    assert!(body_json(r)["error"].is_string());
+    let (status, r) = request("POST", &server.url("/v1/models/pets:segment"), Some("application/x-www-form-urlencoded"), None, Some(&photo));
+    assert_eq!(status, 415);
+    assert!(body_json(r)["error"].is_string());
+    for (method, path, code) in [("GET", "/infer", 405), ("DELETE", "/healthz", 405), ("GET", "/v1/models/pets:segment", 405), ("GET", "/nowhere", 404)] {
+        let (status, r) = request(method, &server.url(path), None, None, None);
+        assert_eq!(status, code, "{method} {path}");
+        assert!(body_json(r)["error"].as_str().is_some_and(|e| !e.is_empty()), "{method} {path}");
+    }
+    let (status, r) = request("POST", &server.url("/v1/models/pets:segment?format=json&format=x"), Some("image/jpeg"), None, Some(&photo));
+    assert_eq!(status, 400);
+    assert!(body_json(r)["error"].is_string());
+    let long = "x".repeat(40_000);
+    let r = ureq::get(&server.url("/healthz")).set("X-Padding", &long).call();
+    match r {
+        Err(ureq::Error::Status(431, r)) => assert!(body_json(r)["error"].as_str().unwrap().contains("serve.max_header_bytes")),
+        other => panic!("expected 431: {:?}", other.map(|r| r.status())),
+    }
+
+    let peak = peak_rss(server.child.id());
+    assert!(peak < 400 << 20, "peak RSS {} MB", peak >> 20);
+    assert!(metrics_rss(&server) < 400 << 20);
+    let (status, _) = request("POST", &server.url("/v1/models/pets:segment"), Some("image/jpeg"), None, Some(&photo));
+    assert_eq!(status, 200, "still serving");
+}
+
+/// Opens `n` connections that send half a request header and stop.
+fn half_header_clients(addr: &str, n: usize) -> Vec<std::net::TcpStream> {
+    (0..n)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            std::io::Write::write_all(&mut s, b"POST /v1/models/pets:segment HTTP/1.1\r\nHost: x\r\nContent-Ty").unwrap();
+            s
+        })
+        .collect()
+}
+
+/// Whether the server closed `s` (a read answers end-of-file or an error).
+fn closed_by_server(s: &mut std::net::TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // an error response before closing
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+#[test]
+fn slow_header_clients_are_dropped_and_sigterm_ends_within_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, repo) = trained_model(dir.path(), 16);
+    let mut server = Server::start(&config, &repo, &["serve.header_read_timeout_ms=1000", "serve.keep_alive_timeout_ms=1500", "serve.shutdown_timeout_ms=2000"]);
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let (photo, _) = a_photo(dir.path());
+    let mut slow = half_header_clients(&addr, 100);
+    // Served meanwhile.
+    let (status, _) = request("POST", &server.url("/v1/models/pets:segment"), Some("image/jpeg"), None, Some(&photo));
+    assert_eq!(status, 200);
+    std::thread::sleep(Duration::from_millis(2000));
+    let closed = slow.iter_mut().map(closed_by_server).filter(|c| *c).count();
+    assert_eq!(closed, 100, "slow-header connections still open after the header timeout");
+    // An idle keep-alive connection is closed too (after a served request).
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    std::io::Write::write_all(&mut idle, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!closed_by_server(&mut idle), "kept alive at first");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(closed_by_server(&mut idle), "idle keep-alive connection still open");
+    let metrics = String::from_utf8(body_bytes(request("GET", &server.url("/metrics"), None, None, None).1)).unwrap();
+    let header_timeouts: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("segctl_connections_closed_total{reason=\"header_timeout\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(header_timeouts >= 100, "{metrics}");
+
+    // SIGTERM with slow clients connected and one request in flight: the request is answered,
+    // the process exits within the shutdown bound.
+    let _slow = half_header_clients(&addr, 20);
+    let mut stalled = std::net::TcpStream::connect(&addr).unwrap();
+    // Headers complete, body never sent: an in-flight request that cannot finish.
+    std::io::Write::write_all(&mut stalled, b"POST /v1/models/pets:segment HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\nab").unwrap();
+    let url = server.url("/v1/models/pets:segment");
+    let in_flight = std::thread::spawn(move || request("POST", &url, Some("image/jpeg"), None, Some(&photo)).0);
+    std::thread::sleep(Duration::from_millis(100));
+    let start = Instant::now();
+    signal(server.child.id(), "TERM");
+    let code = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(start.elapsed() < Duration::from_secs(6), "server did not exit within the bound");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(code, Some(0));
+    assert!(start.elapsed() >= Duration::from_millis(1500), "exited before the bound although a request was stalled");
+    assert_eq!(in_flight.join().unwrap(), 200);
+}
+
+#[test]
+fn a_soak_at_64_connections_has_no_errors_and_flat_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, repo) = trained_model(dir.path(), 16);
+    let server = Server::start(&config, &repo, &[]);
+    let (photo, _) = a_photo(dir.path());
+    let photo = Arc::new(photo);
+    let seconds: u64 = std::env::var("SEGCTL_SOAK_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = server.url("/v1/models/pets:segment");
+    let clients: Vec<_> = (0..64)
+        .map(|_| {
+            let (url, photo, stop) = (url.clone(), photo.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build();
+                let (mut ok, mut errors) = (0u64, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match agent.post(&url).set("Content-Type", "image/jpeg").send_bytes(&photo) {
+                        Ok(r) if r.status() == 200 => {
+                            let mut b = Vec::new();
+                            r.into_reader().read_to_end(&mut b).unwrap();
+                            assert!(b.starts_with(b"\x89PNG"));
+                            ok += 1;
+                        }
+                        Ok(r) => errors.push(r.status().to_string()),
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
+                (ok, errors)
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    let mut samples = Vec::new();
+    while start.elapsed() < Duration::from_secs(seconds) {
+        std::thread::sleep(Duration::from_secs(5).min(Duration::from_secs(seconds)));
+        samples.push(metrics_rss(&server));
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut ok, mut errors) = (0, Vec::new());
+    for c in clients {
+        let (o, e) = c.join().unwrap();
+        ok += o;
+        errors.extend(e);
+    }
+    assert!(errors.is_empty(), "{} errors, e.g. {:?}", errors.len(), &errors[..errors.len().min(5)]);
+    assert!(ok > 64, "{ok} requests served");
+    // Flat: after the first samples (allocator warm-up) resident memory does not grow.
+    let settled = samples[samples.len().min(2) - 1];
+    let last = *samples.last().unwrap();
+    assert!(last <= settled + settled / 4 + (16 << 20), "RSS grew from {} to {} MB: {samples:?}", settled >> 20, last >> 20);
+    assert!(peak_rss(server.child.id()) < 400 << 20);
+}

@@ -15,11 +15,15 @@ use super::{ModelSpec, ModelState};
 pub struct InferenceOptions {
     /// Threads one model call may use (0 = one per core).
     pub threads: usize,
+    /// Spin rounds the plan's worker threads wait for the next call before sleeping (`None` =
+    /// the engine's default, best for back-to-back calls; a server passes a small number so
+    /// idle inference threads leave the cores to the request stages).
+    pub idle_spin: Option<usize>,
 }
 
 impl Default for InferenceOptions {
     fn default() -> Self {
-        Self { threads: 0 }
+        Self { threads: 0, idle_spin: None }
     }
 }
 
@@ -30,7 +34,7 @@ pub fn available_cores() -> usize {
 
 enum Backend {
     /// The compiled plan, and idle sessions (one is taken per concurrent call).
-    Plan { plan: Arc<Plan>, sessions: Mutex<Vec<Session>>, threads: usize },
+    Plan { plan: Arc<Plan>, sessions: Mutex<Vec<Session>>, threads: usize, idle_spin: Option<usize> },
     Candle(ModelState),
 }
 
@@ -62,7 +66,7 @@ impl InferenceModel {
         drop(graph);
         // Loading held the checkpoint, the candle model and the graph: give that memory back.
         crate::util::release_free_memory();
-        Ok(Self { spec, backend: Backend::Plan { plan: Arc::new(plan), sessions: Mutex::new(Vec::new()), threads } })
+        Ok(Self { spec, backend: Backend::Plan { plan: Arc::new(plan), sessions: Mutex::new(Vec::new()), threads, idle_spin: options.idle_spin } })
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -88,6 +92,20 @@ impl InferenceModel {
     /// Logits `[n, classes, S, S]` for a normalized batch `[n, 3, S, S]`, appended to `out`
     /// (cleared first).
     pub fn logits_into(&self, input: &[f32], n: usize, out: &mut Vec<f32>) -> Result<()> {
+        self.logits_into_threads(input, n, 0, out)
+    }
+
+    /// Threads one call uses at most (the plan's `threads` option).
+    pub fn max_threads(&self) -> usize {
+        match &self.backend {
+            Backend::Plan { threads, .. } => *threads,
+            Backend::Candle(_) => 1,
+        }
+    }
+
+    /// [`Self::logits_into`] on `threads` threads (0 or more than [`Self::max_threads`] = the
+    /// maximum): a server passes the cores its CPU budget has free.
+    pub fn logits_into_threads(&self, input: &[f32], n: usize, threads: usize, out: &mut Vec<f32>) -> Result<()> {
         let size = self.spec.input_size;
         ensure!(input.len() == n * 3 * size * size, "input has {} values, the model expects {n}×3×{size}×{size}", input.len());
         out.clear();
@@ -95,11 +113,21 @@ impl InferenceModel {
             return Ok(());
         }
         match &self.backend {
-            Backend::Plan { plan, sessions, threads } => {
-                let idle = sessions.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            Backend::Plan { plan, sessions, threads: max, idle_spin } => {
+                let want = if threads == 0 { *max } else { threads.min(*max) };
+                let idle = {
+                    let mut pool = sessions.lock().unwrap_or_else(|e| e.into_inner());
+                    pool.iter().rposition(|s| s.threads() == want).map(|i| pool.swap_remove(i))
+                };
                 let mut session = match idle {
                     Some(s) => s,
-                    None => Session::new(Arc::clone(plan), *threads)?,
+                    None => {
+                        let mut s = Session::new(Arc::clone(plan), want)?;
+                        if let Some(rounds) = idle_spin {
+                            s.set_idle_spin(*rounds);
+                        }
+                        s
+                    }
                 };
                 let result = session.run(input, n).map(|logits| out.extend_from_slice(logits));
                 sessions.lock().unwrap_or_else(|e| e.into_inner()).push(session);

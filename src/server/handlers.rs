@@ -1,13 +1,18 @@
 //! The HTTP endpoints: classic `/infer`, TF-Serving `:predict`, raw-image `:segment`, model
-//! status and metadata, health, metrics and the page. Each request is decoded and prepared on
-//! the blocking pool, queued to its model version's batcher, and post-processed on the
-//! blocking pool again; the async runtime only moves bytes.
+//! status and metadata, health, metrics and the page.
+//!
+//! An inference request: its body is read within the memory budget; the image headers give
+//! every photo's size before anything is decoded, so the pixel cap, the JSON-answer cap and
+//! the request's share of the memory budget are checked first; decoding and resizing run on
+//! the blocking pool holding a CPU-budget token, the model call on the version's batcher, and
+//! up-sampling + argmax + encoding on the blocking pool again. The async runtime only moves
+//! bytes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -17,11 +22,15 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::budget::{MemoryPermit, Refused};
 use super::error::ApiError;
 use super::registry::ServedVersion;
 use super::worker::{Job, SubmitError};
 use crate::data::image_io::{self, DecodeOptions};
 use crate::infer;
+
+mod nested;
+use nested::{InferBody, Instance, PredictBody};
 
 /// The upload page.
 const PAGE: &str = include_str!("page.html");
@@ -30,104 +39,338 @@ const PAGE: &str = include_str!("page.html");
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Timing {
     pub decode: Duration,
+    pub resize: Duration,
     pub queue: Duration,
     pub inference: Duration,
+    pub postprocess: Duration,
     pub encode: Duration,
 }
 
 impl Timing {
+    fn stages(&self) -> [(&'static str, Duration); 6] {
+        [
+            ("decode", self.decode),
+            ("resize", self.resize),
+            ("queue", self.queue),
+            ("inference", self.inference),
+            ("postprocess", self.postprocess),
+            ("encode", self.encode),
+        ]
+    }
+
     fn header(&self) -> String {
-        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        format!(
-            "decode;dur={:.2}, queue;dur={:.2}, inference;dur={:.2}, encode;dur={:.2}",
-            ms(self.decode),
-            ms(self.queue),
-            ms(self.inference),
-            ms(self.encode)
-        )
+        self.stages().iter().map(|(n, d)| format!("{n};dur={:.2}", d.as_secs_f64() * 1000.0)).collect::<Vec<_>>().join(", ")
     }
 
     fn json(&self) -> Value {
         let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1000.0;
-        json!({
-            "decode": ms(self.decode),
-            "queue": ms(self.queue),
-            "inference": ms(self.inference),
-            "encode": ms(self.encode),
-            "total": ms(self.decode + self.queue + self.inference + self.encode),
-        })
+        let mut map: serde_json::Map<String, Value> = self.stages().iter().map(|(n, d)| (n.to_string(), json!(ms(*d)))).collect();
+        map.insert("total".into(), json!(ms(self.stages().iter().map(|(_, d)| *d).sum())));
+        Value::Object(map)
     }
 
     fn record(&self, state: &AppState) {
-        state.metrics.stage("decode", self.decode);
-        state.metrics.stage("queue", self.queue);
-        state.metrics.stage("inference", self.inference);
-        state.metrics.stage("encode", self.encode);
-    }
-}
-
-/// Runs blocking work off the async runtime.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("worker task failed: {e}")))?
-}
-
-/// Decodes image bytes (JPEG/PNG/GIF, EXIF orientation applied) within the pixel limit.
-fn decode_bytes(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ApiError> {
-    let options = DecodeOptions { max_pixels, apply_exif_orientation: true };
-    Ok(image_io::decode_rgb(bytes, options)?.image)
-}
-
-/// Builds an image from `H×W×3` nested numbers in 0–255.
-fn image_from_nested(value: &Value, max_pixels: u64, what: &str) -> Result<RgbImage, ApiError> {
-    let shape_error = |m: String| ApiError::BadRequest(format!("{what}: {m}; expected an H×W×3 array of numbers in 0-255"));
-    let rows = value.as_array().ok_or_else(|| shape_error("not an array".into()))?;
-    let height = rows.len();
-    let width = rows.first().and_then(|r| r.as_array()).map(|r| r.len()).unwrap_or(0);
-    if height == 0 || width == 0 {
-        return Err(shape_error("empty image".into()));
-    }
-    if (height as u64) * (width as u64) > max_pixels {
-        return Err(ApiError::TooLarge(format!("{what}: {width}x{height} pixels is over the limit of {max_pixels} (serve.max_pixels)")));
-    }
-    let mut data = Vec::with_capacity(height * width * 3);
-    for (y, row) in rows.iter().enumerate() {
-        let row = row.as_array().ok_or_else(|| shape_error(format!("row {y} is not an array")))?;
-        if row.len() != width {
-            return Err(shape_error(format!("row {y} has {} pixels, row 0 has {width}", row.len())));
+        for (name, d) in self.stages() {
+            state.metrics.stage(name, d);
         }
-        for (x, px) in row.iter().enumerate() {
-            let px = px.as_array().filter(|p| p.len() == 3).ok_or_else(|| shape_error(format!("pixel ({x}, {y}) is not [r, g, b]")))?;
-            for v in px {
-                let v = v.as_f64().ok_or_else(|| shape_error(format!("pixel ({x}, {y}) holds a non-number")))?;
-                if !(0.0..=255.0).contains(&v) {
-                    return Err(shape_error(format!("pixel ({x}, {y}) holds {v}, outside 0-255")));
-                }
-                data.push(v.round() as u8);
+    }
+}
+
+/// Runs CPU work off the async runtime, holding one token of the CPU budget.
+async fn blocking<T: Send + 'static>(state: &AppState, f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    let cpu = state.cpu.clone();
+    tokio::task::spawn_blocking(move || {
+        let _token = cpu.acquire_stage();
+        f()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("worker task failed: {e}")))?
+}
+
+/// The media type of a request, lower-case, without parameters.
+fn media_type(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(value.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+/// 415 unless the body is JSON.
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    match media_type(headers) {
+        Some(t) if t == "application/json" || (t.starts_with("application/") && t.ends_with("+json")) => Ok(()),
+        other => Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type `{}`: this endpoint takes application/json",
+            other.as_deref().unwrap_or("(none)")
+        ))),
+    }
+}
+
+/// 415 unless the body is declared as an image (or raw bytes).
+fn require_image(headers: &HeaderMap) -> Result<(), ApiError> {
+    match media_type(headers) {
+        Some(t) if t.starts_with("image/") || t == "application/octet-stream" => Ok(()),
+        other => Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type `{}`: send the raw JPEG or PNG bytes as image/jpeg, image/png or application/octet-stream (or use :predict for JSON)",
+            other.as_deref().unwrap_or("(none)")
+        ))),
+    }
+}
+
+fn refused(r: Refused, what: &str) -> ApiError {
+    match r {
+        Refused::OverBudget { bytes, budget } => ApiError::TooLarge(format!(
+            "{what} needs {} MiB of memory, more than the server's whole budget of {} MiB (serve.memory_budget_bytes)",
+            bytes.div_ceil(1 << 20),
+            budget >> 20
+        )),
+        Refused::Busy => ApiError::Overloaded("the server's memory budget is in use by other requests (serve.memory_budget_bytes); retry shortly".into()),
+    }
+}
+
+/// Reads the request body within `serve.max_body_bytes`, holding its bytes of the memory
+/// budget (the declared length, or the whole limit when none is declared).
+async fn read_body(state: &AppState, headers: &HeaderMap, body: Body, deadline: tokio::time::Instant) -> Result<(Bytes, MemoryPermit), ApiError> {
+    let limit = state.limits.max_body_bytes;
+    let too_large = || ApiError::TooLarge(format!("request body is over the limit of {limit} bytes (serve.max_body_bytes)"));
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    let permit = state.memory.reserve(declared.unwrap_or(limit as u64), deadline).await.map_err(|r| refused(r, "the request body"))?;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(s) = source {
+            if s.is::<http_body_util::LengthLimitError>() {
+                return too_large();
             }
+            source = s.source();
         }
-    }
-    RgbImage::from_raw(width as u32, height as u32, data).ok_or_else(|| ApiError::Internal("image buffer size".into()))
+        ApiError::BadRequest(format!("cannot read the request body: {e}"))
+    })?;
+    Ok((bytes, permit))
 }
 
-/// Queues prepared images to a version and waits for every answer; returns masks at each
-/// image's size and the timing.
-async fn segment_images(
+/// One photo of a request, before decoding.
+enum Source {
+    /// JPEG/PNG/GIF bytes, and the size their header declares.
+    Encoded { bytes: Vec<u8>, width: u32, height: u32, what: String },
+    /// Pixels sent as numbers.
+    Pixels(RgbImage),
+}
+
+impl Source {
+    fn encoded(bytes: Vec<u8>, what: String) -> Result<Self, ApiError> {
+        let header = image_io::read_header(&bytes).map_err(|e| prefix(ApiError::from(e), &what))?;
+        Ok(Source::Encoded { width: header.width, height: header.height, bytes, what })
+    }
+
+    fn pixels(&self) -> u64 {
+        match self {
+            Source::Encoded { width, height, .. } => *width as u64 * *height as u64,
+            Source::Pixels(img) => img.width() as u64 * img.height() as u64,
+        }
+    }
+}
+
+fn prefix(e: ApiError, what: &str) -> ApiError {
+    match e {
+        ApiError::BadRequest(m) if !what.is_empty() => ApiError::BadRequest(format!("{what}: {m}")),
+        other => other,
+    }
+}
+
+/// How a request is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// `/infer`: one mask as JSON rows.
+    InferJson,
+    /// `:predict`: every mask as JSON rows.
+    Predictions,
+    /// `:segment`: a PNG of the class ids, the colour mask or the overlay, or JSON.
+    Png(PngKind),
+    SegmentJson,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PngKind {
+    Mask,
+    Color,
+    Overlay,
+}
+
+impl Answer {
+    fn is_json(self) -> bool {
+        !matches!(self, Answer::Png(_))
+    }
+
+    /// An upper bound of the answer's size for masks of `pixels` pixels in `rows` rows.
+    fn bytes_bound(self, pixels: u64, rows: u64) -> u64 {
+        match self {
+            // Each class id is one digit and a comma; each row adds brackets.
+            _ if self.is_json() => 2 * pixels + 3 * rows + 4096,
+            // PNG of a 1- or 3-channel image: at most the raw size plus framing.
+            Answer::Png(PngKind::Mask) => pixels + rows + 4096,
+            _ => 3 * pixels + rows + 4096,
+        }
+    }
+}
+
+/// Who answered, for the answer's body and headers.
+#[derive(Clone)]
+struct Answerer {
+    name: String,
+    version: u64,
+    classes: Vec<String>,
+}
+
+fn mask_rows(mask: &GrayImage) -> Vec<&[u8]> {
+    mask.as_raw().chunks(mask.width().max(1) as usize).collect()
+}
+
+#[derive(serde::Serialize)]
+struct InferJson<'a> {
+    mask: Vec<&'a [u8]>,
+    width: u32,
+    height: u32,
+    classes: &'a [String],
+    model: &'a str,
+    version: u64,
+    timing_ms: Value,
+}
+
+#[derive(serde::Serialize)]
+struct PredictJson<'a> {
+    predictions: Vec<Vec<&'a [u8]>>,
+}
+
+#[derive(serde::Serialize)]
+struct SegmentJson<'a> {
+    model: &'a str,
+    version: u64,
+    width: u32,
+    height: u32,
+    classes: &'a [String],
+    class_fractions: serde_json::Map<String, Value>,
+    mask: Vec<&'a [u8]>,
+}
+
+/// Encodes the answer (on the blocking pool): bytes and content type.
+fn encode_answer(answer: Answer, who: &Answerer, images: &[RgbImage], masks: &[GrayImage], timing: &Timing) -> Result<(Vec<u8>, &'static str), ApiError> {
+    let internal = |e: &dyn std::fmt::Display| ApiError::Internal(format!("encoding the answer failed: {e}"));
+    fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, ApiError> {
+        serde_json::to_vec(v).map_err(|e| ApiError::Internal(format!("encoding the answer failed: {e}")))
+    }
+    Ok(match answer {
+        Answer::InferJson => {
+            let mask = &masks[0];
+            let body = InferJson {
+                mask: mask_rows(mask),
+                width: mask.width(),
+                height: mask.height(),
+                classes: &who.classes,
+                model: &who.name,
+                version: who.version,
+                timing_ms: timing.json(),
+            };
+            (json(&body)?, "application/json")
+        }
+        Answer::Predictions => (json(&PredictJson { predictions: masks.iter().map(mask_rows).collect() })?, "application/json"),
+        Answer::SegmentJson => {
+            let mask = &masks[0];
+            let fractions = infer::class_fractions(mask, who.classes.len());
+            let body = SegmentJson {
+                model: &who.name,
+                version: who.version,
+                width: mask.width(),
+                height: mask.height(),
+                classes: &who.classes,
+                class_fractions: who.classes.iter().zip(&fractions).map(|(c, f)| (c.clone(), json!(f))).collect(),
+                mask: mask_rows(mask),
+            };
+            (json(&body)?, "application/json")
+        }
+        Answer::Png(kind) => {
+            let (image, mask) = (&images[0], &masks[0]);
+            let bytes = match kind {
+                PngKind::Mask => infer::encode_png_fast(mask),
+                PngKind::Color => infer::encode_png_fast(&infer::colorize(mask)),
+                PngKind::Overlay => infer::encode_png_fast(&infer::overlay(image, mask)),
+            };
+            (bytes.map_err(|e| internal(&e))?, "image/png")
+        }
+    })
+}
+
+
+/// Everything after the body is read: the caps (pixels, JSON answer, memory), decoding and
+/// resizing, the model call, up-sampling + argmax and the encoded answer.
+async fn run(
+    state: &AppState,
     served: &Arc<ServedVersion>,
-    images: Vec<RgbImage>,
+    sources: Vec<Source>,
+    answer: Answer,
     mut timing: Timing,
-) -> Result<(Vec<RgbImage>, Vec<GrayImage>, Timing), ApiError> {
-    let prepare_start = Instant::now();
+    deadline: tokio::time::Instant,
+) -> Result<Response, ApiError> {
+    let limits = state.limits;
+    let total: u64 = sources.iter().map(Source::pixels).sum();
+    if total > limits.max_pixels {
+        return Err(ApiError::TooLarge(format!(
+            "{} image(s) with {total} pixels in all, over the limit of {} per request (serve.max_pixels)",
+            sources.len(),
+            limits.max_pixels
+        )));
+    }
+    let rows: u64 = sources
+        .iter()
+        .map(|s| match s {
+            Source::Encoded { width, height, .. } => (*width).max(*height) as u64,
+            Source::Pixels(img) => img.height() as u64,
+        })
+        .sum();
+    let answer_bytes = answer.bytes_bound(total, rows);
+    if answer.is_json() && answer_bytes > limits.max_json_response_bytes {
+        return Err(ApiError::TooLarge(format!(
+            "the JSON answer for {total} pixels would be up to {answer_bytes} bytes, over the limit of {} (serve.max_json_response_bytes); ask :segment for a PNG mask instead",
+            limits.max_json_response_bytes
+        )));
+    }
+    let spec = served.predictor.spec();
+    let plane = (spec.input_size * spec.input_size) as u64;
+    // Decoded photos, masks, the answer, model inputs and logits.
+    let need = 4 * total + answer_bytes + sources.len() as u64 * (3 + spec.num_classes() as u64) * plane * 4;
+    let _memory = state.memory.reserve(need, deadline).await.map_err(|r| refused(r, "this request"))?;
+
     let predictor = served.predictor.clone();
-    let (images, inputs) = blocking(move || {
-        let inputs: Vec<Vec<f32>> = images.iter().map(|img| predictor.prepare(img)).collect();
-        Ok((images, inputs))
+    let max_pixels = limits.max_pixels;
+    let (images, inputs, decode, resize) = blocking(state, move || {
+        let (mut images, mut inputs) = (Vec::with_capacity(sources.len()), Vec::with_capacity(sources.len()));
+        let (mut decode, mut resize) = (Duration::ZERO, Duration::ZERO);
+        for source in sources {
+            let t = Instant::now();
+            let image = match source {
+                Source::Encoded { bytes, what, .. } => {
+                    let options = DecodeOptions { max_pixels, apply_exif_orientation: true };
+                    image_io::decode_rgb(&bytes, options).map_err(|e| prefix(ApiError::from(e), &what))?.image
+                }
+                Source::Pixels(image) => image,
+            };
+            let t2 = Instant::now();
+            decode += t2 - t;
+            inputs.push(predictor.prepare(&image));
+            resize += t2.elapsed();
+            images.push(image);
+        }
+        Ok((images, inputs, decode, resize))
     })
     .await?;
-    timing.decode += prepare_start.elapsed();
+    timing.decode += decode;
+    timing.resize += resize;
+
     let mut answers = Vec::with_capacity(inputs.len());
     for input in inputs {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        served.worker.submit(Job { input, enqueued: Instant::now(), reply }).map_err(|e| match e {
+        let job = Job { input, enqueued: Instant::now(), deadline: deadline.into_std(), reply };
+        served.worker.submit(job).map_err(|e| match e {
             SubmitError::QueueFull => ApiError::Overloaded(format!(
                 "model `{}` version {} is overloaded ({} requests queued); retry shortly",
                 served.name,
@@ -148,20 +391,27 @@ async fn segment_images(
         timing.inference = timing.inference.max(out.inference);
         logits.push(out.logits);
     }
+
     let predictor = served.predictor.clone();
-    let post_start = Instant::now();
-    let (images, masks) = blocking(move || {
-        let masks: Vec<GrayImage> =
-            images.iter().zip(&logits).map(|(img, l)| predictor.mask_from_logits(l, img.width(), img.height())).collect();
-        Ok((images, masks))
+    let who = Answerer { name: served.name.clone(), version: served.version, classes: spec.class_names.clone() };
+    let (bytes, content_type, timing) = blocking(state, move || {
+        let mut timing = timing;
+        let t = Instant::now();
+        let masks: Vec<GrayImage> = images.iter().zip(&logits).map(|(img, l)| predictor.mask_from_logits_seq(l, img.width(), img.height())).collect();
+        drop(logits);
+        let t2 = Instant::now();
+        timing.postprocess += t2 - t;
+        let (bytes, content_type) = encode_answer(answer, &who, &images, &masks, &timing)?;
+        timing.encode += t2.elapsed();
+        Ok((bytes, content_type, timing))
     })
     .await?;
-    timing.encode += post_start.elapsed();
-    Ok((images, masks, timing))
-}
-
-fn mask_rows(mask: &GrayImage) -> Vec<&[u8]> {
-    mask.as_raw().chunks(mask.width() as usize).collect()
+    timing.record(state);
+    let mut response = (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], bytes).into_response();
+    if answer.is_json() {
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    Ok(with_model_headers(response, served, &timing))
 }
 
 fn with_model_headers(mut response: Response, served: &ServedVersion, timing: &Timing) -> Response {
@@ -176,49 +426,25 @@ fn with_model_headers(mut response: Response, served: &ServedVersion, timing: &T
     response
 }
 
-fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
-    if body.is_empty() {
-        return Err(ApiError::BadRequest("empty body: send a JSON document".into()));
-    }
-    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))
+fn request_deadline(state: &AppState) -> tokio::time::Instant {
+    tokio::time::Instant::now() + state.limits.request_timeout
 }
 
 /// `POST /infer` — `{"image": [[[r,g,b], …], …], "model"?: name, "version"?: n}`.
-pub async fn infer(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn infer(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let started = Instant::now();
-    let body = body?;
+    require_json(&headers)?;
+    let deadline = request_deadline(&state);
+    let (body, _body_memory) = read_body(&state, &headers, body, deadline).await?;
     let max_pixels = state.limits.max_pixels;
-    let (value, image) = blocking(move || {
-        let value = parse_json(&body)?;
-        let image = value.get("image").ok_or_else(|| ApiError::BadRequest("missing `image`: send {\"image\": [[[r,g,b], ...], ...]}".into()))?;
-        let image = image_from_nested(image, max_pixels, "`image`")?;
-        Ok((value, image))
-    })
-    .await?;
-    let name = match value.get("model").and_then(|m| m.as_str()) {
-        Some(n) => n.to_string(),
+    let request: InferBody = blocking(&state, move || nested::parse_infer(&body, max_pixels)).await?;
+    let name = match request.model {
+        Some(n) => n,
         None => state.registry.default_model().ok_or_else(|| ApiError::Unavailable("no model is served".into()))?,
     };
-    let version = value.get("version").and_then(|v| v.as_u64().or_else(|| v.as_str()?.parse().ok()));
-    let served = state.registry.resolve(&name, version)?;
+    let served = state.registry.resolve(&name, request.version)?;
     let timing = Timing { decode: started.elapsed(), ..Default::default() };
-    let (_, masks, mut timing) = segment_images(&served, vec![image], timing).await?;
-    let encode_start = Instant::now();
-    let mask = &masks[0];
-    let body = json!({
-        "mask": mask_rows(mask),
-        "width": mask.width(),
-        "height": mask.height(),
-        "classes": served.predictor.spec().class_names,
-        "model": served.name,
-        "version": served.version,
-        "timing_ms": Value::Null,
-    });
-    timing.encode += encode_start.elapsed();
-    timing.record(&state);
-    let mut body = body;
-    body["timing_ms"] = timing.json();
-    Ok(with_model_headers(axum::Json(body).into_response(), &served, &timing))
+    run(&state, &served, vec![Source::Pixels(request.image)], Answer::InferJson, timing, deadline).await
 }
 
 /// The parts of a `/v1/models/...` path.
@@ -265,16 +491,19 @@ pub async fn models(
     State(state): State<AppState>,
     method: Method,
     Path(rest): Path<String>,
-    Query(query): Query<SegmentQuery>,
+    query: Result<Query<SegmentQuery>, QueryRejection>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
     let path = parse_model_path(&rest)?;
     match (method, path.verb.as_deref(), path.metadata) {
         (Method::GET, None, false) => status(&state, &path),
         (Method::GET, None, true) => metadata(&state, &path),
-        (Method::POST, Some("predict"), _) => predict(state, path, body?).await,
-        (Method::POST, Some("segment"), _) => segment(state, path, query, headers, body?).await,
+        (Method::POST, Some("predict"), _) => predict(state, path, headers, body).await,
+        (Method::POST, Some("segment"), _) => {
+            let Query(query) = query.map_err(|e| ApiError::BadRequest(format!("bad query string: {}", e.body_text())))?;
+            segment(state, path, query, headers, body).await
+        }
         (_, Some(verb), _) if verb != "predict" && verb != "segment" => {
             Err(ApiError::NotFound(format!("unknown method `:{verb}`: use :predict or :segment")))
         }
@@ -325,115 +554,60 @@ fn metadata(state: &AppState, path: &ModelPath) -> Result<Response, ApiError> {
 }
 
 /// `:predict` — TF-Serving `{"instances": [...]}`, each an H×W×3 array or `{"b64": …}`.
-async fn predict(state: AppState, path: ModelPath, body: Bytes) -> Result<Response, ApiError> {
+async fn predict(state: AppState, path: ModelPath, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let started = Instant::now();
+    require_json(&headers)?;
     let served = state.registry.resolve(&path.name, path.version)?;
-    let max_pixels = state.limits.max_pixels;
-    let max_batch = state.limits.max_instances;
-    let images = blocking(move || {
-        let value = parse_json(&body)?;
-        let instances = value
-            .get("instances")
-            .and_then(|i| i.as_array())
-            .ok_or_else(|| ApiError::BadRequest("expected {\"instances\": [...]}".into()))?;
-        if instances.is_empty() {
-            return Err(ApiError::BadRequest("`instances` is empty".into()));
-        }
-        if instances.len() > max_batch {
-            return Err(ApiError::TooLarge(format!("{} instances in one request; the limit is {max_batch}", instances.len())));
-        }
+    let deadline = request_deadline(&state);
+    let (body, _body_memory) = read_body(&state, &headers, body, deadline).await?;
+    let (max_pixels, max_instances) = (state.limits.max_pixels, state.limits.max_instances);
+    let sources = blocking(&state, move || {
+        let PredictBody { instances } = nested::parse_predict(&body, max_pixels, max_instances)?;
+        drop(body);
         instances
-            .iter()
+            .into_iter()
             .enumerate()
-            .map(|(i, inst)| {
-                let what = format!("instances[{i}]");
-                match inst.get("b64").and_then(|b| b.as_str()) {
-                    Some(b64) => {
-                        let bytes = base64::engine::general_purpose::STANDARD
-                            .decode(b64.trim())
-                            .map_err(|e| ApiError::BadRequest(format!("{what}.b64 is not base64: {e}")))?;
-                        decode_bytes(&bytes, max_pixels).map_err(|e| match e {
-                            ApiError::BadRequest(m) => ApiError::BadRequest(format!("{what}: {m}")),
-                            other => other,
-                        })
-                    }
-                    None if inst.is_object() => Err(ApiError::BadRequest(format!("{what}: an object must be {{\"b64\": \"...\"}}"))),
-                    None => image_from_nested(inst, max_pixels, &what),
+            .map(|(i, instance)| match instance {
+                Instance::B64(text) => {
+                    let what = format!("instances[{i}]");
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(text.trim())
+                        .map_err(|e| ApiError::BadRequest(format!("{what}.b64 is not base64: {e}")))?;
+                    Source::encoded(bytes, what)
                 }
+                Instance::Pixels(image) => Ok(Source::Pixels(image)),
             })
             .collect::<Result<Vec<_>, _>>()
     })
     .await?;
     let timing = Timing { decode: started.elapsed(), ..Default::default() };
-    let (_, masks, mut timing) = segment_images(&served, images, timing).await?;
-    let encode_start = Instant::now();
-    let predictions: Vec<Vec<&[u8]>> = masks.iter().map(mask_rows).collect();
-    let response = axum::Json(json!({ "predictions": predictions })).into_response();
-    timing.encode += encode_start.elapsed();
-    timing.record(&state);
-    Ok(with_model_headers(response, &served, &timing))
+    run(&state, &served, sources, Answer::Predictions, timing, deadline).await
 }
 
 /// `:segment` — a raw JPEG/PNG body; answers a PNG (class ids, colour or overlay) or JSON.
-async fn segment(state: AppState, path: ModelPath, query: SegmentQuery, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn segment(state: AppState, path: ModelPath, query: SegmentQuery, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let started = Instant::now();
     let served = state.registry.resolve(&path.name, path.version)?;
     let wants_json = headers
         .get(header::ACCEPT)
         .and_then(|a| a.to_str().ok())
         .is_some_and(|a| a.contains("application/json"));
-    let format = match query.format.as_deref() {
-        Some(f @ ("mask" | "color" | "overlay" | "json")) => f.to_string(),
+    let answer = match query.format.as_deref() {
+        Some("mask") => Answer::Png(PngKind::Mask),
+        Some("color") => Answer::Png(PngKind::Color),
+        Some("overlay") => Answer::Png(PngKind::Overlay),
+        Some("json") => Answer::SegmentJson,
         Some(other) => return Err(ApiError::BadRequest(format!("unknown format `{other}`: use mask, color, overlay or json"))),
-        None if wants_json => "json".to_string(),
-        None => "mask".to_string(),
+        None if wants_json => Answer::SegmentJson,
+        None => Answer::Png(PngKind::Mask),
     };
-    if let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|c| c.to_str().ok()) {
-        if ct.starts_with("application/json") || ct.starts_with("multipart/") {
-            return Err(ApiError::UnsupportedMediaType(format!(
-                "`{ct}`: send the raw JPEG or PNG bytes as the body (or use :predict for JSON)"
-            )));
-        }
-    }
-    let max_pixels = state.limits.max_pixels;
-    let image = blocking(move || decode_bytes(&body, max_pixels)).await?;
+    require_image(&headers)?;
+    let deadline = request_deadline(&state);
+    let (body, _body_memory) = read_body(&state, &headers, body, deadline).await?;
+    let source = Source::encoded(body.to_vec(), String::new())?;
+    drop(body);
     let timing = Timing { decode: started.elapsed(), ..Default::default() };
-    let (images, masks, mut timing) = segment_images(&served, vec![image], timing).await?;
-    let encode_start = Instant::now();
-    let classes = served.predictor.spec().class_names.clone();
-    let (name, version) = (served.name.clone(), served.version);
-    let fmt = format.clone();
-    let (bytes, content_type) = blocking(move || {
-        let (image, mask) = (&images[0], &masks[0]);
-        let png = |r: anyhow::Result<Vec<u8>>| r.map_err(|e| ApiError::Internal(format!("{e:#}")));
-        Ok(match fmt.as_str() {
-            "mask" => (png(infer::encode_png(mask))?, "image/png"),
-            "color" => (png(infer::encode_png(&infer::colorize(mask)))?, "image/png"),
-            "overlay" => (png(infer::encode_png(&infer::overlay(image, mask)))?, "image/png"),
-            _ => {
-                let fractions = infer::class_fractions(mask, classes.len());
-                let body = json!({
-                    "model": name,
-                    "version": version,
-                    "width": mask.width(),
-                    "height": mask.height(),
-                    "classes": classes,
-                    "class_fractions": classes.iter().zip(&fractions).map(|(c, f)| (c.clone(), json!(f))).collect::<serde_json::Map<_, _>>(),
-                    "mask": mask_rows(mask),
-                });
-                (serde_json::to_vec(&body).map_err(|e| ApiError::Internal(e.to_string()))?, "application/json")
-            }
-        })
-    })
-    .await?;
-    timing.encode += encode_start.elapsed();
-    timing.record(&state);
-    let mut response = (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], bytes).into_response();
-    if format == "json" {
-        // The timing is in the Server-Timing header for every format.
-        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    }
-    Ok(with_model_headers(response, &served, &timing))
+    run(&state, &served, vec![source], answer, timing, deadline).await
 }
 
 /// `GET /v1/models` — every model, its versions and states.
@@ -446,7 +620,8 @@ pub async fn healthz() -> Response {
     axum::Json(json!({ "status": "ok" })).into_response()
 }
 
-/// `GET /readyz` — every served model has loaded and answered a warm-up inference.
+/// `GET /readyz` — every served model has a version that loaded, answered its warm-up and
+/// whose model calls are not failing.
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let (ready, problems) = state.registry.readiness();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -455,11 +630,18 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 
 /// `GET /metrics` — Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        state.metrics.render(),
-    )
-        .into_response()
+    let mut text = state.metrics.render();
+    use std::fmt::Write;
+    let _ = write!(
+        text,
+        "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {}\n\
+         # HELP segctl_memory_in_flight_bytes Bytes of the memory budget held by requests.\n# TYPE segctl_memory_in_flight_bytes gauge\nsegctl_memory_in_flight_bytes {}\n\
+         # HELP segctl_memory_budget_bytes The memory budget (serve.memory_budget_bytes).\n# TYPE segctl_memory_budget_bytes gauge\nsegctl_memory_budget_bytes {}\n",
+        crate::util::resident_bytes(),
+        state.memory.in_flight_bytes(),
+        state.memory.total_bytes()
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 /// `GET /` — the upload page.
@@ -490,14 +672,28 @@ mod tests {
     }
 
     #[test]
-    fn nested_images_are_checked() {
-        let ok = json!([[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 255]]]);
-        let img = image_from_nested(&ok, 100, "image").unwrap();
-        assert_eq!(img.dimensions(), (2, 2));
-        assert_eq!(img.get_pixel(1, 1).0, [9, 10, 255]);
-        for bad in [json!([[[0, 1]]]), json!([[[0, 1, 2]], [[0, 1, 2], [0, 1, 2]]]), json!([[[0, 1, 300]]]), json!("x"), json!([]), json!([[["a", 1, 2]]])] {
-            assert!(matches!(image_from_nested(&bad, 100, "image"), Err(ApiError::BadRequest(_))), "{bad}");
+    fn content_types_are_checked() {
+        let with = |ct: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+            h
+        };
+        assert!(require_json(&with("application/json; charset=utf-8")).is_ok());
+        assert!(require_json(&with("text/plain")).is_err());
+        assert!(require_json(&HeaderMap::new()).is_err());
+        assert!(require_image(&with("image/jpeg")).is_ok());
+        assert!(require_image(&with("application/octet-stream")).is_ok());
+        assert!(require_image(&with("application/x-www-form-urlencoded")).is_err());
+        assert!(require_image(&with("text/plain")).is_err());
+    }
+
+    #[test]
+    fn json_answers_are_bounded_above() {
+        let mask = GrayImage::from_fn(37, 5, |x, y| image::Luma([((x + y) % 3) as u8]));
+        let who = Answerer { name: "pets".into(), version: 1, classes: vec!["a".into(), "b".into(), "c".into()] };
+        for answer in [Answer::InferJson, Answer::Predictions, Answer::SegmentJson] {
+            let (bytes, _) = encode_answer(answer, &who, &[], std::slice::from_ref(&mask), &Timing::default()).unwrap();
+            assert!((bytes.len() as u64) <= answer.bytes_bound(37 * 5, 5), "{answer:?}: {} bytes", bytes.len());
         }
-        assert!(matches!(image_from_nested(&ok, 3, "image"), Err(ApiError::TooLarge(_))));
     }
 }

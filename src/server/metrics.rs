@@ -45,6 +45,8 @@ struct Inner {
     batch_sizes: BTreeMap<(String, u64), Histogram>,
     queue_depth: BTreeMap<(String, u64), i64>,
     versions: BTreeMap<(String, u64), &'static str>,
+    dropped_jobs: u64,
+    connections_closed: BTreeMap<&'static str, u64>,
 }
 
 /// The server's metrics.
@@ -54,7 +56,7 @@ pub struct Metrics {
 }
 
 /// Processing stages of an inference request.
-pub const STAGES: [&str; 4] = ["decode", "queue", "inference", "encode"];
+pub const STAGES: [&str; 6] = ["decode", "resize", "queue", "inference", "postprocess", "encode"];
 
 impl Metrics {
     fn with<R>(&self, f: impl FnOnce(&mut Inner) -> R) -> R {
@@ -80,6 +82,16 @@ impl Metrics {
         self.with(|m| {
             m.batch_sizes.entry((model.to_string(), version)).or_insert_with(|| Histogram::new(&BATCH_BUCKETS)).observe(size as f64)
         });
+    }
+
+    /// Queued images dropped before their model call (client gone, deadline passed).
+    pub fn dropped_jobs(&self, n: usize) {
+        self.with(|m| m.dropped_jobs += n as u64);
+    }
+
+    /// A connection the server closed, by reason (`header_timeout`, `idle_timeout`).
+    pub fn connection_closed(&self, reason: &'static str) {
+        self.with(|m| *m.connections_closed.entry(reason).or_default() += 1);
     }
 
     pub fn queue_depth(&self, model: &str, version: u64, depth: usize) {
@@ -116,7 +128,7 @@ impl Metrics {
             for (route, h) in &m.request_seconds {
                 histogram(&mut out, "segctl_request_duration_seconds", &vec![("route", route.clone())], h);
             }
-            out.push_str("# HELP segctl_stage_duration_seconds Time per processing stage (decode, queue, inference, encode).\n# TYPE segctl_stage_duration_seconds histogram\n");
+            out.push_str("# HELP segctl_stage_duration_seconds Time per processing stage (decode, resize, queue, inference, postprocess, encode).\n# TYPE segctl_stage_duration_seconds histogram\n");
             for (stage, h) in &m.stage_seconds {
                 histogram(&mut out, "segctl_stage_duration_seconds", &vec![("stage", stage.to_string())], h);
             }
@@ -131,6 +143,12 @@ impl Metrics {
             out.push_str("# HELP segctl_model_version_state Model versions known to the server (1 per version, labelled by state).\n# TYPE segctl_model_version_state gauge\n");
             for ((model, version), state) in &m.versions {
                 let _ = writeln!(out, "segctl_model_version_state{{model=\"{model}\",version=\"{version}\",state=\"{state}\"}} 1");
+            }
+            out.push_str("# HELP segctl_dropped_jobs_total Queued images dropped before their model call (client gone or deadline passed).\n# TYPE segctl_dropped_jobs_total counter\n");
+            let _ = writeln!(out, "segctl_dropped_jobs_total {}", m.dropped_jobs);
+            out.push_str("# HELP segctl_connections_closed_total Connections the server closed, by reason.\n# TYPE segctl_connections_closed_total counter\n");
+            for reason in ["header_timeout", "idle_timeout"] {
+                let _ = writeln!(out, "segctl_connections_closed_total{{reason=\"{reason}\"}} {}", m.connections_closed.get(reason).copied().unwrap_or(0));
             }
             let loaded = m.versions.values().filter(|s| **s == "AVAILABLE").count();
             out.push_str("# HELP segctl_loaded_model_versions Model versions serving.\n# TYPE segctl_loaded_model_versions gauge\n");

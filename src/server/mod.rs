@@ -1,8 +1,11 @@
-//! `serve`: the HTTP server (axum on tokio) over a model repository: routes, limits
-//! (body size, pixel count, per-request timeout), request ids and a structured access log,
-//! Prometheus metrics, dynamic batching per model version, hot reload of versions, and a
-//! graceful shutdown that finishes in-flight requests.
+//! `serve`: the HTTP server (hyper + axum on tokio) over a model repository: routes, limits
+//! (body size, pixels, a memory budget, deadlines), connection hygiene (header-read and
+//! keep-alive timeouts, a connection cap, a bounded graceful shutdown), browser safety
+//! (content types, origins, opt-in CORS), request ids and a structured access log, Prometheus
+//! metrics, batching per model version on a shared CPU budget, and hot reload of versions.
 
+pub mod budget;
+mod connection;
 pub mod error;
 pub mod handlers;
 pub mod metrics;
@@ -18,13 +21,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{MethodRouter, any, get, post};
 use candle_core::Device;
 
 use crate::config::ServeConfig;
+use budget::{CpuBudget, MemoryBudget};
 use error::ApiError;
 use metrics::Metrics;
 use registry::Registry;
@@ -33,10 +37,13 @@ use worker::BatchSettings;
 /// Request limits handlers enforce.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Decoded pixels per request, all images together.
     pub max_pixels: u64,
     /// Images in one `:predict` request.
     pub max_instances: usize,
     pub request_timeout: Duration,
+    pub max_json_response_bytes: u64,
+    pub max_body_bytes: usize,
 }
 
 /// Shared state of the handlers.
@@ -45,6 +52,10 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    pub cpu: Arc<CpuBudget>,
+    pub memory: Arc<MemoryBudget>,
+    cors_origins: Arc<Vec<String>>,
+    max_header_bytes: usize,
     request_ids: Arc<AtomicU64>,
 }
 
@@ -56,12 +67,18 @@ pub struct ServeOptions {
     pub device: Device,
 }
 
+/// Cores the server uses (`serve.cpu_threads`, 0 = all).
+pub fn cpu_threads(config: &ServeConfig) -> usize {
+    if config.cpu_threads == 0 { crate::model::inference::available_cores() } else { config.cpu_threads }
+}
+
 impl AppState {
     /// State over `repository`: scans it once (loading starts in the background) and keeps
     /// watching it.
     pub fn new(options: &ServeOptions) -> Self {
         let c = &options.config;
         let metrics = Arc::new(Metrics::default());
+        let cpu = CpuBudget::new(cpu_threads(c));
         let settings = BatchSettings {
             max_batch_size: c.max_batch_size,
             max_delay: Duration::from_millis(c.max_delay_ms),
@@ -73,6 +90,7 @@ impl AppState {
             c.models.clone(),
             c.default_model.clone(),
             settings,
+            cpu.clone(),
             options.device.clone(),
             metrics.clone(),
         );
@@ -85,25 +103,40 @@ impl AppState {
                 max_pixels: c.max_pixels,
                 max_instances: c.queue_capacity.max(1),
                 request_timeout: Duration::from_millis(c.request_timeout_ms),
+                max_json_response_bytes: c.max_json_response_bytes,
+                max_body_bytes: c.max_body_bytes,
             },
+            cpu,
+            memory: Arc::new(MemoryBudget::new(c.memory_budget_bytes)),
+            cors_origins: Arc::new(c.cors_origins.clone()),
+            max_header_bytes: c.max_header_bytes,
             request_ids: Arc::new(AtomicU64::new(1)),
         }
     }
 }
 
+/// `route` with every other method answered by a JSON 405.
+fn only(route: MethodRouter<AppState>, allowed: &'static str) -> MethodRouter<AppState> {
+    route.fallback(move || async move { ApiError::MethodNotAllowed(format!("method not allowed here: use {allowed}")) })
+}
+
 /// Every route, with the middleware applied.
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/", get(handlers::page))
-        .route("/healthz", get(handlers::healthz))
-        .route("/readyz", get(handlers::readyz))
-        .route("/metrics", get(handlers::metrics))
-        .route("/infer", post(handlers::infer))
-        .route("/v1/models", get(handlers::list_models))
+        .route("/", only(get(handlers::page), "GET"))
+        .route("/healthz", only(get(handlers::healthz), "GET"))
+        .route("/readyz", only(get(handlers::readyz), "GET"))
+        .route("/metrics", only(get(handlers::metrics), "GET"))
+        .route("/infer", only(post(handlers::infer), "POST"))
+        .route("/v1/models", only(get(handlers::list_models), "GET"))
         .route("/v1/models/{*rest}", any(handlers::models))
         .fallback(handlers::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), deadline))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        // Bodies are read by the handlers within the memory budget (`handlers::read_body`).
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(state.clone(), browser_guard))
+        .layer(middleware::from_fn_with_state(state.clone(), header_limit))
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), access_log))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
             ApiError::Internal("a request handler panicked".into()).into_response()
@@ -120,6 +153,89 @@ async fn deadline(State(state): State<AppState>, request: Request, next: Next) -
     }
 }
 
+/// 431 (as JSON) for a header block over `serve.max_header_bytes`.
+async fn header_limit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let size: usize = request.uri().to_string().len() + request.headers().iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>();
+    if size > state.max_header_bytes {
+        return ApiError::HeadersTooLarge(format!(
+            "the request line and headers are {size} bytes, over the limit of {} (serve.max_header_bytes)",
+            state.max_header_bytes
+        ))
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// Whether `origin` (`scheme://host[:port]`) names the server itself, as the `Host` header
+/// the browser sent.
+fn same_origin(origin: &str, host: Option<&str>) -> bool {
+    let Some(host) = host else { return false };
+    origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")).is_some_and(|o| o.eq_ignore_ascii_case(host))
+}
+
+/// Browser safety: a cross-site page may not drive the API (403 for a foreign `Origin`
+/// unless `serve.cors_origins` lists it); listed origins get CORS headers and preflights.
+async fn browser_guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let origin = request.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok()).map(str::to_string);
+    let Some(origin) = origin else { return next.run(request).await };
+    let host = request.headers().get(header::HOST).and_then(|h| h.to_str().ok());
+    let listed = state.cors_origins.iter().any(|o| o == "*" || o.eq_ignore_ascii_case(&origin));
+    if !listed && same_origin(&origin, host) {
+        return next.run(request).await;
+    }
+    let preflight = request.method() == Method::OPTIONS && request.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    if !listed {
+        if preflight || !matches!(*request.method(), Method::GET | Method::HEAD) {
+            return ApiError::Forbidden(format!("requests from the web origin `{origin}` are not allowed (list it in serve.cors_origins)")).into_response();
+        }
+        return next.run(request).await;
+    }
+    let mut response = if preflight {
+        let mut r = StatusCode::NO_CONTENT.into_response();
+        let h = r.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("content-type, accept, x-request-id"));
+        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
+        r
+    } else {
+        next.run(request).await
+    };
+    let h = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&origin) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+    }
+    h.append(header::VARY, HeaderValue::from_static("origin"));
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("server-timing, x-model-name, x-model-version, x-request-id"),
+    );
+    response
+}
+
+/// Every error answers JSON: responses of 400 and above that the framework produced as text
+/// or empty (method, path and query rejections) get a `{"error": ...}` body.
+async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|c| c.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 16 << 10).await.map(|b| String::from_utf8_lossy(&b).trim().to_string()).unwrap_or_default();
+    let message = if text.is_empty() { status.canonical_reason().unwrap_or("error").to_lowercase() } else { text };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let body = serde_json::to_vec(&serde_json::json!({ "error": message })).unwrap_or_default();
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
 /// The metrics label of a path (bounded cardinality).
 fn route_label(path: &str) -> &'static str {
     match path {
@@ -214,32 +330,77 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = terminate => {},
     }
-    log::info!("shutting down: finishing in-flight requests");
 }
 
 /// Executes `segctl serve` until SIGINT/SIGTERM. `on_listening` receives the bound address
 /// (useful with port 0).
 pub fn serve(options: &ServeOptions, on_listening: impl FnOnce(SocketAddr)) -> Result<()> {
+    let c = &options.config;
+    let cores = cpu_threads(c);
+    // The runtime only moves bytes; CPU work runs on the blocking pool, bounded to the CPU
+    // budget (stages take a token there), and on the model threads.
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores.clamp(1, 2))
+        .max_blocking_threads(cores + 1)
         .enable_all()
         .thread_name("segctl-http")
         .build()
         .context("failed to start the async runtime")?;
-    runtime.block_on(async {
-        let address = format!("{}:{}", options.config.host, options.config.port);
+    let result = runtime.block_on(async {
+        let address = format!("{}:{}", c.host, c.port);
         let listener = tokio::net::TcpListener::bind(&address)
             .await
             .with_context(|| format!("cannot listen on {address} (serve.host / serve.port): is another server using it?"))?;
         let local = listener.local_addr()?;
         let state = AppState::new(options);
-        let app = router(state.clone(), options.config.max_body_bytes);
+        let app = router(state.clone());
         on_listening(local);
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .context("the HTTP server failed")?;
+        let settings = connection::Settings {
+            header_read_timeout: Duration::from_millis(c.header_read_timeout_ms),
+            keep_alive_timeout: Duration::from_millis(c.keep_alive_timeout_ms),
+            max_header_bytes: c.max_header_bytes,
+        };
+        let slots = Arc::new(tokio::sync::Semaphore::new(c.max_connections));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let signal = shutdown_signal();
+        tokio::pin!(signal);
+        loop {
+            // A slot first: over `serve.max_connections`, new clients wait in the backlog.
+            let slot = tokio::select! {
+                _ = &mut signal => break,
+                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            };
+            let (stream, peer) = tokio::select! {
+                _ = &mut signal => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait instead of spinning.
+                        log::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let (app, metrics, stop) = (app.clone(), state.metrics.clone(), stop_rx.clone());
+            tokio::spawn(async move {
+                connection::serve(stream, peer, app, settings, metrics, stop).await;
+                drop(slot);
+            });
+        }
+        drop(listener);
+        let bound = Duration::from_millis(c.shutdown_timeout_ms);
+        log::info!("shutting down: finishing in-flight requests (at most {} ms, serve.shutdown_timeout_ms)", bound.as_millis());
+        let _ = stop_tx.send(true);
+        let all = u32::try_from(c.max_connections).unwrap_or(u32::MAX);
+        if tokio::time::timeout(bound, slots.acquire_many(all)).await.is_err() {
+            log::warn!("{} connections still open after {} ms: closing them", c.max_connections - slots.available_permits(), bound.as_millis());
+        }
         state.registry.unload_all();
         log::info!("stopped");
         Ok(())
-    })
+    });
+    // Do not wait for blocking tasks of abandoned requests.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    result
 }

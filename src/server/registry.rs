@@ -12,9 +12,10 @@ use candle_core::Device;
 use image::RgbImage;
 use serde::Serialize;
 
+use super::budget::CpuBudget;
 use super::error::ApiError;
 use super::metrics::Metrics;
-use super::worker::{BatchSettings, Job, Worker};
+use super::worker::{BatchSettings, Job, UNHEALTHY_AFTER_FAILURES, Worker};
 use crate::config::{ServedModelConfig, VersionPolicy, is_valid_model_name};
 use crate::infer::Predictor;
 use crate::model_store::{self, ModelManifest};
@@ -31,19 +32,35 @@ pub struct ServedVersion {
 /// Where a version stands.
 #[derive(Clone)]
 enum VersionState {
-    Loading,
+    /// Loading; the number of failed attempts before this one.
+    Loading(u32),
     Available(Arc<ServedVersion>),
-    /// Failed to load (message), with the manifest's modification time it failed on.
-    Failed(String, Option<SystemTime>),
+    /// Failed to load: the message, the manifest's modification time it failed on, and when
+    /// to try again (backoff doubling from 1 s to 60 s).
+    Failed(String, Option<SystemTime>, Retry),
 }
 
 impl VersionState {
     fn label(&self) -> &'static str {
         match self {
-            VersionState::Loading => "LOADING",
+            VersionState::Loading(_) => "LOADING",
             VersionState::Available(_) => "AVAILABLE",
             VersionState::Failed(..) => "END",
         }
+    }
+}
+
+/// When a failed load is tried again.
+#[derive(Clone, Copy, Debug)]
+struct Retry {
+    at: Instant,
+    attempts: u32,
+}
+
+impl Retry {
+    fn after(attempts: u32) -> Self {
+        let delay = Duration::from_secs(1u64 << attempts.min(6)).min(Duration::from_secs(60));
+        Self { at: Instant::now() + delay, attempts }
     }
 }
 
@@ -71,6 +88,7 @@ pub struct Registry {
     default_model: Option<String>,
     models: RwLock<BTreeMap<String, BTreeMap<u64, VersionState>>>,
     settings: BatchSettings,
+    cpu: Arc<CpuBudget>,
     device: Device,
     metrics: Arc<Metrics>,
 }
@@ -81,10 +99,11 @@ impl Registry {
         configured: Vec<ServedModelConfig>,
         default_model: Option<String>,
         settings: BatchSettings,
+        cpu: Arc<CpuBudget>,
         device: Device,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        Arc::new(Self { repository, configured, default_model, models: RwLock::new(BTreeMap::new()), settings, device, metrics })
+        Arc::new(Self { repository, configured, default_model, models: RwLock::new(BTreeMap::new()), settings, cpu, device, metrics })
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, BTreeMap<u64, VersionState>>> {
@@ -116,7 +135,14 @@ impl Registry {
     pub fn scan(self: &Arc<Self>) {
         for (name, policy) in self.wanted_models() {
             let dir = self.repository.join(&name);
-            let present = model_store::list_versions(&dir);
+            let present = match model_store::try_list_versions(&dir) {
+                Ok(p) => p,
+                Err(e) => {
+                    // A transient error (permissions, I/O) never unloads what serves.
+                    log::warn!("cannot read `{}`: {e}; keeping the versions of `{name}` as they are", dir.display());
+                    continue;
+                }
+            };
             let wanted: BTreeSet<u64> = match &policy {
                 VersionPolicy::All => present.iter().copied().collect(),
                 VersionPolicy::Latest(n) => present.iter().rev().take(*n).copied().collect(),
@@ -144,12 +170,14 @@ impl Registry {
                 for &v in &wanted {
                     let mtime = manifest_mtime(&dir.join(v.to_string()));
                     let retry = match versions.get(&v) {
-                        None => true,
-                        Some(VersionState::Failed(_, failed_on)) => mtime != *failed_on,
-                        Some(_) => false,
+                        None => Some(0),
+                        // A changed manifest is a new attempt; otherwise back off.
+                        Some(VersionState::Failed(_, failed_on, _)) if mtime != *failed_on => Some(0),
+                        Some(VersionState::Failed(_, _, retry)) if Instant::now() >= retry.at => Some(retry.attempts + 1),
+                        Some(_) => None,
                     };
-                    if retry {
-                        versions.insert(v, VersionState::Loading);
+                    if let Some(attempts) = retry {
+                        versions.insert(v, VersionState::Loading(attempts));
                         self.metrics.version_state(&name, v, Some("LOADING"));
                         to_load.push(v);
                     }
@@ -184,8 +212,8 @@ impl Registry {
         match version {
             Some(v) => match versions.get(&v) {
                 Some(VersionState::Available(s)) => Ok(s.clone()),
-                Some(VersionState::Loading) => Err(ApiError::Unavailable(format!("model `{name}` version {v} is still loading"))),
-                Some(VersionState::Failed(e, _)) => Err(ApiError::Unavailable(format!("model `{name}` version {v} failed to load: {e}"))),
+                Some(VersionState::Loading(_)) => Err(ApiError::Unavailable(format!("model `{name}` version {v} is still loading"))),
+                Some(VersionState::Failed(e, ..)) => Err(ApiError::Unavailable(format!("model `{name}` version {v} failed to load: {e}"))),
                 None => Err(ApiError::NotFound(format!("model `{name}` has no version {v}"))),
             },
             None => versions
@@ -210,7 +238,7 @@ impl Registry {
                     version: *v,
                     state: s.label(),
                     error: match s {
-                        VersionState::Failed(e, _) => Some(e.clone()),
+                        VersionState::Failed(e, ..) => Some(e.clone()),
                         _ => None,
                     },
                 })
@@ -249,12 +277,27 @@ impl Registry {
             problems.push(format!("no models found in `{}`", self.repository.display()));
         }
         for (name, versions) in models.iter() {
+            let healthy = versions.iter().any(|(v, s)| match s {
+                VersionState::Available(served) => {
+                    let failures = served.worker.consecutive_failures();
+                    if failures >= UNHEALTHY_AFTER_FAILURES {
+                        problems.push(format!("model `{name}` version {v}: its last {failures} model calls failed"));
+                        false
+                    } else {
+                        true
+                    }
+                }
+                _ => false,
+            });
+            if healthy {
+                continue;
+            }
             if versions.values().any(|s| matches!(s, VersionState::Available(_))) {
                 continue;
             }
             if versions.is_empty() {
                 problems.push(format!("model `{name}` has no versions"));
-            } else if versions.values().any(|s| matches!(s, VersionState::Loading)) {
+            } else if versions.values().any(|s| matches!(s, VersionState::Loading(_))) {
                 problems.push(format!("model `{name}` is loading"));
             } else {
                 problems.push(format!("model `{name}` has no available version"));
@@ -296,10 +339,12 @@ fn load_version(registry: Weak<Registry>, name: String, version: u64, path: Path
         if manifest.name != name || manifest.version != version {
             anyhow::bail!("model.yaml says {} version {}, the folder says {name} version {version}", manifest.name, manifest.version);
         }
-        // The model threads share the cores: each call may use its share of them.
-        let threads = (crate::model::inference::available_cores() / reg.settings.threads.max(1)).max(1);
-        let predictor = Arc::new(Predictor::from_loaded(loaded, crate::model::inference::InferenceOptions { threads })?);
-        let worker = Worker::start(predictor.clone(), reg.settings, reg.metrics.clone(), name.clone(), version)?;
+        // A call may use every core of the CPU budget that is free when it starts.
+        let threads = reg.cpu.total();
+        // Idle inference threads spin only briefly: the request stages need the cores.
+        let options = crate::model::inference::InferenceOptions { threads, idle_spin: Some(2048) };
+        let predictor = Arc::new(Predictor::from_loaded(loaded, options)?);
+        let worker = Worker::start(predictor.clone(), reg.settings, reg.cpu.clone(), reg.metrics.clone(), name.clone(), version)?;
         let served = Arc::new(ServedVersion { name: name.clone(), version, predictor, worker, manifest });
         warm_up(&served)?;
         Ok(served)
@@ -311,7 +356,11 @@ fn load_version(registry: Weak<Registry>, name: String, version: u64, path: Path
         }
         Err(e) => {
             log::error!("{name} v{version}: failed to load from `{}`: {e:#}", path.display());
-            reg.set_state(&name, version, VersionState::Failed(format!("{e:#}"), mtime));
+            let attempts = match reg.read().get(&name).and_then(|v| v.get(&version)) {
+                Some(VersionState::Loading(n)) => *n,
+                _ => 0,
+            };
+            reg.set_state(&name, version, VersionState::Failed(format!("{e:#}"), mtime, Retry::after(attempts)));
         }
     }
 }
@@ -324,7 +373,7 @@ fn warm_up(served: &ServedVersion) -> anyhow::Result<()> {
     let (reply, answer) = tokio::sync::oneshot::channel();
     served
         .worker
-        .submit(Job { input, enqueued: Instant::now(), reply })
+        .submit(Job { input, enqueued: Instant::now(), deadline: Instant::now() + Duration::from_secs(600), reply })
         .map_err(|e| anyhow::anyhow!("warm-up could not be queued: {e:?}"))?;
     answer.blocking_recv().map_err(|_| anyhow::anyhow!("warm-up got no answer"))?.map_err(|e| anyhow::anyhow!("warm-up failed: {e}"))?;
     Ok(())

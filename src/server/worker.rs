@@ -1,14 +1,17 @@
-//! Dynamic batching: each model version owns a bounded queue and dedicated inference
-//! threads (never the async runtime). A thread takes the first waiting request, gathers more
-//! until `max_batch_size` or `max_delay_ms`, runs one model call, and answers each request
-//! through its own one-shot channel. A full queue is refused at once (the caller answers 503).
+//! Dynamic batching without waiting: each model version owns a bounded queue and dedicated
+//! inference threads (never the async runtime). A free thread takes the first waiting request
+//! and every other one already queued (up to `max_batch_size`), and runs one model call at
+//! once: a lone request never waits for company. Only when `max_delay_ms` > 0 does a thread
+//! wait up to that long for a fuller batch. Requests whose client has gone or whose deadline
+//! has passed are dropped before the model runs. A full queue is refused at once (503).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError, bounded};
 
+use super::budget::CpuBudget;
 use super::metrics::Metrics;
 use crate::infer::Predictor;
 
@@ -26,7 +29,16 @@ pub struct Job {
     /// Prepared input `[3, S, S]`.
     pub input: Vec<f32>,
     pub enqueued: Instant,
+    /// Past this instant nobody waits for the answer (`serve.request_timeout_ms`).
+    pub deadline: Instant,
     pub reply: tokio::sync::oneshot::Sender<Result<JobOutput, String>>,
+}
+
+impl Job {
+    /// The client went away (its handler was dropped) or the deadline passed.
+    fn abandoned(&self, now: Instant) -> bool {
+        self.reply.is_closed() || now >= self.deadline
+    }
 }
 
 /// The model's answer for one image.
@@ -35,6 +47,8 @@ pub struct JobOutput {
     pub queued: Duration,
     pub inference: Duration,
     pub batch_size: usize,
+    /// Threads the model call ran on.
+    pub threads: usize,
 }
 
 /// Why a job was not queued.
@@ -44,37 +58,59 @@ pub enum SubmitError {
     Closed,
 }
 
+/// Model calls in a row that failed before the version counts as unhealthy (`/readyz`).
+pub const UNHEALTHY_AFTER_FAILURES: usize = 3;
+
 /// The queue and threads of one model version. Dropping it closes the queue; the threads
 /// finish what is queued and exit.
 pub struct Worker {
     sender: Sender<Job>,
     depth: Arc<AtomicUsize>,
     capacity: usize,
+    failures: Arc<AtomicUsize>,
 }
 
 impl Worker {
-    pub fn start(predictor: Arc<Predictor>, settings: BatchSettings, metrics: Arc<Metrics>, name: String, version: u64) -> std::io::Result<Self> {
+    pub fn start(
+        predictor: Arc<Predictor>,
+        settings: BatchSettings,
+        budget: Arc<CpuBudget>,
+        metrics: Arc<Metrics>,
+        name: String,
+        version: u64,
+    ) -> std::io::Result<Self> {
         let (sender, receiver) = bounded::<Job>(settings.queue_capacity);
         let depth = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(AtomicUsize::new(0));
         for i in 0..settings.threads.max(1) {
-            let (receiver, predictor, metrics, depth, name) =
-                (receiver.clone(), predictor.clone(), metrics.clone(), depth.clone(), name.clone());
-            std::thread::Builder::new()
-                .name(format!("segctl-model-{name}-v{version}-{i}"))
-                .spawn(move || run(receiver, predictor, settings, metrics, depth, &name, version))?;
+            let ctx = Ctx {
+                receiver: receiver.clone(),
+                predictor: predictor.clone(),
+                settings,
+                budget: budget.clone(),
+                metrics: metrics.clone(),
+                depth: depth.clone(),
+                failures: failures.clone(),
+                name: name.clone(),
+                version,
+            };
+            std::thread::Builder::new().name(format!("segctl-model-{name}-v{version}-{i}")).spawn(move || ctx.run())?;
         }
-        Ok(Self { sender, depth, capacity: settings.queue_capacity })
+        Ok(Self { sender, depth, capacity: settings.queue_capacity, failures })
     }
 
     /// Queues a job without waiting.
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        self.depth.fetch_add(1, Ordering::SeqCst);
         match self.sender.try_send(job) {
-            Ok(()) => {
-                self.depth.fetch_add(1, Ordering::SeqCst);
-                Ok(())
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.depth.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::QueueFull,
+                    TrySendError::Disconnected(_) => SubmitError::Closed,
+                })
             }
-            Err(TrySendError::Full(_)) => Err(SubmitError::QueueFull),
-            Err(TrySendError::Disconnected(_)) => Err(SubmitError::Closed),
         }
     }
 
@@ -85,46 +121,89 @@ impl Worker {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+
+    /// Model calls that failed in a row (0 after any success).
+    pub fn consecutive_failures(&self) -> usize {
+        self.failures.load(Ordering::SeqCst)
+    }
 }
 
-fn run(
+struct Ctx {
     receiver: Receiver<Job>,
     predictor: Arc<Predictor>,
     settings: BatchSettings,
+    budget: Arc<CpuBudget>,
     metrics: Arc<Metrics>,
     depth: Arc<AtomicUsize>,
-    name: &str,
+    failures: Arc<AtomicUsize>,
+    name: String,
     version: u64,
-) {
-    while let Ok(first) = receiver.recv() {
-        let deadline = Instant::now() + settings.max_delay;
-        let mut batch = vec![first];
-        while batch.len() < settings.max_batch_size {
-            match receiver.recv_deadline(deadline) {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+}
+
+impl Ctx {
+    fn run(self) {
+        let max = self.settings.max_batch_size.max(1);
+        while let Ok(first) = self.receiver.recv() {
+            let mut batch = vec![first];
+            // What is already queued joins the batch; nothing waits for it.
+            while batch.len() < max {
+                match self.receiver.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            if !self.settings.max_delay.is_zero() && batch.len() < max {
+                let deadline = Instant::now() + self.settings.max_delay;
+                while batch.len() < max {
+                    match self.receiver.recv_deadline(deadline) {
+                        Ok(job) => batch.push(job),
+                        Err(_) => break,
+                    }
+                }
+            }
+            let taken = batch.len();
+            let remaining = self.depth.fetch_sub(taken, Ordering::SeqCst).saturating_sub(taken);
+            self.metrics.queue_depth(&self.name, self.version, remaining);
+            let now = Instant::now();
+            let (live, gone): (Vec<Job>, Vec<Job>) = batch.into_iter().partition(|j| !j.abandoned(now));
+            if !gone.is_empty() {
+                self.metrics.dropped_jobs(gone.len());
+                for job in gone {
+                    let _ = job.reply.send(Err("the request's deadline passed before the model ran (serve.request_timeout_ms)".into()));
+                }
+            }
+            if !live.is_empty() {
+                self.call(live);
             }
         }
-        let remaining = depth.fetch_sub(batch.len(), Ordering::SeqCst).saturating_sub(batch.len());
-        metrics.queue_depth(name, version, remaining);
-        let started = Instant::now();
+    }
+
+    fn call(&self, mut batch: Vec<Job>) {
         let inputs: Vec<Vec<f32>> = batch.iter_mut().map(|j| std::mem::take(&mut j.input)).collect();
+        // As many cores as the CPU budget has free (at least one, at most the plan's threads):
+        // a lone request gets every idle core, a busy server runs one call per core.
+        let cores = self.budget.acquire_up_to(self.predictor.max_threads());
+        let started = Instant::now();
         // A failing or panicking model call answers its requests with an error; the thread
         // and the server stay up.
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| predictor.logits(&inputs)))
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.predictor.logits_with(&inputs, cores.count())))
             .unwrap_or_else(|_| Err(anyhow::anyhow!("the model call panicked")));
+        let threads = cores.count();
+        drop(cores);
         let inference = started.elapsed();
-        metrics.batch(name, version, batch.len());
+        self.metrics.batch(&self.name, self.version, batch.len());
         let size = batch.len();
         match result {
             Ok(outputs) => {
+                self.failures.store(0, Ordering::SeqCst);
                 for (job, logits) in batch.into_iter().zip(outputs) {
                     let queued = started.saturating_duration_since(job.enqueued);
-                    let _ = job.reply.send(Ok(JobOutput { logits, queued, inference, batch_size: size }));
+                    let _ = job.reply.send(Ok(JobOutput { logits, queued, inference, batch_size: size, threads }));
                 }
             }
             Err(e) => {
-                log::error!("{name} v{version}: model call failed: {e:#}");
+                self.failures.fetch_add(1, Ordering::SeqCst);
+                log::error!("{} v{}: model call failed: {e:#}", self.name, self.version);
                 for job in batch {
                     let _ = job.reply.send(Err(format!("{e:#}")));
                 }

@@ -951,6 +951,14 @@ impl Session {
         self.threads
     }
 
+    /// How long the worker threads spin for the next call before sleeping, in spin rounds
+    /// (default 65 536, a few ms): a server that runs other work between calls wants few.
+    pub fn set_idle_spin(&mut self, rounds: usize) {
+        if let Some(team) = &self.team {
+            team.shared.idle_spin.store(rounds, Ordering::Relaxed);
+        }
+    }
+
     /// Records the wall time of each step from now on (see [`Session::step_seconds`]).
     pub fn set_profiling(&mut self, on: bool) {
         self.profile = on;
@@ -1058,6 +1066,8 @@ struct TeamShared {
     pending: AtomicUsize,
     stop: AtomicBool,
     sleepers: AtomicUsize,
+    /// Spin rounds a worker waits for the next call before sleeping.
+    idle_spin: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
     barrier: SpinBarrier,
@@ -1079,6 +1089,7 @@ impl Team {
             pending: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
+            idle_spin: AtomicUsize::new(SPIN_ROUNDS),
             lock: Mutex::new(()),
             wake: Condvar::new(),
             barrier: SpinBarrier::new(workers + 1),
@@ -1147,7 +1158,7 @@ fn worker(s: &TeamShared, tid: usize) {
                 break;
             }
             spins += 1;
-            if spins < SPIN_ROUNDS {
+            if spins < s.idle_spin.load(Ordering::Relaxed) {
                 std::hint::spin_loop();
                 continue;
             }
