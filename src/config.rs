@@ -511,7 +511,7 @@ impl Default for ServeConfig {
             repository: None,
             models: Vec::new(),
             default_model: None,
-            max_batch_size: 16,
+            max_batch_size: 4,
             max_delay_ms: 0,
             queue_capacity: 256,
             max_body_bytes: 32 << 20,
@@ -643,7 +643,7 @@ impl Config {
         ensure_key(s.request_timeout_ms >= 1, "serve.request_timeout_ms", || "must be at least 1".into())?;
         ensure_key(s.header_read_timeout_ms >= 1, "serve.header_read_timeout_ms", || "must be at least 1".into())?;
         ensure_key(s.keep_alive_timeout_ms >= 1, "serve.keep_alive_timeout_ms", || "must be at least 1".into())?;
-        ensure_key(s.max_connections >= 1, "serve.max_connections", || "must be at least 1".into())?;
+        ensure_key((1..=1_000_000).contains(&s.max_connections), "serve.max_connections", || "must be between 1 and 1000000".into())?;
         ensure_key(s.max_header_bytes >= 1024, "serve.max_header_bytes", || "must be at least 1024".into())?;
         for (i, origin) in s.cors_origins.iter().enumerate() {
             ensure_key(

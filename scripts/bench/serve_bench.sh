@@ -14,6 +14,7 @@
 #   DURATION         seconds per measured point                      [20]
 #   CONCURRENCY      client connections to measure                   ["1 8 64"]
 #   WARMUP           seconds of warm-up load per server              [5]
+#   SOAK             seconds of the soak at 64 connections after the levels (0 = none)  [60]
 #   FLASK_CONFIGS    gunicorn candidates "workers:threads:model_threads" ...; the one with the
 #                    highest req/s at 8 connections over SELECT_DURATION seconds is measured
 #                    ["2:1:1 1:2:1" = 2 sync workers x 1 torch thread | 1 gthread worker with
@@ -34,6 +35,7 @@ BACKENDS="${BACKENDS:-onnxruntime torch}"
 DURATION="${DURATION:-20}"
 CONCURRENCY="${CONCURRENCY:-1 8 64}"
 WARMUP="${WARMUP:-5}"
+SOAK="${SOAK:-60}"
 FLASK_CONFIGS="${FLASK_CONFIGS:-2:1:1 1:2:1}"
 SELECT_DURATION="${SELECT_DURATION:-5}"
 SEGCTL="${SEGCTL:-$REPO/target/release/segctl}"
@@ -138,14 +140,22 @@ measure() {
     stop_rss
     $HELPER point "$POINTS" "$name" "$c" "$out" "$T/rss-$name-$c" >/dev/null
   done
+  if [ "$SOAK" -gt 0 ]; then
+    log "$name: soak, ${SOAK}s at 64 connections"
+    : >"$T/rss-$name-soak"
+    start_rss "$SERVER_PID" "$T/rss-$name-soak"
+    out="$(run_wrk "$name-soak" 64 "$SOAK" "$url")"
+    stop_rss
+    $HELPER point "$POINTS.soak" "$name" 64 "$out" "$T/rss-$name-soak" >/dev/null
+  fi
 }
 
 # --- segctl serve -------------------------------------------------------------------------------
 PORT="$($HELPER port)"
-SEGCTL_CONFIG="segctl serve --device cpu --set serve.max_batch_size=16 --set serve.max_delay_ms=2"
+SEGCTL_CONFIG="segctl serve --device cpu (defaults: dispatch without delay, max_batch_size 16, CPU budget = all cores)"
 log "starting $SEGCTL_CONFIG on 127.0.0.1:$PORT"
 "$SEGCTL" -q serve --repository "$T/models" --host 127.0.0.1 --port "$PORT" --device cpu \
-  --set serve.max_batch_size=16 --set serve.max_delay_ms=2 >"$T/segctl-serve.log" 2>&1 &
+  >"$T/segctl-serve.log" 2>&1 &
 SERVER_PID=$!
 $HELPER wait "http://127.0.0.1:$PORT/readyz" 120 || { cat "$T/segctl-serve.log" >&2; exit 1; }
 SEGCTL_URL="http://127.0.0.1:$PORT/v1/models/pets:segment"

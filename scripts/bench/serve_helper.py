@@ -196,8 +196,21 @@ def report(points_file, out, arch, meta_json):
             s_ = seg.get(c)
             row[f"throughput_ratio_segctl_over_{name}"] = s_["ok_requests_per_s"] / f["ok_requests_per_s"] if s_ and f and f["ok_requests_per_s"] > 0 else None
         rows.append(row)
+    soak_file = points_file + ".soak"
+    soak = [json.loads(l) for l in open(soak_file) if l.strip()] if os.path.exists(soak_file) else []
+    if soak:
+        print(f"Soak: {soak[0]['concurrency']} connections for {soak[0]['duration_us'] / 1e6:.0f} s:")
+        print()
+        print("| server | req/s | p50 ms | p99 ms | errors | timeouts | peak RSS MB |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for p in soak:
+            e = p["errors"]
+            print(f"| {p['server']} | {p['ok_requests_per_s']:.1f} | {ms(p['latency_us']['p50'])} | {ms(p['latency_us']['p99'])} | "
+                  f"{e['status'] + e.get('connect', 0) + e.get('read', 0) + e.get('write', 0)} | {e['timeout']} | "
+                  f"{p.get('peak_rss_mb') or 0:.0f} |")
+        print()
     result = {
-        "benchmark": "serve", "arch": arch,
+        "benchmark": "serve", "arch": arch, "soak": soak,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "settings": meta, "results": rows, "all_points": points,

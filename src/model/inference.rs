@@ -115,21 +115,20 @@ impl InferenceModel {
         match &self.backend {
             Backend::Plan { plan, sessions, threads: max, idle_spin } => {
                 let want = if threads == 0 { *max } else { threads.min(*max) };
-                let idle = {
-                    let mut pool = sessions.lock().unwrap_or_else(|e| e.into_inner());
-                    pool.iter().rposition(|s| s.threads() == want).map(|i| pool.swap_remove(i))
-                };
+                // Every session has the full team; a call runs on `want` of its threads, so one
+                // arena serves every thread count.
+                let idle = sessions.lock().unwrap_or_else(|e| e.into_inner()).pop();
                 let mut session = match idle {
                     Some(s) => s,
                     None => {
-                        let mut s = Session::new(Arc::clone(plan), want)?;
+                        let mut s = Session::new(Arc::clone(plan), *max)?;
                         if let Some(rounds) = idle_spin {
                             s.set_idle_spin(*rounds);
                         }
                         s
                     }
                 };
-                let result = session.run(input, n).map(|logits| out.extend_from_slice(logits));
+                let result = session.run_threads(input, n, want).map(|logits| out.extend_from_slice(logits));
                 sessions.lock().unwrap_or_else(|e| e.into_inner()).push(session);
                 result
             }

@@ -149,6 +149,35 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body, deadline: 
     Ok((bytes, permit))
 }
 
+/// Reads and drops up to 1 MiB of a body (for at most 2 s) before an early error answer, so
+/// that a client still sending gets the JSON error instead of a reset connection.
+async fn discard(body: Body) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut left: usize = 1 << 20;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(frame)) = body.frame().await {
+            let n = frame.data_ref().map_or(0, |d| d.len());
+            if n >= left {
+                break;
+            }
+            left -= n;
+        }
+    })
+    .await;
+}
+
+/// `result`, draining `body` first when it is an error.
+async fn or_discard<T>(result: Result<T, ApiError>, body: Body) -> Result<(T, Body), ApiError> {
+    match result {
+        Ok(v) => Ok((v, body)),
+        Err(e) => {
+            discard(body).await;
+            Err(e)
+        }
+    }
+}
+
 /// One photo of a request, before decoding.
 enum Source {
     /// JPEG/PNG/GIF bytes, and the size their header declares.
@@ -339,6 +368,13 @@ async fn run(
     // Decoded photos, masks, the answer, model inputs and logits.
     let need = 4 * total + answer_bytes + sources.len() as u64 * (3 + spec.num_classes() as u64) * plane * 4;
     let _memory = state.memory.reserve(need, deadline).await.map_err(|r| refused(r, "this request"))?;
+    // Slots for this request's images between decoding and the model (a request with more
+    // images than slots takes them all: it is bounded by serve.max_pixels instead).
+    let want = (sources.len() as u32).clamp(1, served.prepared_slots);
+    let slots = match tokio::time::timeout_at(deadline, served.prepared.clone().acquire_many_owned(want)).await {
+        Ok(Ok(p)) => p,
+        _ => return Err(ApiError::Timeout(format!("request took longer than {} ms (serve.request_timeout_ms)", limits.request_timeout.as_millis()))),
+    };
 
     let predictor = served.predictor.clone();
     let max_pixels = limits.max_pixels;
@@ -391,6 +427,7 @@ async fn run(
         timing.inference = timing.inference.max(out.inference);
         logits.push(out.logits);
     }
+    drop(slots);
 
     let predictor = served.predictor.clone();
     let who = Answerer { name: served.name.clone(), version: served.version, classes: spec.class_names.clone() };
@@ -433,7 +470,7 @@ fn request_deadline(state: &AppState) -> tokio::time::Instant {
 /// `POST /infer` — `{"image": [[[r,g,b], …], …], "model"?: name, "version"?: n}`.
 pub async fn infer(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let started = Instant::now();
-    require_json(&headers)?;
+    let ((), body) = or_discard(require_json(&headers), body).await?;
     let deadline = request_deadline(&state);
     let (body, _body_memory) = read_body(&state, &headers, body, deadline).await?;
     let max_pixels = state.limits.max_pixels;
@@ -495,22 +532,24 @@ pub async fn models(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let path = parse_model_path(&rest)?;
+    let (path, body) = or_discard(parse_model_path(&rest), body).await?;
     match (method, path.verb.as_deref(), path.metadata) {
         (Method::GET, None, false) => status(&state, &path),
         (Method::GET, None, true) => metadata(&state, &path),
         (Method::POST, Some("predict"), _) => predict(state, path, headers, body).await,
         (Method::POST, Some("segment"), _) => {
-            let Query(query) = query.map_err(|e| ApiError::BadRequest(format!("bad query string: {}", e.body_text())))?;
+            let query = query.map(|Query(q)| q).map_err(|e| ApiError::BadRequest(format!("bad query string: {}", e.body_text())));
+            let (query, body) = or_discard(query, body).await?;
             segment(state, path, query, headers, body).await
         }
         (_, Some(verb), _) if verb != "predict" && verb != "segment" => {
-            Err(ApiError::NotFound(format!("unknown method `:{verb}`: use :predict or :segment")))
+            let e = ApiError::NotFound(format!("unknown method `:{verb}`: use :predict or :segment"));
+            or_discard(Err(e), body).await.map(|(r, _)| r)
         }
-        (m, verb, _) => Err(ApiError::MethodNotAllowed(format!(
-            "{m} is not allowed here: {}",
-            if verb.is_some() { "use POST" } else { "use GET" }
-        ))),
+        (m, verb, _) => {
+            let e = ApiError::MethodNotAllowed(format!("{m} is not allowed here: {}", if verb.is_some() { "use POST" } else { "use GET" }));
+            or_discard(Err(e), body).await.map(|(r, _)| r)
+        }
     }
 }
 
@@ -556,8 +595,8 @@ fn metadata(state: &AppState, path: &ModelPath) -> Result<Response, ApiError> {
 /// `:predict` — TF-Serving `{"instances": [...]}`, each an H×W×3 array or `{"b64": …}`.
 async fn predict(state: AppState, path: ModelPath, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let started = Instant::now();
-    require_json(&headers)?;
-    let served = state.registry.resolve(&path.name, path.version)?;
+    let checked = require_json(&headers).and_then(|()| state.registry.resolve(&path.name, path.version));
+    let (served, body) = or_discard(checked, body).await?;
     let deadline = request_deadline(&state);
     let (body, _body_memory) = read_body(&state, &headers, body, deadline).await?;
     let (max_pixels, max_instances) = (state.limits.max_pixels, state.limits.max_instances);
@@ -587,6 +626,19 @@ async fn predict(state: AppState, path: ModelPath, headers: HeaderMap, body: Bod
 /// `:segment` — a raw JPEG/PNG body; answers a PNG (class ids, colour or overlay) or JSON.
 async fn segment(state: AppState, path: ModelPath, query: SegmentQuery, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
     let started = Instant::now();
+    let checked = segment_checks(&state, &path, &query, &headers);
+    let ((served, answer), body) = or_discard(checked, body).await?;
+    let deadline = request_deadline(&state);
+    let (body, _body_memory) = read_body(&state, &headers, body, deadline).await?;
+    let source = Source::encoded(body.to_vec(), String::new())?;
+    drop(body);
+    let timing = Timing { decode: started.elapsed(), ..Default::default() };
+    run(&state, &served, vec![source], answer, timing, deadline).await
+}
+
+/// What `:segment` checks before reading the body: the version, the answer format, the
+/// content type.
+fn segment_checks(state: &AppState, path: &ModelPath, query: &SegmentQuery, headers: &HeaderMap) -> Result<(Arc<ServedVersion>, Answer), ApiError> {
     let served = state.registry.resolve(&path.name, path.version)?;
     let wants_json = headers
         .get(header::ACCEPT)
@@ -601,13 +653,8 @@ async fn segment(state: AppState, path: ModelPath, query: SegmentQuery, headers:
         None if wants_json => Answer::SegmentJson,
         None => Answer::Png(PngKind::Mask),
     };
-    require_image(&headers)?;
-    let deadline = request_deadline(&state);
-    let (body, _body_memory) = read_body(&state, &headers, body, deadline).await?;
-    let source = Source::encoded(body.to_vec(), String::new())?;
-    drop(body);
-    let timing = Timing { decode: started.elapsed(), ..Default::default() };
-    run(&state, &served, vec![source], answer, timing, deadline).await
+    require_image(headers)?;
+    Ok((served, answer))
 }
 
 /// `GET /v1/models` — every model, its versions and states.

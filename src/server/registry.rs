@@ -27,6 +27,10 @@ pub struct ServedVersion {
     pub predictor: Arc<Predictor>,
     pub worker: Worker,
     pub manifest: ModelManifest,
+    /// Images past decoding and not yet through the model: a request decodes only once it
+    /// holds slots here, so a burst waits as compact request bodies, not decoded photos.
+    pub prepared: Arc<tokio::sync::Semaphore>,
+    pub prepared_slots: u32,
 }
 
 /// Where a version stands.
@@ -345,7 +349,11 @@ fn load_version(registry: Weak<Registry>, name: String, version: u64, path: Path
         let options = crate::model::inference::InferenceOptions { threads, idle_spin: Some(2048) };
         let predictor = Arc::new(Predictor::from_loaded(loaded, options)?);
         let worker = Worker::start(predictor.clone(), reg.settings, reg.cpu.clone(), reg.metrics.clone(), name.clone(), version)?;
-        let served = Arc::new(ServedVersion { name: name.clone(), version, predictor, worker, manifest });
+        // Enough for a full batch per model thread while the stages prepare the next images.
+        let slots = reg.settings.max_batch_size * reg.settings.threads.max(1) + reg.cpu.total();
+        let prepared = Arc::new(tokio::sync::Semaphore::new(slots));
+        let prepared_slots = u32::try_from(slots).unwrap_or(u32::MAX);
+        let served = Arc::new(ServedVersion { name: name.clone(), version, predictor, worker, manifest, prepared, prepared_slots });
         warm_up(&served)?;
         Ok(served)
     })();

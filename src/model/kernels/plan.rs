@@ -976,6 +976,12 @@ impl Session {
 
     /// Logits `[n, classes, H, W]` for a normalized batch `[n, C, H, W]`.
     pub fn run(&mut self, input: &[f32], n: usize) -> Result<&[f32]> {
+        self.run_threads(input, n, self.threads)
+    }
+
+    /// [`Self::run`] on the caller and `threads − 1` of the session's workers (at most all).
+    pub fn run_threads(&mut self, input: &[f32], n: usize, threads: usize) -> Result<&[f32]> {
+        let threads = threads.clamp(1, self.threads);
         let plan = Arc::clone(&self.plan);
         ensure!(n > 0, "empty batch");
         if n >= LARGE_BATCH {
@@ -991,7 +997,6 @@ impl Session {
             self.scratch = vec![0f32; scratch_floats * self.threads];
         }
         ensure!(input.len() == n * plan.input_len(), "input has {} values, the plan expects {n}×{}", input.len(), plan.input_len());
-        let threads = self.threads;
         // Grown to the largest batch seen; every buffer offset scales with n.
         let arena_len = n * plan.arena_per_image + 16;
         if self.arena.len() < arena_len + 16 {
@@ -1045,7 +1050,7 @@ impl Session {
         };
         match &self.team {
             None => body(0, None),
-            Some(team) => team.run(&|tid, barrier| body(tid, Some(barrier))),
+            Some(team) => team.run(&|tid, barrier| body(tid, Some(barrier)), threads),
         }
         Ok(&self.output[..n * plan.output_len()])
     }
@@ -1068,6 +1073,8 @@ struct TeamShared {
     sleepers: AtomicUsize,
     /// Spin rounds a worker waits for the next call before sleeping.
     idle_spin: AtomicUsize,
+    /// Threads (caller included) taking part in the current job.
+    participants: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
     barrier: SpinBarrier,
@@ -1090,6 +1097,7 @@ impl Team {
             stop: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
             idle_spin: AtomicUsize::new(SPIN_ROUNDS),
+            participants: AtomicUsize::new(workers + 1),
             lock: Mutex::new(()),
             wake: Condvar::new(),
             barrier: SpinBarrier::new(workers + 1),
@@ -1107,7 +1115,9 @@ impl Team {
     }
 
     /// Runs `job(tid, barrier)` on every thread (the caller is thread 0) and waits.
-    fn run(&self, job: &(dyn Fn(usize, &SpinBarrier) + Sync)) {
+    /// Runs `job(tid, barrier)` on the caller (thread 0) and the first `participants − 1`
+    /// workers, and waits; the other workers skip it.
+    fn run(&self, job: &(dyn Fn(usize, &SpinBarrier) + Sync), participants: usize) {
         let s = &self.shared;
         // SAFETY: no worker is running a job (the previous call waited for all), so none
         // reads `job`; the reference outlives this call, which waits for every worker.
@@ -1115,6 +1125,8 @@ impl Team {
             *s.job.get() = Some(std::mem::transmute::<&(dyn Fn(usize, &SpinBarrier) + Sync), *const Job>(job));
         }
         s.pending.store(self.handles.len(), Ordering::Relaxed);
+        s.participants.store(participants.clamp(1, self.handles.len() + 1), Ordering::Relaxed);
+        s.barrier.total.store(participants.clamp(1, self.handles.len() + 1), Ordering::Relaxed);
         s.epoch.fetch_add(1, Ordering::Release);
         if s.sleepers.load(Ordering::Acquire) > 0 {
             let _guard = s.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -1178,7 +1190,9 @@ fn worker(s: &TeamShared, tid: usize) {
         // until `pending` reaches zero.
         let job = unsafe { (*s.job.get()).map(|j| &*j) };
         if let Some(job) = job {
-            job(tid, &s.barrier);
+            if tid < s.participants.load(Ordering::Relaxed) {
+                job(tid, &s.barrier);
+            }
         }
         s.pending.fetch_sub(1, Ordering::AcqRel);
     }
@@ -1189,17 +1203,18 @@ fn worker(s: &TeamShared, tid: usize) {
 pub struct SpinBarrier {
     count: AtomicUsize,
     generation: AtomicUsize,
-    total: usize,
+    /// Threads taking part in the current job.
+    total: AtomicUsize,
 }
 
 impl SpinBarrier {
     fn new(total: usize) -> Self {
-        Self { count: AtomicUsize::new(0), generation: AtomicUsize::new(0), total }
+        Self { count: AtomicUsize::new(0), generation: AtomicUsize::new(0), total: AtomicUsize::new(total) }
     }
 
     pub fn wait(&self) {
         let generation = self.generation.load(Ordering::Acquire);
-        if self.count.fetch_add(1, Ordering::AcqRel) + 1 == self.total {
+        if self.count.fetch_add(1, Ordering::AcqRel) + 1 == self.total.load(Ordering::Relaxed) {
             self.count.store(0, Ordering::Relaxed);
             self.generation.fetch_add(1, Ordering::Release);
             return;

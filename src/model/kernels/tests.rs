@@ -102,6 +102,13 @@ fn check(state: &ModelState, h: usize, w: usize, batches: &[usize], threads: &[u
                 // A second call on the same session (arena reused) gives the same logits.
                 let again = session.run(input, n).unwrap();
                 assert_eq!(again, &got[..], "{isa:?} batch {n} threads {t}: a second call differs");
+                // Fewer of the session's threads (a server's free cores): the same logits
+                // within the bound.
+                if t > 1 {
+                    let fewer = session.run_threads(input, n, 1).unwrap().to_vec();
+                    let (diff, _) = compare(&fewer, expected, 3, h * w);
+                    assert!(diff <= bound, "{isa:?} batch {n}: 1 of {t} threads differs by {diff}");
+                }
             }
         }
     }
