@@ -128,7 +128,9 @@ pub fn upsample_argmax(logits: &[f32], classes: usize, size: usize, width: u32, 
     upsample_argmax_with(logits, classes, size, width, height, true)
 }
 
-/// [`upsample_argmax`], its rows spread over rayon's threads when `parallel`.
+/// [`upsample_argmax`], its rows spread over rayon's threads when `parallel`. Bilinear
+/// interpolation is separable: each output row first blends its two source rows of every
+/// class (`classes × size` values), then each pixel blends two neighbours of that row.
 pub fn upsample_argmax_with(logits: &[f32], classes: usize, size: usize, width: u32, height: u32, parallel: bool) -> GrayImage {
     let scale_x = size as f32 / width as f32;
     let scale_y = size as f32 / height as f32;
@@ -140,16 +142,37 @@ pub fn upsample_argmax_with(logits: &[f32], classes: usize, size: usize, width: 
     };
     let xs: Vec<(usize, usize, f32)> = (0..width).map(|x| axis(x, scale_x)).collect();
     let mut mask = GrayImage::new(width, height);
-    let row_fn = |(y, row): (usize, &mut [u8])| {
+    let plane = size * size;
+    let row_fn = |blend: &mut Vec<f32>, (y, row): (usize, &mut [u8])| {
         let (y0, y1, fy) = axis(y as u32, scale_y);
-        for (x, out) in row.iter_mut().enumerate() {
-            let (x0, x1, fx) = xs[x];
+        blend.clear();
+        for c in 0..classes {
+            let p = &logits[c * plane..][..plane];
+            let (top, bottom) = (&p[y0 * size..][..size], &p[y1 * size..][..size]);
+            blend.extend(top.iter().zip(bottom).map(|(t, b)| t * (1.0 - fy) + b * fy));
+        }
+        if classes == 3 {
+            // The common case, unrolled (same arithmetic and tie rule as the loop below).
+            let (r0, rest) = blend.split_at(size);
+            let (r1, r2) = rest.split_at(size);
+            for (out, &(x0, x1, fx)) in row.iter_mut().zip(&xs) {
+                let lerp = |r: &[f32]| r[x0] * (1.0 - fx) + r[x1] * fx;
+                let (v0, v1, v2) = (lerp(r0), lerp(r1), lerp(r2));
+                *out = if v1 > v0 {
+                    if v2 > v1 { 2 } else { 1 }
+                } else if v2 > v0 {
+                    2
+                } else {
+                    0
+                };
+            }
+            return;
+        }
+        for (out, &(x0, x1, fx)) in row.iter_mut().zip(&xs) {
             let mut best = (f32::NEG_INFINITY, 0u8);
             for c in 0..classes {
-                let p = &logits[c * size * size..];
-                let top = p[y0 * size + x0] * (1.0 - fx) + p[y0 * size + x1] * fx;
-                let bottom = p[y1 * size + x0] * (1.0 - fx) + p[y1 * size + x1] * fx;
-                let v = top * (1.0 - fy) + bottom * fy;
+                let r = &blend[c * size..][..size];
+                let v = r[x0] * (1.0 - fx) + r[x1] * fx;
                 if v > best.0 {
                     best = (v, c as u8);
                 }
@@ -158,9 +181,10 @@ pub fn upsample_argmax_with(logits: &[f32], classes: usize, size: usize, width: 
         }
     };
     if parallel {
-        mask.par_chunks_mut(width as usize).enumerate().for_each(row_fn);
+        mask.par_chunks_mut(width as usize).enumerate().for_each_init(Vec::new, row_fn);
     } else {
-        mask.chunks_mut(width as usize).enumerate().for_each(row_fn);
+        let mut blend = Vec::with_capacity(classes * size);
+        mask.chunks_mut(width as usize).enumerate().for_each(|r| row_fn(&mut blend, r));
     }
     mask
 }
@@ -248,6 +272,25 @@ mod tests {
         for y in 0..3 {
             assert_eq!(mask.get_pixel(0, y).0[0], 0);
             assert_eq!(mask.get_pixel(5, y).0[0], 1);
+        }
+    }
+
+    #[test]
+    fn the_three_class_path_agrees_with_the_general_one() {
+        let mut seed = 7u32;
+        let logits: Vec<f32> = (0..3 * 16 * 16)
+            .map(|_| {
+                seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                ((seed >> 16) % 7) as f32 - 3.0 // many exact ties
+            })
+            .collect();
+        // Four classes whose last never wins run the general loop.
+        let mut four = logits.clone();
+        four.extend(std::iter::repeat_n(-100.0, 16 * 16));
+        for (w, h) in [(37, 23), (16, 16), (5, 40)] {
+            let a = upsample_argmax(&logits, 3, 16, w, h);
+            let b = upsample_argmax(&four, 4, 16, w, h);
+            assert_eq!(a.as_raw(), b.as_raw(), "{w}x{h}");
         }
     }
 

@@ -131,6 +131,27 @@ pub fn read_header(bytes: &[u8]) -> Result<HeaderInfo, DecodeError> {
     }
 }
 
+/// Index of the first 0xFF byte at or after `from` (`bytes.len()` if none), 8 bytes at a time.
+fn find_ff(bytes: &[u8], from: usize) -> usize {
+    const LOW: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut i = from;
+    while i + 8 <= bytes.len() {
+        let word = u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+        // A byte of `!word` is zero exactly where `word` holds 0xFF.
+        let x = !word;
+        let found = x.wrapping_sub(LOW) & !x & HIGH;
+        if found != 0 {
+            return i + (found.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < bytes.len() && bytes[i] != 0xFF {
+        i += 1;
+    }
+    i
+}
+
 struct JpegScan {
     /// (width, height, components) of the first frame header.
     frame: Option<(u32, u32, u8)>,
@@ -188,9 +209,7 @@ fn scan_jpeg(bytes: &[u8]) -> JpegScan {
         if marker == 0xDA {
             // Entropy-coded data: skip to the next real marker.
             loop {
-                while i < bytes.len() && bytes[i] != 0xFF {
-                    i += 1;
-                }
+                i = find_ff(bytes, i);
                 if i + 1 >= bytes.len() {
                     scan.ran_out = true;
                     return scan;
@@ -357,6 +376,25 @@ pub fn decode_trimap(bytes: &[u8]) -> Result<GrayImage, MaskError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn find_ff_finds_the_first_marker_byte() {
+        for len in 0..40 {
+            for at in 0..=len {
+                let mut v = vec![0x7Fu8; len];
+                if at < len {
+                    v[at] = 0xFF;
+                    if at + 3 < len {
+                        v[at + 3] = 0xFF;
+                    }
+                }
+                for from in 0..=at.min(len) {
+                    assert_eq!(find_ff(&v, from), at, "len {len} at {at} from {from}");
+                }
+            }
+        }
+        assert_eq!(find_ff(&[0xFE, 0xFF, 0x00], 0), 1);
+    }
 
     fn jpeg_bytes(w: u32, h: u32) -> Vec<u8> {
         let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, 90]));
