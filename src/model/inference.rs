@@ -19,11 +19,14 @@ pub struct InferenceOptions {
     /// the engine's default, best for back-to-back calls; a server passes a small number so
     /// idle inference threads leave the cores to the request stages).
     pub idle_spin: Option<usize>,
+    /// Compile the large-batch kernels on the first batch of 4 or more (faster there, but
+    /// their re-packed weights can double the plan's memory: `mobilenetv2_unet` +170 MB).
+    pub large_batch_kernels: bool,
 }
 
 impl Default for InferenceOptions {
     fn default() -> Self {
-        Self { threads: 0, idle_spin: None }
+        Self { threads: 0, idle_spin: None, large_batch_kernels: true }
     }
 }
 
@@ -34,7 +37,7 @@ pub fn available_cores() -> usize {
 
 enum Backend {
     /// The compiled plan, and idle sessions (one is taken per concurrent call).
-    Plan { plan: Arc<Plan>, sessions: Mutex<Vec<Session>>, threads: usize, idle_spin: Option<usize> },
+    Plan { plan: Arc<Plan>, sessions: Mutex<Vec<Session>>, threads: usize, idle_spin: Option<usize>, large_batch_kernels: bool },
     Candle(ModelState),
 }
 
@@ -66,7 +69,7 @@ impl InferenceModel {
         drop(graph);
         // Loading held the checkpoint, the candle model and the graph: give that memory back.
         crate::util::release_free_memory();
-        Ok(Self { spec, backend: Backend::Plan { plan: Arc::new(plan), sessions: Mutex::new(Vec::new()), threads, idle_spin: options.idle_spin } })
+        Ok(Self { spec, backend: Backend::Plan { plan: Arc::new(plan), sessions: Mutex::new(Vec::new()), threads, idle_spin: options.idle_spin, large_batch_kernels: options.large_batch_kernels } })
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -113,7 +116,7 @@ impl InferenceModel {
             return Ok(());
         }
         match &self.backend {
-            Backend::Plan { plan, sessions, threads: max, idle_spin } => {
+            Backend::Plan { plan, sessions, threads: max, idle_spin, large_batch_kernels } => {
                 let want = if threads == 0 { *max } else { threads.min(*max) };
                 // Every session has the full team; a call runs on `want` of its threads, so one
                 // arena serves every thread count.
@@ -125,6 +128,7 @@ impl InferenceModel {
                         if let Some(rounds) = idle_spin {
                             s.set_idle_spin(*rounds);
                         }
+                        s.set_large_batch_kernels(*large_batch_kernels);
                         s
                     }
                 };

@@ -20,6 +20,9 @@ struct CpuState {
     free: usize,
     /// Model calls waiting for a token: stages let them go first.
     calls_waiting: usize,
+    /// Stages waiting for a token: a model call then takes only one, so that the stages run
+    /// beside it (one call per core is more efficient than one call split across cores).
+    stages_waiting: usize,
 }
 
 /// Tokens held; returned on drop.
@@ -46,7 +49,7 @@ impl Drop for CpuPermit {
 impl CpuBudget {
     pub fn new(cores: usize) -> Arc<Self> {
         let total = cores.max(1);
-        Arc::new(Self { total, state: Mutex::new(CpuState { free: total, calls_waiting: 0 }), freed: Condvar::new() })
+        Arc::new(Self { total, state: Mutex::new(CpuState { free: total, calls_waiting: 0, stages_waiting: 0 }), freed: Condvar::new() })
     }
 
     pub fn total(&self) -> usize {
@@ -55,19 +58,22 @@ impl CpuBudget {
 
     /// One token for a request stage (blocks a blocking-pool thread, never the runtime).
     pub fn acquire_stage(self: &Arc<Self>) -> CpuPermit {
-        let guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let mut s = self.freed.wait_while(guard, |s| s.free == 0 || s.calls_waiting > 0).unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.stages_waiting += 1;
+        let mut s = self.freed.wait_while(s, |s| s.free == 0 || s.calls_waiting > 0).unwrap_or_else(|e| e.into_inner());
+        s.stages_waiting -= 1;
         s.free -= 1;
         CpuPermit { budget: self.clone(), count: 1 }
     }
 
-    /// At least one and at most `max` tokens for a model call: every free one.
+    /// At least one and at most `max` tokens for a model call: every free one when no stage
+    /// waits, else one.
     pub fn acquire_up_to(self: &Arc<Self>, max: usize) -> CpuPermit {
         let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         s.calls_waiting += 1;
         let mut s = self.freed.wait_while(s, |s| s.free == 0).unwrap_or_else(|e| e.into_inner());
         s.calls_waiting -= 1;
-        let count = s.free.min(max.max(1));
+        let count = if s.stages_waiting > 0 { 1 } else { s.free.min(max.max(1)) };
         s.free -= count;
         CpuPermit { budget: self.clone(), count }
     }
@@ -143,6 +149,21 @@ mod tests {
         assert_eq!(small.count(), 1);
         drop((call, small));
         assert_eq!(budget.acquire_up_to(2).count(), 2);
+    }
+
+    #[test]
+    fn a_call_leaves_cores_to_waiting_stages() {
+        let budget = CpuBudget::new(2);
+        let first = budget.acquire_up_to(2);
+        assert_eq!(first.count(), 2, "nothing waits: every core");
+        let b = budget.clone();
+        let stage = std::thread::spawn(move || b.acquire_stage().count());
+        let b = budget.clone();
+        let call = std::thread::spawn(move || b.acquire_up_to(2).count());
+        std::thread::sleep(Duration::from_millis(50));
+        drop(first);
+        assert_eq!(call.join().unwrap(), 1, "a stage waits: one core for the call");
+        assert_eq!(stage.join().unwrap(), 1);
     }
 
     #[test]

@@ -345,8 +345,9 @@ fn load_version(registry: Weak<Registry>, name: String, version: u64, path: Path
         }
         // A call may use every core of the CPU budget that is free when it starts.
         let threads = reg.cpu.total();
-        // Idle inference threads spin only briefly: the request stages need the cores.
-        let options = crate::model::inference::InferenceOptions { threads, idle_spin: Some(2048) };
+        // Idle inference threads spin only briefly (the request stages need the cores), and
+        // no second set of large-batch kernels (memory; serving batches are small).
+        let options = crate::model::inference::InferenceOptions { threads, idle_spin: Some(2048), large_batch_kernels: false };
         let predictor = Arc::new(Predictor::from_loaded(loaded, options)?);
         let worker = Worker::start(predictor.clone(), reg.settings, reg.cpu.clone(), reg.metrics.clone(), name.clone(), version)?;
         // Enough for a full batch per model thread while the stages prepare the next images.

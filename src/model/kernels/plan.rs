@@ -930,6 +930,7 @@ pub struct Session {
     timings: Vec<AtomicU64>,
     profile: bool,
     team: Option<Team>,
+    large_batch_kernels: bool,
 }
 
 impl Session {
@@ -940,7 +941,7 @@ impl Session {
         let counters = (0..plan.steps.len()).map(|_| AtomicUsize::new(0)).collect();
         let scratch = vec![0f32; plan.scratch_floats * threads];
         let timings = (0..plan.steps.len()).map(|_| AtomicU64::new(0)).collect();
-        Ok(Session { plan, threads, arena: Vec::new(), scratch, output: Vec::new(), counters, timings, profile: false, team })
+        Ok(Session { plan, threads, arena: Vec::new(), scratch, output: Vec::new(), counters, timings, profile: false, team, large_batch_kernels: true })
     }
 
     pub fn plan(&self) -> &Arc<Plan> {
@@ -949,6 +950,14 @@ impl Session {
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Whether this session compiles and runs the large-batch kernels (on by default: faster
+    /// for batches of [`LARGE_BATCH`] and more, but their re-packed weights can double the
+    /// plan's memory, which a memory-bound server may not want). Kernels another session
+    /// already built are used either way.
+    pub fn set_large_batch_kernels(&mut self, on: bool) {
+        self.large_batch_kernels = on;
     }
 
     /// How long the worker threads spin for the next call before sleeping, in spin rounds
@@ -984,7 +993,7 @@ impl Session {
         let threads = threads.clamp(1, self.threads);
         let plan = Arc::clone(&self.plan);
         ensure!(n > 0, "empty batch");
-        if n >= LARGE_BATCH {
+        if n >= LARGE_BATCH && self.large_batch_kernels {
             // The large-batch kernels, compiled on the first large batch (once per plan).
             for step in &plan.steps {
                 if let Some(alt) = &step.alt {
