@@ -5,13 +5,16 @@
 # Per request both servers decode a real-sized JPEG, resize it to 128x128 (bilinear),
 # normalise, run the model, up-sample the logits bilinearly to the photo's size, take the
 # argmax and answer the class-id mask as a PNG. wrk (Lua script post.lua) POSTs the JPEG at
-# each concurrency level; the two servers run one at a time, each warmed up first.
+# each concurrency level. All servers are up together (an idle one uses no CPU) and are
+# loaded one at a time, alternating per level in ROUNDS rounds, so that the VM's drift over
+# minutes hits every side alike; a level's figure is the round with the median req/s.
 #
 # Usage (repo root):  scripts/bench/serve_bench.sh
 # Environment (defaults in brackets):
 #   ARCH             smoke (configs/smoke.yaml) | unet | mobilenetv2_unet   [mobilenetv2_unet]
 #   BACKENDS         Flask model runtimes, first = the main competitor  ["onnxruntime torch"]
-#   DURATION         seconds per measured point                      [20]
+#   DURATION         seconds per measured point and round            [10]
+#   ROUNDS           rounds per level (servers alternate within each) [3]
 #   CONCURRENCY      client connections to measure                   ["1 8 64"]
 #   WARMUP           seconds of warm-up load per server              [5]
 #   SOAK             seconds of the soak at 64 connections after the levels (0 = none)  [60]
@@ -32,7 +35,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 ARCH="${ARCH:-mobilenetv2_unet}"
 BACKENDS="${BACKENDS:-onnxruntime torch}"
-DURATION="${DURATION:-20}"
+DURATION="${DURATION:-10}"
+ROUNDS="${ROUNDS:-3}"
 CONCURRENCY="${CONCURRENCY:-1 8 64}"
 WARMUP="${WARMUP:-5}"
 SOAK="${SOAK:-60}"
@@ -74,7 +78,9 @@ start_rss() {  # start_rss PID FILE
   RSS_PID=$!
 }
 stop_rss() { if [ -n "$RSS_PID" ]; then kill "$RSS_PID" 2>/dev/null || true; wait "$RSS_PID" 2>/dev/null || true; RSS_PID=""; fi; }
-cleanup() { stop_rss; stop_server; rm -rf "$T"; }
+ALL_PIDS=()
+stop_all() { for pid in "${ALL_PIDS[@]}"; do SERVER_PID="$pid" stop_server; done; ALL_PIDS=(); }
+cleanup() { stop_rss; stop_server; stop_all; rm -rf "$T"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 log() { echo "[serve_bench] $*" >&2; }
@@ -127,32 +133,19 @@ run_wrk() {
   echo "$out"
 }
 
-# measure NAME URL: warm-up, then every concurrency level, with the server's peak RSS per level
-measure() {
-  local name="$1" url="$2" c out
-  log "$name: warm-up ${WARMUP}s at 8 connections"
-  run_wrk "$name-warmup" 8 "$WARMUP" "$url" >/dev/null
-  for c in $CONCURRENCY; do
-    log "$name: ${DURATION}s at $c connection(s)"
-    : >"$T/rss-$name-$c"
-    start_rss "$SERVER_PID" "$T/rss-$name-$c"
-    out="$(run_wrk "$name" "$c" "$DURATION" "$url")"
-    stop_rss
-    $HELPER point "$POINTS" "$name" "$c" "$out" "$T/rss-$name-$c" >/dev/null
-  done
-  if [ "$SOAK" -gt 0 ]; then
-    log "$name: soak, ${SOAK}s at 64 connections"
-    : >"$T/rss-$name-soak"
-    start_rss "$SERVER_PID" "$T/rss-$name-soak"
-    out="$(run_wrk "$name-soak" 64 "$SOAK" "$url")"
-    stop_rss
-    $HELPER point "$POINTS.soak" "$name" 64 "$out" "$T/rss-$name-soak" >/dev/null
-  fi
+# level NAME PID URL CONNECTIONS SECONDS FILE: one measured point with the server's peak RSS
+level() {
+  local name="$1" pid="$2" url="$3" c="$4" d="$5" file="$6" out
+  : >"$T/rss-$name-$c"
+  start_rss "$pid" "$T/rss-$name-$c"
+  out="$(run_wrk "$name" "$c" "$d" "$url")"
+  stop_rss
+  $HELPER point "$file" "$name" "$c" "$out" "$T/rss-$name-$c" >/dev/null
 }
 
 # --- segctl serve -------------------------------------------------------------------------------
 PORT="$($HELPER port)"
-SEGCTL_CONFIG="segctl serve --device cpu (defaults: dispatch without delay, max_batch_size 16, CPU budget = all cores)"
+SEGCTL_CONFIG="segctl serve --device cpu (defaults)"
 log "starting $SEGCTL_CONFIG on 127.0.0.1:$PORT"
 "$SEGCTL" -q serve --repository "$T/models" --host 127.0.0.1 --port "$PORT" --device cpu \
   >"$T/segctl-serve.log" 2>&1 &
@@ -161,8 +154,10 @@ $HELPER wait "http://127.0.0.1:$PORT/readyz" 120 || { cat "$T/segctl-serve.log" 
 SEGCTL_URL="http://127.0.0.1:$PORT/v1/models/pets:segment"
 SEGCTL_CHECK="$($HELPER check "$SEGCTL_URL" "$IMAGE")" || { cat "$T/segctl-serve.log" >&2; exit 1; }
 log "segctl answer: $SEGCTL_CHECK"
-measure segctl "$SEGCTL_URL"
-stop_server
+SEGCTL_PID="$SERVER_PID"
+ALL_PIDS+=("$SEGCTL_PID")
+SERVER_PID=""
+NAMES=(segctl); URLS=("$SEGCTL_URL"); PIDS=("$SEGCTL_PID")
 
 # --- Flask under gunicorn, per model runtime ----------------------------------------------------
 start_flask() {  # start_flask BACKEND "workers:threads:model_threads" -> sets SERVER_PID, FLASK_URL
@@ -213,22 +208,44 @@ for backend in $BACKENDS; do
   start_flask "$backend" "$BEST"
   CHECK="$($HELPER check "$FLASK_URL" "$IMAGE")" || { cat "$T/gunicorn.log" >&2; exit 1; }
   log "Flask ($backend) answer: $CHECK"
-  measure "flask-$backend" "$FLASK_URL"
-  stop_server
+  NAMES+=("flask-$backend"); URLS+=("$FLASK_URL"); PIDS+=("$SERVER_PID")
+  ALL_PIDS+=("$SERVER_PID")
+  SERVER_PID=""
   FLASK_META+="\"flask-$backend\": {\"config\": \"$(describe "$backend" "$BEST")\", \"spec\": \"$BEST\", \"selection\": $SELECTION, \"answer\": $CHECK},"
 done
 FLASK_META="${FLASK_META%,}}"
 
+# --- the measurement: every server per level, alternating ------------------------------------
+for i in "${!NAMES[@]}"; do
+  log "${NAMES[$i]}: warm-up ${WARMUP}s at 8 connections"
+  run_wrk "${NAMES[$i]}-warmup" 8 "$WARMUP" "${URLS[$i]}" >/dev/null
+done
+for c in $CONCURRENCY; do
+  for r in $(seq 1 "$ROUNDS"); do
+    for i in "${!NAMES[@]}"; do
+      log "${NAMES[$i]}: ${DURATION}s at $c connection(s), round $r/$ROUNDS"
+      level "${NAMES[$i]}" "${PIDS[$i]}" "${URLS[$i]}" "$c" "$DURATION" "$POINTS"
+    done
+  done
+done
+if [ "$SOAK" -gt 0 ]; then
+  for i in "${!NAMES[@]}"; do
+    log "${NAMES[$i]}: soak, ${SOAK}s at 64 connections"
+    level "${NAMES[$i]}" "${PIDS[$i]}" "${URLS[$i]}" 64 "$SOAK" "$POINTS.soak"
+  done
+fi
+stop_all
+
 # --- report -----------------------------------------------------------------------------------------
 META=$($PYTHON - "$IMAGE" "$IMG_W" "$IMG_H" "$DURATION" "$WARMUP" "$CONCURRENCY" "$SEGCTL_CONFIG" "$FLASK_META" \
-  "$SEGCTL_CHECK" "$WRK_TIMEOUT" <<'EOF'
+  "$SEGCTL_CHECK" "$WRK_TIMEOUT" "$ROUNDS" <<'EOF'
 import json, sys, importlib.metadata as md
 a = sys.argv[1:]
 v = {p: md.version(p) for p in ("torch", "timm", "onnx", "onnxruntime", "flask", "gunicorn", "pillow", "numpy")}
 print(json.dumps({"image": a[0], "image_w": int(a[1]), "image_h": int(a[2]), "duration_s": float(a[3]),
                   "warmup_s": float(a[4]), "concurrency": [int(c) for c in a[5].split()],
                   "segctl_config": a[6], "competitors": json.loads(a[7]), "segctl_answer": json.loads(a[8]),
-                  "wrk_timeout": a[9], "wrk_threads": "min(connections, 2)", "versions": v}))
+                  "wrk_timeout": a[9], "rounds": int(a[10]), "wrk_threads": "min(connections, 2)", "versions": v}))
 EOF
 )
 $HELPER report "$POINTS" "$OUT" "$ARCH" "$META"

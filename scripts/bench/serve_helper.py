@@ -153,9 +153,20 @@ def ms(us):
 def report(points_file, out, arch, meta_json):
     meta = json.loads(meta_json)
     points = [json.loads(l) for l in open(points_file) if l.strip()]
-    by = {}
+    rounds = {}
     for p in points:
-        by.setdefault(p["server"], {})[p["concurrency"]] = p
+        rounds.setdefault(p["server"], {}).setdefault(p["concurrency"], []).append(p)
+    # Per server and level, the round with the median throughput (its latency and RSS with it;
+    # the peak RSS is the highest of all rounds).
+    by = {}
+    for server, levels_ in rounds.items():
+        for c, ps in levels_.items():
+            ranked = sorted(ps, key=lambda q: q["ok_requests_per_s"])
+            chosen = dict(ranked[(len(ranked) - 1) // 2])
+            rss = [q.get("peak_rss_mb") or 0 for q in ps]
+            chosen["peak_rss_mb"] = max(rss) if any(rss) else None
+            chosen["rounds_requests_per_s"] = [round(q["ok_requests_per_s"], 2) for q in ps]
+            by.setdefault(server, {})[c] = chosen
     seg = by.get("segctl", {})
     competitors = [name for name in by if name != "segctl"]
     levels = sorted(set().union(*[set(v) for v in by.values()]))
