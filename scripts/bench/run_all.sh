@@ -10,5 +10,6 @@ export PYTHON
 mkdir -p "$HERE/results"
 "$PYTHON" "$HERE/validate_bench.py"
 "$PYTHON" "$HERE/train_bench.py"
+"$PYTHON" "$HERE/infer_bench.py" --rounds 5 --calls 40
+ARCH=smoke "$HERE/serve_bench.sh"
 ARCH=mobilenetv2_unet "$HERE/serve_bench.sh"
-ARCH=unet "$HERE/serve_bench.sh"
