@@ -60,6 +60,23 @@ impl Server {
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.url)
     }
+
+    /// Waits for the process to exit (at most `limit`): its exit code.
+    fn wait_exit(&mut self, limit: Duration, what: &str) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            assert!(start.elapsed() < limit, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The `/metrics` text.
+    fn metrics(&self) -> String {
+        String::from_utf8(body_bytes(request("GET", &self.url("/metrics"), None, None, None).1)).unwrap()
+    }
 }
 
 impl Drop for Server {
@@ -166,7 +183,7 @@ fn every_endpoint_answers() {
     assert_eq!(v["mask"].as_array().unwrap().len(), 2);
     assert!(v["timing_ms"]["inference"].as_f64().is_some());
 
-    let metrics = String::from_utf8(body_bytes(request("GET", &server.url("/metrics"), None, None, None).1)).unwrap();
+    let metrics = server.metrics();
     for series in ["segctl_requests_total{route=\"segment\",status=\"200\"}", "segctl_stage_duration_seconds_bucket{stage=\"inference\"", "segctl_batch_size_count", "segctl_queue_depth", "segctl_loaded_model_versions 1"] {
         assert!(metrics.contains(series), "{series} missing from /metrics");
     }
@@ -261,7 +278,7 @@ fn concurrent_requests_are_batched_and_a_full_queue_answers_503() {
         for t in threads {
             assert_eq!(t.join().unwrap(), 200);
         }
-        let metrics = String::from_utf8(body_bytes(request("GET", &server.url("/metrics"), None, None, None).1)).unwrap();
+        let metrics = server.metrics();
         let (single, calls) = batch_counts(&metrics);
         // 33 images (warm-up included) in fewer model calls than images: batches > 1.
         assert!(calls > 0 && single < calls && calls < 33, "batch sizes: {single} single of {calls} calls");
@@ -356,15 +373,7 @@ fn sigterm_lets_an_in_flight_request_finish() {
     let (status, size) = in_flight.join().unwrap();
     assert_eq!(status, 200);
     assert_eq!(size, Some((w, h)));
-    let start = Instant::now();
-    let code = loop {
-        if let Some(s) = server.child.try_wait().unwrap() {
-            break s.code();
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "server did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(code, Some(0));
+    assert_eq!(server.wait_exit(Duration::from_secs(20), "server did not exit"), Some(0));
 }
 
 /// Peak resident memory of a process (`VmHWM`), in bytes.
@@ -376,7 +385,7 @@ fn peak_rss(pid: u32) -> u64 {
 
 /// `process_resident_memory_bytes` from `/metrics`.
 fn metrics_rss(server: &Server) -> u64 {
-    let text = String::from_utf8(body_bytes(request("GET", &server.url("/metrics"), None, None, None).1)).unwrap();
+    let text = server.metrics();
     text.lines().find_map(|l| l.strip_prefix("process_resident_memory_bytes ")).and_then(|v| v.trim().parse().ok()).expect("process_resident_memory_bytes")
 }
 
@@ -552,7 +561,7 @@ fn slow_header_clients_are_dropped_and_sigterm_ends_within_its_bound() {
     assert!(!closed_by_server(&mut idle), "kept alive at first");
     std::thread::sleep(Duration::from_millis(2500));
     assert!(closed_by_server(&mut idle), "idle keep-alive connection still open");
-    let metrics = String::from_utf8(body_bytes(request("GET", &server.url("/metrics"), None, None, None).1)).unwrap();
+    let metrics = server.metrics();
     let header_timeouts: u64 = metrics
         .lines()
         .find_map(|l| l.strip_prefix("segctl_connections_closed_total{reason=\"header_timeout\"} "))
@@ -571,14 +580,7 @@ fn slow_header_clients_are_dropped_and_sigterm_ends_within_its_bound() {
     std::thread::sleep(Duration::from_millis(100));
     let start = Instant::now();
     signal(server.child.id(), "TERM");
-    let code = loop {
-        if let Some(s) = server.child.try_wait().unwrap() {
-            break s.code();
-        }
-        assert!(start.elapsed() < Duration::from_secs(6), "server did not exit within the bound");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(code, Some(0));
+    assert_eq!(server.wait_exit(Duration::from_secs(6), "server did not exit within the bound"), Some(0));
     assert!(start.elapsed() >= Duration::from_millis(1500), "exited before the bound although a request was stalled");
     assert_eq!(in_flight.join().unwrap(), 200);
 }

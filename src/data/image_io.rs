@@ -93,6 +93,12 @@ pub struct HeaderInfo {
 
 /// Reads dimensions from the header of a JPEG, PNG or GIF.
 pub fn read_header(bytes: &[u8]) -> Result<HeaderInfo, DecodeError> {
+    read_header_scan(bytes).map(|(header, _)| header)
+}
+
+/// [`read_header`], and for a JPEG whether an end-of-image marker follows its first scan
+/// (one walk over the file gives both).
+fn read_header_scan(bytes: &[u8]) -> Result<(HeaderInfo, Option<bool>), DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -104,7 +110,7 @@ pub fn read_header(bytes: &[u8]) -> Result<HeaderInfo, DecodeError> {
             }
             let width = u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]);
             let height = u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
-            Ok(HeaderInfo { format, width, height, jpeg_components: None })
+            Ok((HeaderInfo { format, width, height, jpeg_components: None }, None))
         }
         FileFormat::Gif => {
             if bytes.len() < 10 {
@@ -112,17 +118,14 @@ pub fn read_header(bytes: &[u8]) -> Result<HeaderInfo, DecodeError> {
             }
             let width = u16::from_le_bytes([bytes[6], bytes[7]]) as u32;
             let height = u16::from_le_bytes([bytes[8], bytes[9]]) as u32;
-            Ok(HeaderInfo { format, width, height, jpeg_components: None })
+            Ok((HeaderInfo { format, width, height, jpeg_components: None }, None))
         }
         FileFormat::Jpeg => {
             let scan = scan_jpeg(bytes);
             match scan.frame {
-                Some((width, height, components)) => Ok(HeaderInfo {
-                    format,
-                    width,
-                    height,
-                    jpeg_components: Some(components),
-                }),
+                Some((width, height, components)) => {
+                    Ok((HeaderInfo { format, width, height, jpeg_components: Some(components) }, Some(scan.complete)))
+                }
                 None if scan.ran_out => Err(DecodeError::Truncated(format)),
                 None => Err(DecodeError::Corrupt { format, message: "no frame header".into() }),
             }
@@ -252,7 +255,7 @@ impl Default for DecodeOptions {
 /// Decodes JPEG/PNG/GIF bytes to 8-bit RGB, whatever the extension said, refusing truncated
 /// files and oversized images.
 pub fn decode_rgb(bytes: &[u8], options: DecodeOptions) -> Result<Decoded, DecodeError> {
-    let header = read_header(bytes)?;
+    let (header, jpeg_complete) = read_header_scan(bytes)?;
     let pixels = header.width as u64 * header.height as u64;
     if pixels > options.max_pixels {
         return Err(DecodeError::TooLarge {
@@ -265,7 +268,7 @@ pub fn decode_rgb(bytes: &[u8], options: DecodeOptions) -> Result<Decoded, Decod
     if pixels == 0 {
         return Err(DecodeError::Corrupt { format: header.format, message: "zero-sized image".into() });
     }
-    if header.format == FileFormat::Jpeg && !scan_jpeg(bytes).complete {
+    if jpeg_complete == Some(false) {
         return Err(DecodeError::Truncated(FileFormat::Jpeg));
     }
     let format = header.format;
