@@ -483,7 +483,8 @@ pub struct ServeConfig {
     /// Cores the server keeps busy: request stages and model calls share this many tokens
     /// (0 = every core).
     pub cpu_threads: usize,
-    /// Inference threads per model version.
+    /// Inference threads per model version, each running one model call at a time (0 = auto:
+    /// one per core of the CPU budget for a model of at least 1 GFLOP per image, else one).
     pub model_threads: usize,
     /// Time a client has to send a request's headers (slow-header clients are dropped).
     pub header_read_timeout_ms: u64,
@@ -520,7 +521,7 @@ impl Default for ServeConfig {
             max_json_response_bytes: 16 << 20,
             request_timeout_ms: 30_000,
             cpu_threads: 0,
-            model_threads: 1,
+            model_threads: 0,
             header_read_timeout_ms: 10_000,
             keep_alive_timeout_ms: 15_000,
             max_connections: 1024,
@@ -636,7 +637,7 @@ impl Config {
         let s = &self.serve;
         ensure_key(s.max_batch_size >= 1, "serve.max_batch_size", || "must be at least 1".into())?;
         ensure_key(s.queue_capacity >= 1, "serve.queue_capacity", || "must be at least 1".into())?;
-        ensure_key(s.model_threads >= 1, "serve.model_threads", || "must be at least 1".into())?;
+        ensure_key(s.model_threads <= 1024, "serve.model_threads", || format!("{} is more than 1024", s.model_threads))?;
         ensure_key(s.max_pixels >= 1, "serve.max_pixels", || "must be at least 1".into())?;
         ensure_key(s.memory_budget_bytes >= 1 << 20, "serve.memory_budget_bytes", || "must be at least 1 MiB (1048576)".into())?;
         ensure_key(s.max_json_response_bytes >= 1, "serve.max_json_response_bytes", || "must be at least 1".into())?;

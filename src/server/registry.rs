@@ -349,9 +349,10 @@ fn load_version(registry: Weak<Registry>, name: String, version: u64, path: Path
         // no second set of large-batch kernels (memory; serving batches are small).
         let options = crate::model::inference::InferenceOptions { threads, idle_spin: Some(2048), large_batch_kernels: false };
         let predictor = Arc::new(Predictor::from_loaded(loaded, options)?);
-        let worker = Worker::start(predictor.clone(), reg.settings, reg.cpu.clone(), reg.metrics.clone(), name.clone(), version)?;
+        let settings = BatchSettings { threads: model_threads(reg.settings.threads, &predictor, reg.cpu.total()), ..reg.settings };
+        let worker = Worker::start(predictor.clone(), settings, reg.cpu.clone(), reg.metrics.clone(), name.clone(), version)?;
         // Enough for a full batch per model thread while the stages prepare the next images.
-        let slots = reg.settings.max_batch_size * reg.settings.threads.max(1) + reg.cpu.total();
+        let slots = settings.max_batch_size * settings.threads + reg.cpu.total();
         let prepared = Arc::new(tokio::sync::Semaphore::new(slots));
         let prepared_slots = u32::try_from(slots).unwrap_or(u32::MAX);
         let served = Arc::new(ServedVersion { name: name.clone(), version, predictor, worker, manifest, prepared, prepared_slots });
@@ -360,7 +361,12 @@ fn load_version(registry: Weak<Registry>, name: String, version: u64, path: Path
     })();
     match result {
         Ok(served) => {
-            log::info!("{name} v{version}: AVAILABLE ({}, loaded and warmed up in {:.2}s)", served.predictor.spec().describe(), started.elapsed().as_secs_f64());
+            log::info!(
+                "{name} v{version}: AVAILABLE ({}, {} model thread(s), loaded and warmed up in {:.2}s)",
+                served.predictor.spec().describe(),
+                served.worker.threads(),
+                started.elapsed().as_secs_f64()
+            );
             reg.set_state(&name, version, VersionState::Available(served));
         }
         Err(e) => {
@@ -371,6 +377,25 @@ fn load_version(registry: Weak<Registry>, name: String, version: u64, path: Path
             };
             reg.set_state(&name, version, VersionState::Failed(format!("{e:#}"), mtime, Retry::after(attempts)));
         }
+    }
+}
+
+/// Per-image work from which `serve.model_threads: 0` gives a version one model thread per
+/// core: such a call costs more than the request stages of a typical photo (decode, resize,
+/// mask, PNG: ≈ 8 ms of one core for 500×375, BENCHMARKS.md), so with one thread the cores
+/// that finished their stages would sit idle behind it. A lighter model keeps one thread: the
+/// stages are its bottleneck and a second session would only cost memory (its arena).
+pub const HEAVY_MODEL_GFLOP: f64 = 1.0;
+
+/// Model threads of a version: `configured`, or for 0 the rule of [`HEAVY_MODEL_GFLOP`].
+pub fn model_threads(configured: usize, predictor: &Predictor, cores: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let gflop = predictor.model().plan_summary().map(|s| s.flops_per_image as f64 / 1e9);
+    match gflop {
+        Some(g) if g >= HEAVY_MODEL_GFLOP => cores.max(1),
+        _ => 1,
     }
 }
 

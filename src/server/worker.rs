@@ -68,6 +68,7 @@ pub struct Worker {
     depth: Arc<AtomicUsize>,
     capacity: usize,
     failures: Arc<AtomicUsize>,
+    threads: usize,
 }
 
 impl Worker {
@@ -96,7 +97,7 @@ impl Worker {
             };
             std::thread::Builder::new().name(format!("segctl-model-{name}-v{version}-{i}")).spawn(move || ctx.run())?;
         }
-        Ok(Self { sender, depth, capacity: settings.queue_capacity, failures })
+        Ok(Self { sender, depth, capacity: settings.queue_capacity, failures, threads: settings.threads.max(1) })
     }
 
     /// Queues a job without waiting.
@@ -116,6 +117,11 @@ impl Worker {
 
     pub fn queue_depth(&self) -> usize {
         self.depth.load(Ordering::SeqCst)
+    }
+
+    /// Model threads (calls that can run at once).
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     pub fn capacity(&self) -> usize {
