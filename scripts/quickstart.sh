@@ -45,7 +45,8 @@ step "5/6 export to the model repository (models/pets/<next version>)"
 step "6/6 predict on a few test photos into predictions/"
 photos=$(head -n 4 data/synthetic/annotations/test.txt | awk '{print "data/synthetic/images/" $1 ".jpg"}')
 # shellcheck disable=SC2086
-"$SEGCTL" predict --model models/pets --out predictions --overlay --side-by-side $photos
+# No model flag: predict uses what `serve` would answer with, the newest version in models/.
+"$SEGCTL" predict --overlay --side-by-side $photos
 
 echo
 echo "done:"
@@ -53,4 +54,5 @@ echo "  training run      $RUN (metrics.jsonl, curves.png, checkpoints/)"
 echo "  evaluation        $RUN/evaluation.json"
 echo "  exported model    models/pets/$(ls models/pets | sort -n | tail -1)"
 echo "  predictions       predictions/ (*_mask.png, *_color.png, *_overlay.png, *_side_by_side.png)"
-echo "  serve it with     $SEGCTL serve --repository models --port 8080   (then open http://127.0.0.1:8080/)"
+echo "  serve it with     $SEGCTL serve --port 8080   (models/ by default; then open http://127.0.0.1:8080/)"
+echo "  predict a photo   $SEGCTL predict photo.jpg   (the newest version in models/; masks into predictions/)"

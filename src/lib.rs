@@ -5,6 +5,7 @@
 //! serve/predict. The `segctl` binary only parses flags and calls into these modules.
 
 pub mod benchmark;
+pub mod build_info;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

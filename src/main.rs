@@ -34,10 +34,10 @@ fn main() -> ExitCode {
     let args = cli::Cli::parse();
     // Only training needs it: the inference engine allocates nothing per call, and a server
     // should give memory back after a burst (mimalloc's default purge delay).
-    if matches!(args.command, cli::Command::Train(_)) {
+    if matches!(args.command, Some(cli::Command::Train(_))) {
         keep_freed_memory();
     }
-    if matches!(args.command, cli::Command::Serve(_)) {
+    if matches!(args.command, Some(cli::Command::Serve(_))) {
         return_freed_memory_at_once();
     }
     cli::init_logging(&args.global);

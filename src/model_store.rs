@@ -138,6 +138,46 @@ pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedModel> {
     Ok(LoadedModel { state, origin, manifest: None, checkpoint_meta: Some(ckpt.meta) })
 }
 
+/// The version `serve` answers with when no model is named: the newest version with a valid
+/// `model.yaml` of `default_model`, else of the first of `served` (`serve.models`), else of the
+/// first model folder (sorted) that has such a version.
+pub fn default_version(repository: &Path, served: &[String], default_model: Option<&str>) -> Result<(String, u64, PathBuf)> {
+    let names: Vec<String> = match (default_model, served.first()) {
+        (Some(name), _) => vec![name.to_string()],
+        (None, Some(first)) => vec![first.clone()],
+        (None, None) => {
+            let mut names: Vec<String> = std::fs::read_dir(repository)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .filter(|n| crate::config::is_valid_model_name(n))
+                .collect();
+            names.sort();
+            names
+        }
+    };
+    for name in &names {
+        let dir = repository.join(name);
+        for v in list_versions(&dir).into_iter().rev() {
+            let version_dir = dir.join(v.to_string());
+            match read_manifest(&version_dir) {
+                Ok(_) => return Ok((name.clone(), v, version_dir)),
+                Err(e) => log::warn!("skipping `{}`: {e:#}", version_dir.display()),
+            }
+        }
+    }
+    let which = match names.as_slice() {
+        [one] if default_model.is_some() || !served.is_empty() => format!("model `{one}`"),
+        _ => "model".to_string(),
+    };
+    bail!(
+        "no exported {which} in the model repository `{}` (serve.repository / export.repository): make one with          `segctl export --checkpoint runs/<run>`, or pass --model DIR, --checkpoint PATH or --server URL",
+        repository.display()
+    )
+}
+
 /// Loads whatever `path` names: an exported version folder, a model folder (its newest
 /// version), a checkpoint file, or a run folder.
 pub fn load_any(path: &Path, device: &Device) -> Result<LoadedModel> {

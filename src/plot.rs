@@ -22,6 +22,8 @@ pub struct Panel<'a> {
     pub series: Vec<Series<'a>>,
     /// Fixed y range (e.g. 0..1 for metrics); none = fit the data.
     pub y_range: Option<(f64, f64)>,
+    /// X ticks only on whole numbers (epochs).
+    pub integer_x: bool,
 }
 
 const PANEL_W: u32 = 480;
@@ -80,9 +82,13 @@ fn draw_panel(img: &mut RgbImage, x0: u32, panel: &Panel) {
         let label = format_tick(fy);
         text(img, left.saturating_sub(6 + 6 * label.len() as u32), py as u32 - 3, &label, INK);
     }
-    let ticks = 5.min((xmax - xmin).round() as usize).max(1);
-    for i in 0..=ticks {
-        let fx = xmin + (xmax - xmin) * i as f64 / ticks as f64;
+    let x_ticks = if panel.integer_x {
+        integer_ticks(xmin, xmax, 6)
+    } else {
+        let n = 5.min((xmax - xmin).round() as usize).max(1);
+        (0..=n).map(|i| xmin + (xmax - xmin) * i as f64 / n as f64).collect()
+    };
+    for fx in x_ticks {
         let (px, _) = to_px(fx, ymin);
         vline(img, px as u32, top, top + h, GRID);
         let label = format_tick(fx);
@@ -110,6 +116,32 @@ fn draw_panel(img: &mut RgbImage, x0: u32, panel: &Panel) {
         hline(img, lx, lx + 14, ly + 4, color);
         text(img, lx + 20, ly, &s.label.to_uppercase(), INK);
     }
+}
+
+/// Whole-number ticks in `[min, max]`, at most `max_ticks`, a step of 1, 2 or 5 × 10^k.
+fn integer_ticks(min: f64, max: f64, max_ticks: usize) -> Vec<f64> {
+    let (lo, hi) = (min.ceil(), max.floor());
+    if hi < lo {
+        return vec![min.round()];
+    }
+    let span = hi - lo;
+    let mut step = 1.0_f64;
+    'search: loop {
+        for m in [1.0, 2.0, 5.0] {
+            if (span / (step * m)).floor() as usize + 1 <= max_ticks.max(1) {
+                step *= m;
+                break 'search;
+            }
+        }
+        step *= 10.0;
+    }
+    let first = (lo / step).ceil() * step;
+    let mut ticks: Vec<f64> = std::iter::successors(Some(first), |t| Some(t + step)).take_while(|t| *t <= hi).collect();
+    // The first epoch is labelled too when the step skips it.
+    if ticks.first().is_none_or(|t| *t > lo) && (ticks.len() < max_ticks || ticks.is_empty()) {
+        ticks.insert(0, lo);
+    }
+    ticks
 }
 
 fn format_tick(v: f64) -> String {
@@ -236,10 +268,24 @@ mod tests {
             x_label: "epoch",
             series: vec![Series { label: "train", color: [200, 30, 30], points: vec![(1.0, 1.0), (2.0, 0.5), (3.0, 0.2)] }],
             y_range: None,
+            integer_x: true,
         };
         write_chart(&path, &[panel]).unwrap();
         let img = image::open(&path).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), (PANEL_W, PANEL_H));
         assert!(img.pixels().filter(|p| p.0 == [200, 30, 30]).count() > 50);
+    }
+
+    #[test]
+    fn epoch_ticks_are_whole_numbers() {
+        assert_eq!(integer_ticks(1.0, 3.0, 6), vec![1.0, 2.0, 3.0]);
+        assert_eq!(integer_ticks(1.0, 8.0, 6), vec![1.0, 2.0, 4.0, 6.0, 8.0]);
+        assert_eq!(integer_ticks(1.0, 20.0, 6), vec![1.0, 5.0, 10.0, 15.0, 20.0]);
+        assert_eq!(integer_ticks(0.0, 300.0, 6), vec![0.0, 100.0, 200.0, 300.0]);
+        for max in 2..200 {
+            let t = integer_ticks(1.0, max as f64, 6);
+            assert!(t.len() <= 6 && t.len() >= 2, "{max}: {t:?}");
+            assert!(t.iter().all(|v| v.fract() == 0.0 && *v >= 1.0 && *v <= max as f64), "{max}: {t:?}");
+        }
     }
 }

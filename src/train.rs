@@ -519,6 +519,7 @@ pub fn draw_curves(path: &Path, history: &[EpochRecord]) -> Result<()> {
             series("val", [255, 127, 14], &|r| r.val_loss),
         ],
         y_range: None,
+        integer_x: true,
     };
     let metrics = Panel {
         title: "accuracy and mean IoU",
@@ -529,6 +530,7 @@ pub fn draw_curves(path: &Path, history: &[EpochRecord]) -> Result<()> {
             series("val miou", [44, 160, 44], &|r| r.val_mean_iou),
         ],
         y_range: Some((0.0, 1.0)),
+        integer_x: true,
     };
     write_chart(path, &[loss, metrics])
 }

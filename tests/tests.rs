@@ -16,3 +16,5 @@ mod export;
 /// `serve` over real loopback HTTP: every endpoint, hostile input, batching, hot reload,
 /// graceful shutdown.
 mod serve;
+/// The CLI as typed: predict with no model flag, completions, man pages, --version, serve --json.
+mod cli;

@@ -2,6 +2,7 @@
 //! Each subcommand only turns flags into config overrides and options, then calls the library.
 
 mod benchmark;
+mod completions;
 mod evaluate;
 mod export;
 mod fetch_data;
@@ -26,12 +27,19 @@ pub const EXIT_REJECTED: u8 = 1;
 
 /// Fetch, validate, train, evaluate, export, serve and predict a pet-segmentation model.
 #[derive(Debug, Parser)]
-#[command(name = "segctl", version, about, propagate_version = true)]
+#[command(name = "segctl", version, about, disable_version_flag = true, subcommand_required = false, arg_required_else_help = true)]
 pub struct Cli {
+    /// Print the version, the commit and features it was built with, the CPU kernels it will
+    /// use and whether a CUDA device answers.
+    #[arg(long, short = 'V')]
+    pub version: bool,
+    /// With --version: print it as one JSON object.
+    #[arg(long, requires = "version")]
+    pub json: bool,
     #[command(flatten)]
     pub global: GlobalArgs,
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 /// Flags every subcommand takes.
@@ -62,7 +70,6 @@ pub enum Command {
     /// Score a model on a split and gate it on its mean IoU (exit 0 accepted, 1 rejected).
     Evaluate(evaluate::EvaluateArgs),
     /// Turn a checkpoint into a versioned model in the model repository.
-    #[command(disable_version_flag = true)]
     Export(export::ExportArgs),
     /// Serve the model repository over HTTP (TF-Serving-style API, dynamic batching).
     Serve(serve::ServeArgs),
@@ -70,11 +77,28 @@ pub enum Command {
     Predict(predict::PredictArgs),
     /// Time the inference engine on this machine: images/s and latency per model call.
     Benchmark(benchmark::BenchmarkArgs),
+    /// Print a shell completion script (bash, zsh, fish, powershell, elvish).
+    Completions(completions::CompletionsArgs),
+    /// Print the manual page (roff), or write every page into a folder.
+    Man(completions::ManArgs),
 }
 
-/// Runs the chosen subcommand.
+/// Runs the chosen subcommand (or prints the version).
 pub fn run(cli: Cli) -> Result<ExitCode> {
-    match cli.command {
+    if cli.version {
+        let info = segctl::build_info::collect();
+        if cli.json {
+            print_json(&info)?;
+        } else {
+            print!("{}", info.render());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(command) = cli.command else {
+        // Unreachable through clap (arg_required_else_help), kept for a clear message.
+        anyhow::bail!("no subcommand given: see `segctl --help`");
+    };
+    match command {
         Command::FetchData(args) => fetch_data::exec(args, &cli.global),
         Command::Validate(args) => validate::exec(args, &cli.global),
         Command::Train(args) => train::exec(args, &cli.global),
@@ -83,6 +107,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve(args) => serve::exec(args, &cli.global),
         Command::Predict(args) => predict::exec(args, &cli.global),
         Command::Benchmark(args) => benchmark::exec(args, &cli.global),
+        Command::Completions(args) => completions::exec_completions(args),
+        Command::Man(args) => completions::exec_man(args),
     }
 }
 

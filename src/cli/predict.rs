@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use clap::Args;
 use segctl::infer::Predictor;
+use segctl::model_store::default_version;
 use segctl::predict::{Backend, PredictOptions, predict};
 
 use super::{EXIT_REJECTED, GlobalArgs, Overrides, print_json};
@@ -20,7 +21,9 @@ pub struct PredictArgs {
     /// Photos, or folders of photos (.jpg, .jpeg, .png, .gif).
     #[arg(required = true, value_name = "IMAGE|DIR")]
     inputs: Vec<PathBuf>,
-    /// Checkpoint file or run folder (its best checkpoint).
+    /// Checkpoint file or run folder (its best checkpoint). Without --checkpoint, --model or
+    /// --server: the model `serve` answers with by default (newest version of
+    /// `serve.default_model`, else the first model, in the model repository).
     #[arg(long, value_name = "PATH", conflicts_with_all = ["model", "server"])]
     checkpoint: Option<PathBuf>,
     /// Exported model: `<repository>/<name>` (newest version) or `<repository>/<name>/<version>`.
@@ -75,7 +78,17 @@ pub fn exec(args: PredictArgs, global: &GlobalArgs) -> Result<ExitCode> {
             predictor = Predictor::load(&path, &device)?;
             Backend::Local(&predictor)
         }
-        _ => bail!("say which model to use: --checkpoint PATH, --model DIR or --server URL"),
+        (None, None, None) => {
+            // The model `serve` would answer with by default.
+            let repository = config.serve_repository();
+            let served: Vec<String> = config.serve.models.iter().map(|m| m.name.clone()).collect();
+            let (name, version, path) = default_version(&repository, &served, config.serve.default_model.as_deref())?;
+            eprintln!("using model {name} version {version} ({})", path.display());
+            let device = segctl::model::select_device(segctl::config::parse_device_spec(&config.serve.device)?)?;
+            predictor = Predictor::load(&path, &device)?;
+            Backend::Local(&predictor)
+        }
+        _ => bail!("give one of --checkpoint PATH, --model DIR or --server URL"),
     };
     let report = predict(&backend, &options)?;
     if args.json {

@@ -24,6 +24,10 @@ pub struct ServeArgs {
     /// auto, cpu, cuda or cuda:N [config: serve.device].
     #[arg(long, value_name = "DEVICE")]
     device: Option<String>,
+    /// Print the bound address and the models found as one JSON line at start-up (for
+    /// scripts using port 0).
+    #[arg(long)]
+    json: bool,
 }
 
 pub fn exec(args: ServeArgs, global: &GlobalArgs) -> Result<ExitCode> {
@@ -39,8 +43,20 @@ pub fn exec(args: ServeArgs, global: &GlobalArgs) -> Result<ExitCode> {
     if !options.repository.is_dir() {
         log::warn!("model repository `{}` does not exist yet; models appear as they are exported", options.repository.display());
     }
-    serve(&options, |address| {
-        println!("segctl serve: listening on http://{address} (repository {})", options.repository.display());
+    let json = args.json;
+    serve(&options, |address, models| {
+        if json {
+            let line = serde_json::json!({
+                "address": address.to_string(),
+                "url": format!("http://{address}"),
+                "port": address.port(),
+                "repository": options.repository,
+                "models": models,
+            });
+            println!("{line}");
+        } else {
+            println!("segctl serve: listening on http://{address} (repository {})", options.repository.display());
+        }
         let _ = std::io::stdout().flush();
     })?;
     Ok(ExitCode::SUCCESS)

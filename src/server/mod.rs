@@ -333,8 +333,8 @@ async fn shutdown_signal() {
 }
 
 /// Executes `segctl serve` until SIGINT/SIGTERM. `on_listening` receives the bound address
-/// (useful with port 0).
-pub fn serve(options: &ServeOptions, on_listening: impl FnOnce(SocketAddr)) -> Result<()> {
+/// (useful with port 0) and the models found in the repository (their versions loading).
+pub fn serve(options: &ServeOptions, on_listening: impl FnOnce(SocketAddr, Vec<registry::ModelSummary>)) -> Result<()> {
     let c = &options.config;
     let cores = cpu_threads(c);
     // The runtime only moves bytes; CPU work runs on the blocking pool, bounded to the CPU
@@ -354,7 +354,7 @@ pub fn serve(options: &ServeOptions, on_listening: impl FnOnce(SocketAddr)) -> R
         let local = listener.local_addr()?;
         let state = AppState::new(options);
         let app = router(state.clone());
-        on_listening(local);
+        on_listening(local, state.registry.list());
         let settings = connection::Settings {
             header_read_timeout: Duration::from_millis(c.header_read_timeout_ms),
             keep_alive_timeout: Duration::from_millis(c.keep_alive_timeout_ms),
