@@ -383,11 +383,13 @@ pub struct ExportConfig {
     pub repository: PathBuf,
     /// Fold inference BatchNorm into the convolutions when outputs stay within 1e-4.
     pub fold_batchnorm: bool,
+    /// Also write `model.onnx` (opset 17) into the version folder.
+    pub onnx: bool,
 }
 
 impl Default for ExportConfig {
     fn default() -> Self {
-        Self { repository: PathBuf::from("models"), fold_batchnorm: true }
+        Self { repository: PathBuf::from("models"), fold_batchnorm: true, onnx: false }
     }
 }
 

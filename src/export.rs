@@ -16,6 +16,7 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::config::is_valid_model_name;
+use crate::model::kernels::{Plan, PlanOptions, Session};
 use crate::model::{self, ModelState};
 use crate::model_store::{self, MANIFEST_FILE, ModelManifest, WEIGHTS_FILE};
 use crate::util::fs::FileLock;
@@ -24,6 +25,11 @@ use crate::util::rng::Rng;
 /// Largest logit difference accepted between the folded and the original model, relative to
 /// the logits' magnitude (at least 1): f32 rounding differs between the two forms.
 pub const FOLD_TOLERANCE: f32 = 1e-4;
+
+/// Largest logit difference accepted between `model.onnx` as the engine runs it and the candle
+/// model, relative to the logits' magnitude (at least 1): Winograd convolutions round
+/// differently from candle's direct ones.
+pub const ONNX_TOLERANCE: f32 = 1e-3;
 
 /// What `export` does.
 #[derive(Debug, Clone)]
@@ -36,6 +42,8 @@ pub struct ExportOptions {
     pub fold_batchnorm: bool,
     /// An `evaluate --json` report to record as the model's metrics.
     pub metrics: Option<PathBuf>,
+    /// Also write `model.onnx`.
+    pub onnx: bool,
 }
 
 /// What was written.
@@ -50,6 +58,19 @@ pub struct ExportReport {
     pub parameters: usize,
     pub weights_sha256: String,
     pub source_checkpoint: PathBuf,
+    /// `model.onnx`, when written: its path, SHA-256, and the largest logit difference between
+    /// the file (read back and run by the engine) and the candle model on a probe batch.
+    pub onnx: Option<OnnxReport>,
+}
+
+/// The ONNX file of an export.
+#[derive(Debug, Clone, Serialize)]
+pub struct OnnxReport {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub bytes: usize,
+    pub opset: i64,
+    pub max_abs_diff: f32,
 }
 
 /// Executes `segctl export`.
@@ -95,6 +116,12 @@ pub fn export(options: &ExportOptions) -> Result<ExportReport> {
     };
     let claim = claim_version(&model_dir, &options.name, options.version)?;
     let version = claim.version;
+    let onnx = if options.onnx {
+        let state = ModelState::from_tensors(&spec, &tensors, &device)?;
+        Some(onnx_file(&state, &options.name, version)?)
+    } else {
+        None
+    };
     let manifest = ModelManifest {
         name: options.name.clone(),
         version,
@@ -103,12 +130,19 @@ pub fn export(options: &ExportOptions) -> Result<ExportReport> {
         config_digest: meta.config_digest.clone(),
         dataset_digest: meta.dataset_digest.clone(),
         weights_sha256: String::new(),
+        onnx_sha256: None,
         source_checkpoint: loaded.origin.path.display().to_string(),
         created: crate::util::utc_timestamp(),
         segctl_version: env!("CARGO_PKG_VERSION").into(),
     };
-    let weights_sha256 = claim.stage(&manifest, &tensors)?;
+    let (weights_sha256, onnx_sha256) = claim.stage(&manifest, &tensors, onnx.as_ref().map(|(bytes, _)| bytes.as_slice()))?;
     let version_dir = claim.publish()?;
+    let onnx = match (onnx, onnx_sha256) {
+        (Some((bytes, max_abs_diff)), Some(sha256)) => {
+            Some(OnnxReport { path: version_dir.join(model_store::ONNX_FILE), sha256, bytes: bytes.len(), opset: model::onnx::OPSET, max_abs_diff })
+        }
+        _ => None,
+    };
     Ok(ExportReport {
         name: options.name.clone(),
         version,
@@ -118,7 +152,58 @@ pub fn export(options: &ExportOptions) -> Result<ExportReport> {
         parameters: tensors.iter().filter(|(n, _)| !n.contains("running_")).map(|(_, t)| t.elem_count()).sum(),
         weights_sha256,
         source_checkpoint: loaded.origin.path,
+        onnx,
     })
+}
+
+/// `model.onnx` of `state`, checked: the bytes are read back into a graph, compiled by the
+/// engine and run on a probe batch against the candle model. Returns the bytes and the
+/// largest logit difference.
+fn onnx_file(state: &ModelState, name: &str, version: u64) -> Result<(Vec<u8>, f32)> {
+    let spec = &state.spec;
+    let graph = state.model.lower().context("failed to describe the model as a graph")?;
+    let metadata = vec![
+        ("model_name".to_string(), name.to_string()),
+        ("model_version".to_string(), version.to_string()),
+        ("class_names".to_string(), serde_json::to_string(&spec.class_names)?),
+        ("normalization".to_string(), serde_json::to_string(&serde_json::json!({ "mean": spec.normalization.mean, "std": spec.normalization.std }))?),
+        ("input_size".to_string(), spec.input_size.to_string()),
+        ("segctl_model_spec".to_string(), serde_json::to_string(spec)?),
+    ];
+    let info = model::onnx::ModelInfo {
+        input_size: spec.input_size,
+        num_classes: spec.num_classes(),
+        model_version: i64::try_from(version).unwrap_or(i64::MAX),
+        doc: format!(
+            "{}: input `image` float32 [N,3,{s},{s}], RGB scaled to [0,1] then (x - mean) / std per channel; output `logits` [N,{c},{s},{s}], argmax over classes {:?}",
+            spec.describe(),
+            spec.class_names,
+            s = spec.input_size,
+            c = spec.num_classes()
+        ),
+        metadata,
+    };
+    let bytes = model::onnx::write(&graph, &info)?;
+    drop(graph);
+    let back = model::onnx::read(&bytes).context("the ONNX file segctl wrote does not read back")?;
+    let size = spec.input_size;
+    let plan = Plan::compile(&back.graph, &PlanOptions::new(size, size)).context("the ONNX file does not compile in the engine")?;
+    let mut session = Session::new(std::sync::Arc::new(plan), 0)?;
+    let mut rng = Rng::new(0x0cc5);
+    let n = 2;
+    let values: Vec<f32> = (0..n * 3 * size * size).map(|_| rng.normal()).collect();
+    let engine = session.run(&values, n)?.to_vec();
+    let x = Tensor::from_vec(values, (n, 3, size, size), &state.device)?;
+    let reference: Vec<f32> = state.forward(&x, false)?.flatten_all()?.to_vec1()?;
+    if engine.len() != reference.len() {
+        bail!("model.onnx gives {} logits, the model {}", engine.len(), reference.len());
+    }
+    let diff = engine.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let scale = reference.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    if !(diff <= ONNX_TOLERANCE * scale.max(1.0)) {
+        bail!("model.onnx gives logits {diff:.2e} away from the model's (scale {scale:.1}, tolerance {ONNX_TOLERANCE:.0e}): not exported");
+    }
+    Ok((bytes, diff))
 }
 
 /// Name prefix of the folders exports stage in (`<model>/.staging-<version>/`).
@@ -240,14 +325,20 @@ fn remove_stale_staging(model_dir: &Path) -> Result<()> {
 impl Claim {
     /// Writes the weights and the manifest (with their digest) into the staging folder, each
     /// flushed to disk. Returns the weights' SHA-256.
-    fn stage(&self, manifest: &ModelManifest, tensors: &HashMap<String, Tensor>) -> Result<String> {
+    /// Writes the weights, `model.onnx` if given, and the manifest (last, with their hashes).
+    fn stage(&self, manifest: &ModelManifest, tensors: &HashMap<String, Tensor>, onnx: Option<&[u8]>) -> Result<(String, Option<String>)> {
         let weights = self.dir.join(WEIGHTS_FILE);
         candle_core::safetensors::save(tensors, &weights).with_context(|| format!("failed to write `{}`", weights.display()))?;
         crate::util::fs::sync_file(&weights)?;
         let mut manifest = manifest.clone();
         manifest.weights_sha256 = crate::util::sha256_file(&weights)?;
+        if let Some(bytes) = onnx {
+            let path = self.dir.join(model_store::ONNX_FILE);
+            crate::util::fs::write_durable(&path, bytes)?;
+            manifest.onnx_sha256 = Some(crate::util::sha256_file(&path)?);
+        }
         crate::util::fs::write_durable(&self.dir.join(MANIFEST_FILE), serde_yaml::to_string(&manifest)?.as_bytes())?;
-        Ok(manifest.weights_sha256)
+        Ok((manifest.weights_sha256, manifest.onnx_sha256))
     }
 
     /// Renames the staging folder to `<version>/`: the version appears at once, complete and

@@ -14,6 +14,7 @@ use crate::model::{ModelSpec, ModelState};
 /// File names inside an exported version folder.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
 pub const MANIFEST_FILE: &str = "model.yaml";
+pub const ONNX_FILE: &str = "model.onnx";
 
 /// `model.yaml` of an exported version.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -30,6 +31,9 @@ pub struct ModelManifest {
     pub dataset_digest: String,
     /// SHA-256 of `model.safetensors`.
     pub weights_sha256: String,
+    /// SHA-256 of `model.onnx`, when the version has one (`segctl export --onnx`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub onnx_sha256: Option<String>,
     pub source_checkpoint: String,
     pub created: String,
     pub segctl_version: String,

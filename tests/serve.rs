@@ -638,3 +638,56 @@ fn a_soak_at_64_connections_has_no_errors_and_flat_memory() {
     assert!(last <= settled + settled / 4 + (16 << 20), "RSS grew from {} to {} MB: {samples:?}", settled >> 20, last >> 20);
     assert!(peak_rss(server.child.id()) < 400 << 20);
 }
+
+#[test]
+fn listed_origins_get_cors_and_an_unreadable_repository_unloads_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, repo) = trained_model(dir.path(), 12);
+    let server = Server::start(&config, &repo, &["serve.models=[{name: pets}]", "serve.cors_origins=[https://app.example]"]);
+    let (photo, (w, h)) = a_photo(dir.path());
+
+    // A preflight from the listed origin is answered; the request then carries CORS headers.
+    let pre = ureq::request("OPTIONS", &server.url("/v1/models/pets:segment"))
+        .set("Origin", "https://app.example")
+        .set("Access-Control-Request-Method", "POST")
+        .set("Access-Control-Request-Headers", "content-type")
+        .call()
+        .unwrap();
+    assert_eq!(pre.status(), 204);
+    assert_eq!(pre.header("access-control-allow-origin"), Some("https://app.example"));
+    assert!(pre.header("access-control-allow-methods").unwrap().contains("POST"));
+    let r = ureq::post(&server.url("/v1/models/pets:segment")).set("Origin", "https://app.example").set("Content-Type", "image/jpeg").send_bytes(&photo).unwrap();
+    assert_eq!(r.header("access-control-allow-origin"), Some("https://app.example"));
+    assert!(r.header("access-control-expose-headers").unwrap().contains("server-timing"));
+    assert_eq!(image::load_from_memory(&body_bytes(r)).unwrap().to_luma8().dimensions(), (w, h));
+    // Another origin's preflight is refused with a JSON error and no CORS header.
+    match ureq::request("OPTIONS", &server.url("/v1/models/pets:segment")).set("Origin", "https://evil.example").set("Access-Control-Request-Method", "POST").call() {
+        Err(ureq::Error::Status(403, r)) => {
+            assert!(r.header("access-control-allow-origin").is_none());
+            assert!(body_json(r)["error"].as_str().unwrap().contains("serve.cors_origins"));
+        }
+        other => panic!("foreign preflight answered: {:?}", other.map(|r| r.status())),
+    }
+
+    // The model folder cannot be read (here: a file where the folder was) for many polls:
+    // the version keeps serving; once the folder is back, nothing changed.
+    let moved = repo.join("pets.away");
+    std::fs::rename(repo.join("pets"), &moved).unwrap();
+    std::fs::write(repo.join("pets"), b"not a folder").unwrap();
+    let start = Instant::now();
+    while !server.log.lock().unwrap().contains("keeping the versions of `pets`") {
+        assert!(start.elapsed() < Duration::from_secs(20), "no warning: {}", server.log.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, r) = request("POST", &server.url("/v1/models/pets:segment"), Some("image/jpeg"), None, Some(&photo));
+    assert_eq!(status, 200, "served through the read errors");
+    assert_eq!(r.header("x-model-version"), Some("1"));
+    assert_eq!(request("GET", &server.url("/readyz"), None, None, None).0, 200);
+    std::fs::remove_file(repo.join("pets")).unwrap();
+    std::fs::rename(&moved, repo.join("pets")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let status = body_json(request("GET", &server.url("/v1/models/pets"), None, None, None).1);
+    assert_eq!(status["model_version_status"][0]["state"], "AVAILABLE", "{status}");
+    assert!(!server.log.lock().unwrap().contains("unloaded"), "{}", server.log.lock().unwrap());
+}

@@ -18,3 +18,5 @@ mod export;
 mod serve;
 /// The CLI as typed: predict with no model flag, completions, man pages, --version, serve --json.
 mod cli;
+/// `export --onnx`, checked by onnx.checker and onnxruntime (Python, installed by .ci/run).
+mod onnx;

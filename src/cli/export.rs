@@ -30,6 +30,9 @@ pub struct ExportArgs {
     /// export.fold_batchnorm].
     #[arg(long)]
     no_fold: bool,
+    /// Also write `model.onnx` (opset 17, checked against the model) [config: export.onnx].
+    #[arg(long)]
+    onnx: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -39,7 +42,8 @@ pub fn exec(args: ExportArgs, global: &GlobalArgs) -> Result<ExitCode> {
     let config = global.load_config(
         Overrides::default()
             .add("export.repository", args.repository)
-            .add("export.fold_batchnorm", args.no_fold.then_some(false)),
+            .add("export.fold_batchnorm", args.no_fold.then_some(false))
+            .add("export.onnx", args.onnx.then_some(true)),
     )?;
     let options = ExportOptions {
         checkpoint: args.checkpoint,
@@ -48,6 +52,7 @@ pub fn exec(args: ExportArgs, global: &GlobalArgs) -> Result<ExitCode> {
         repository: config.export.repository.clone(),
         fold_batchnorm: config.export.fold_batchnorm,
         metrics: args.metrics,
+        onnx: config.export.onnx,
     };
     let report = export(&options)?;
     if args.json {
@@ -61,6 +66,16 @@ pub fn exec(args: ExportArgs, global: &GlobalArgs) -> Result<ExitCode> {
             report.fold_max_abs_diff.map(|d| format!(" (max logit change {d:.1e})")).unwrap_or_default(),
             &report.weights_sha256[..16]
         );
+        if let Some(onnx) = &report.onnx {
+            println!(
+                "  {} (opset {}, {} bytes, sha256 {}; logits within {:.1e} of the model)",
+                onnx.path.display(),
+                onnx.opset,
+                onnx.bytes,
+                &onnx.sha256[..16],
+                onnx.max_abs_diff
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

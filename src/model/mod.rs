@@ -7,6 +7,7 @@ pub mod graph;
 pub mod inference;
 pub mod kernels;
 pub mod mobilenetv2;
+pub mod onnx;
 pub mod unet;
 
 use std::collections::HashMap;

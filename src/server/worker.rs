@@ -217,3 +217,61 @@ impl Ctx {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Arch, Config};
+    use crate::model::inference::InferenceOptions;
+    use crate::model::{ModelSpec, ModelState};
+    use crate::model_store::{LoadedModel, ModelOrigin};
+
+    fn predictor(size: usize, depth: usize, width: usize) -> Arc<Predictor> {
+        let mut config = Config::default();
+        config.data.image_size = size;
+        config.model.arch = Arch::Unet;
+        config.model.unet.depth = depth;
+        config.model.unet.base_width = width;
+        let spec = ModelSpec::from_config(&config);
+        let state = ModelState::new(&spec, &candle_core::Device::Cpu, 1).unwrap();
+        let origin = ModelOrigin { kind: "checkpoint", path: "test".into(), name: None, version: None };
+        let loaded = LoadedModel { state, origin, manifest: None, checkpoint_meta: None };
+        let options = InferenceOptions { threads: 1, idle_spin: Some(0), large_batch_kernels: false };
+        Arc::new(Predictor::from_loaded(loaded, options).unwrap())
+    }
+
+    fn ask(worker: &Worker, input: Vec<f32>) -> Result<JobOutput, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let now = Instant::now();
+        worker.submit(Job { input, enqueued: now, deadline: now + Duration::from_secs(60), reply }).unwrap();
+        answer.blocking_recv().unwrap()
+    }
+
+    #[test]
+    fn failing_calls_in_a_row_are_counted_and_a_success_resets_them() {
+        let p = predictor(32, 2, 4);
+        let settings = BatchSettings { max_batch_size: 1, max_delay: Duration::ZERO, queue_capacity: 4, threads: 1 };
+        let worker = Worker::start(p.clone(), settings, CpuBudget::new(1), Arc::new(Metrics::default()), "t".into(), 1).unwrap();
+        for n in 1..=UNHEALTHY_AFTER_FAILURES {
+            let err = ask(&worker, vec![0.0; 7]).err().expect("a wrong-sized input fails the call");
+            assert!(err.contains("the model expects 3x32x32"), "{err}");
+            assert_eq!(worker.consecutive_failures(), n);
+        }
+        let ok = ask(&worker, p.prepare(&image::RgbImage::new(32, 32))).unwrap();
+        assert_eq!(ok.logits.len(), 3 * 32 * 32);
+        assert_eq!(worker.consecutive_failures(), 0);
+    }
+
+    #[test]
+    fn heavy_models_get_one_model_thread_per_core() {
+        use super::super::registry::{HEAVY_MODEL_GFLOP, model_threads};
+        let light = predictor(32, 2, 4);
+        let heavy = predictor(128, 4, 32);
+        let gflop = |p: &Predictor| p.model().plan_summary().unwrap().flops_per_image as f64 / 1e9;
+        assert!(gflop(&light) < HEAVY_MODEL_GFLOP && gflop(&heavy) >= HEAVY_MODEL_GFLOP, "{} {}", gflop(&light), gflop(&heavy));
+        assert_eq!(model_threads(0, &light, 2), 1);
+        assert_eq!(model_threads(0, &heavy, 2), 2);
+        assert_eq!(model_threads(0, &heavy, 1), 1);
+        assert_eq!(model_threads(3, &light, 2), 3, "a configured count is kept");
+    }
+}

@@ -1,0 +1,122 @@
+use std::path::Path;
+use std::process::Command;
+
+use crate::util::*;
+
+/// Python with onnx, onnxruntime and numpy (`SEGCTL_TEST_PYTHON`, set by .ci/run), or none:
+/// then the check is skipped with a notice, unless REQUIRE_ALL=1.
+fn checker_python() -> Option<String> {
+    let python = std::env::var("SEGCTL_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python).args(["-c", "import onnx, onnxruntime, numpy"]).output().is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(python);
+    }
+    assert!(std::env::var("REQUIRE_ALL").as_deref() != Ok("1"), "{python} lacks onnx/onnxruntime/numpy and REQUIRE_ALL=1");
+    eprintln!("SKIPPED: {python} lacks onnx, onnxruntime or numpy (pip install onnx onnxruntime numpy)");
+    None
+}
+
+fn write_f32(path: &Path, values: &[f32]) {
+    std::fs::write(path, values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+}
+
+/// Exports `run_dir` with --onnx and checks the file with onnx.checker and onnxruntime against
+/// the logits segctl's engine computes for the same version.
+fn export_and_check(dir: &Path, config: &Path, run_dir: &Path, python: &str, size: usize) {
+    let repo = dir.join("models");
+    let out = run(segctl().args(["export", "--onnx", "--json", "--config"]).arg(config).arg("--checkpoint").arg(run_dir).args(["--name", "pets", "--repository"]).arg(&repo));
+    assert!(out.status.success());
+    let report = json(&out);
+    let version_dir = Path::new(report["path"].as_str().unwrap()).to_path_buf();
+    let onnx_path = version_dir.join("model.onnx");
+    assert_eq!(report["onnx"]["path"].as_str().unwrap(), onnx_path.to_str().unwrap());
+    assert!(report["onnx"]["max_abs_diff"].as_f64().unwrap() < 1e-2, "{report}");
+    // model.yaml records the file's SHA-256.
+    let manifest: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(version_dir.join("model.yaml")).unwrap()).unwrap();
+    let sha = sha256_hex(&onnx_path);
+    assert_eq!(manifest["onnx_sha256"].as_str(), Some(sha.as_str()));
+    assert_eq!(report["onnx"]["sha256"].as_str(), Some(sha.as_str()));
+
+    // segctl's logits for a probe batch, from the exported version as serve runs it.
+    let predictor = segctl::infer::Predictor::load(&version_dir, &candle_core::Device::Cpu).unwrap();
+    let n = 3;
+    let mut seed = 11u64;
+    let inputs: Vec<Vec<f32>> = (0..n)
+        .map(|_| {
+            (0..3 * size * size)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+                })
+                .collect()
+        })
+        .collect();
+    let logits = predictor.logits(&inputs).unwrap();
+    write_f32(&dir.join("input.f32"), &inputs.concat());
+    write_f32(&dir.join("logits.f32"), &logits.concat());
+    let out = Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check/onnx_check.py"))
+        .arg(&onnx_path)
+        .arg(dir.join("input.f32"))
+        .arg(n.to_string())
+        .arg(size.to_string())
+        .arg(dir.join("logits.f32"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "onnx check failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("onnx check: {v}");
+    assert_eq!(v["checker"], "ok");
+    assert_eq!(v["opset"], 17);
+    let bound = 1e-4 * v["scale"].as_f64().unwrap().max(1.0);
+    assert!(v["max_abs_diff"].as_f64().unwrap() <= bound, "onnxruntime vs segctl: {v}");
+    assert!(v["batch1_max_abs_diff"].as_f64().unwrap() <= bound, "batch 1: {v}");
+    assert_eq!(v["inputs"][0]["name"], "image");
+    assert_eq!(v["inputs"][0]["shape"], serde_json::json!(["N", 3, size, size]));
+    assert_eq!(v["outputs"][0]["name"], "logits");
+    assert_eq!(v["outputs"][0]["shape"], serde_json::json!(["N", 3, size, size]));
+    let classes: Vec<String> = serde_json::from_str(v["metadata"]["class_names"].as_str().unwrap()).unwrap();
+    assert_eq!(classes, ["pet", "background", "border"]);
+    let norm: serde_json::Value = serde_json::from_str(v["metadata"]["normalization"].as_str().unwrap()).unwrap();
+    assert_eq!(norm["mean"].as_array().unwrap().len(), 3);
+}
+
+fn sha256_hex(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+#[test]
+fn exported_onnx_passes_the_checker_and_matches_in_onnxruntime() {
+    let Some(python) = checker_python() else { return };
+    // unet.
+    let dir = tempfile::tempdir().unwrap();
+    let (config, run_dir, _) = trained_model(dir.path(), 12);
+    export_and_check(dir.path(), &config, &run_dir, &python, 32);
+
+    // mobilenetv2_unet (64×64: the encoder halves the map five times).
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("pets");
+    synthetic_dataset(&root, 8, 4);
+    let config = tiny_config(dir.path(), &root, 1);
+    let text = std::fs::read_to_string(&config).unwrap().replace("image_size: 32", "image_size: 64").replace("arch: unet", "arch: mobilenetv2_unet\n  encoder:\n    weights: none");
+    std::fs::write(&config, text).unwrap();
+    let out = run(segctl().args(["train", "--config"]).arg(&config));
+    assert!(out.status.success());
+    export_and_check(dir.path(), &config, &dir.path().join("runs/tiny"), &python, 64);
+}
+
+#[test]
+fn export_onnx_from_the_config_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, run_dir, repo) = trained_model(dir.path(), 12);
+    let out = run(segctl().args(["export", "--set", "export.onnx=true", "--config"]).arg(&config).arg("--checkpoint").arg(&run_dir).args(["--name", "pets", "--repository"]).arg(&repo));
+    assert!(out.status.success());
+    assert!(stdout(&out).contains("model.onnx (opset 17"), "{}", stdout(&out));
+    assert!(repo.join("pets/2/model.onnx").is_file());
+    assert!(!repo.join("pets/1/model.onnx").exists(), "off by default");
+    // A version with model.onnx still serves and predicts as before.
+    let photo = std::fs::read_dir(dir.path().join("pets/images")).unwrap().next().unwrap().unwrap().path();
+    let out = run(segctl().args(["predict", "--model"]).arg(repo.join("pets/2")).arg(&photo).arg("--out").arg(dir.path().join("p")));
+    assert!(out.status.success());
+}
