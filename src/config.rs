@@ -482,6 +482,10 @@ pub struct ServeConfig {
     /// Deadline of a request, queueing included; queued work of a request past it (or whose
     /// client left) is dropped.
     pub request_timeout_ms: u64,
+    /// Decode a JPEG whose pixels only feed the model at the smallest DCT scale (1/2, 1/4,
+    /// 1/8) that keeps both sides at least the model input (also `predict`); false = always
+    /// at full size.
+    pub jpeg_dct_scaling: bool,
     /// Cores the server keeps busy: request stages and model calls share this many tokens
     /// (0 = every core).
     pub cpu_threads: usize,
@@ -522,6 +526,7 @@ impl Default for ServeConfig {
             memory_budget_bytes: 256 << 20,
             max_json_response_bytes: 16 << 20,
             request_timeout_ms: 30_000,
+            jpeg_dct_scaling: true,
             cpu_threads: 0,
             model_threads: 0,
             header_read_timeout_ms: 10_000,

@@ -116,9 +116,16 @@ impl Predictor {
 
     /// Class-id masks, each at its photo's size.
     pub fn segment(&self, images: &[&RgbImage]) -> Result<Vec<GrayImage>> {
-        let inputs: Vec<Vec<f32>> = images.par_iter().map(|img| self.prepare(img)).collect();
+        let sized: Vec<(&RgbImage, u32, u32)> = images.iter().map(|img| (*img, img.width(), img.height())).collect();
+        self.segment_sized(&sized)
+    }
+
+    /// Class-id masks of `width`×`height` each, the model input resized from the given pixels
+    /// (a photo decoded at a reduced DCT scale, masked at its full size).
+    pub fn segment_sized(&self, photos: &[(&RgbImage, u32, u32)]) -> Result<Vec<GrayImage>> {
+        let inputs: Vec<Vec<f32>> = photos.par_iter().map(|(img, _, _)| self.prepare(img)).collect();
         let logits = self.logits(&inputs)?;
-        Ok(logits.par_iter().zip(images.par_iter()).map(|(l, img)| self.mask_from_logits(l, img.width(), img.height())).collect())
+        Ok(logits.par_iter().zip(photos.par_iter()).map(|(l, (_, w, h))| self.mask_from_logits(l, *w, *h)).collect())
     }
 }
 

@@ -35,6 +35,9 @@ pub struct PredictOptions {
     pub side_by_side: bool,
     pub batch_size: usize,
     pub max_pixels: u64,
+    /// Decode JPEGs for a local model at a reduced DCT scale (`serve.jpeg_dct_scaling`), as
+    /// `serve` does, so both give the same masks.
+    pub jpeg_dct_scaling: bool,
     pub progress: ProgressMode,
 }
 
@@ -102,6 +105,13 @@ pub fn predict(backend: &Backend, options: &PredictOptions) -> Result<PredictRep
     let inputs = collect_inputs(&options.inputs)?;
     crate::util::fs::create_dir_all(&options.out_dir)?;
     let names = output_names(&inputs);
+    // A local model's input comes from a reduced-scale JPEG decode (as in `serve`); a server
+    // decodes for itself, so here the photo is only needed at full size.
+    let model_side = match backend {
+        Backend::Local(p) if options.jpeg_dct_scaling => p.spec().input_size as u32,
+        _ => u32::MAX,
+    };
+    let figures = options.overlay || options.side_by_side;
     let model = match backend {
         Backend::Local(p) => format!("{} ({})", p.origin().path.display(), p.spec().describe()),
         Backend::Server { url, model, .. } => format!("{url} ({})", model.as_deref().unwrap_or("default model")),
@@ -111,16 +121,12 @@ pub fn predict(backend: &Backend, options: &PredictOptions) -> Result<PredictRep
     let mut failures = Vec::new();
     for chunk in inputs.iter().zip(&names).collect::<Vec<_>>().chunks(options.batch_size.max(1)) {
         // Decode in parallel; failures are reported, the rest goes on.
-        let decoded: Vec<(&PathBuf, &String, Result<(RgbImage, Vec<u8>)>)> = chunk
+        let decoded: Vec<(&PathBuf, &String, Result<(Decoded, Vec<u8>)>)> = chunk
             .par_iter()
             .map(|(path, name)| {
                 let result = std::fs::read(path)
                     .with_context(|| format!("cannot read `{}`", path.display()))
-                    .and_then(|bytes| {
-                        let options = DecodeOptions { max_pixels: options.max_pixels, apply_exif_orientation: true };
-                        let image = image_io::decode_rgb(&bytes, options).map_err(anyhow::Error::from)?.image;
-                        Ok((image, bytes))
-                    });
+                    .and_then(|bytes| Ok((decode_photo(&bytes, model_side, figures, options.max_pixels)?, bytes)));
                 (*path, *name, result)
             })
             .collect();
@@ -137,20 +143,20 @@ pub fn predict(backend: &Backend, options: &PredictOptions) -> Result<PredictRep
         }
         let masks: Vec<Result<GrayImage>> = match backend {
             Backend::Local(predictor) => {
-                let refs: Vec<&RgbImage> = ok.iter().map(|(_, _, img, _)| img).collect();
-                match predictor.segment(&refs) {
+                let photos: Vec<(&RgbImage, u32, u32)> = ok.iter().map(|(_, _, d, _)| (&d.model_pixels, d.width, d.height)).collect();
+                match predictor.segment_sized(&photos) {
                     Ok(m) => m.into_iter().map(Ok).collect(),
                     Err(e) => ok.iter().map(|_| Err(anyhow::anyhow!("{e:#}"))).collect(),
                 }
             }
             Backend::Server { url, model, timeout } => {
-                ok.iter().map(|(_, _, img, bytes)| segment_remote(url, model.as_deref(), *timeout, bytes, img)).collect()
+                ok.iter().map(|(_, _, d, bytes)| segment_remote(url, model.as_deref(), *timeout, bytes, (d.width, d.height))).collect()
             }
         };
         let written: Vec<Result<PredictedImage>> = ok
             .par_iter()
             .zip(masks)
-            .map(|((path, name, image, _), mask)| write_outputs(path, name, image, &mask?, options))
+            .map(|((path, name, d, _), mask)| write_outputs(path, name, d, &mask?, options))
             .collect();
         for ((path, ..), result) in ok.iter().zip(written) {
             match result {
@@ -193,30 +199,51 @@ fn output_names(inputs: &[PathBuf]) -> Vec<String> {
         .collect()
 }
 
-fn write_outputs(input: &Path, name: &str, image: &RgbImage, mask: &GrayImage, options: &PredictOptions) -> Result<PredictedImage> {
-    if mask.dimensions() != image.dimensions() {
-        bail!("mask is {:?} but the photo is {:?}", mask.dimensions(), image.dimensions());
+/// A photo as predict needs it: the model's pixels, the displayed size, and the full-size
+/// pixels when figures are drawn.
+struct Decoded {
+    model_pixels: RgbImage,
+    width: u32,
+    height: u32,
+    full: Option<RgbImage>,
+}
+
+fn decode_photo(bytes: &[u8], model_side: u32, figures: bool, max_pixels: u64) -> Result<Decoded> {
+    let options = DecodeOptions { max_pixels, apply_exif_orientation: true };
+    let photo = image_io::decode_rgb_for_model(bytes, options, model_side)?;
+    let full = match (figures, photo.scale) {
+        (false, _) => None,
+        (true, 1) => Some(photo.image.clone()),
+        (true, _) => Some(image_io::decode_rgb(bytes, options)?.image),
+    };
+    Ok(Decoded { model_pixels: photo.image, width: photo.width, height: photo.height, full })
+}
+
+fn write_outputs(input: &Path, name: &str, photo: &Decoded, mask: &GrayImage, options: &PredictOptions) -> Result<PredictedImage> {
+    if mask.dimensions() != (photo.width, photo.height) {
+        bail!("mask is {:?} but the photo is {:?}", mask.dimensions(), (photo.width, photo.height));
     }
+    let figure = || photo.full.as_ref().context("the photo was not decoded for figures");
     let path = |suffix: &str| options.out_dir.join(format!("{name}_{suffix}.png"));
     let write = |p: &Path, bytes: Vec<u8>| crate::util::fs::write_atomic(p, &bytes);
     write(&path("mask"), infer::encode_png(mask)?)?;
     write(&path("color"), infer::encode_png(&infer::colorize(mask))?)?;
     let overlay = if options.overlay {
-        write(&path("overlay"), infer::encode_png(&infer::overlay(image, mask))?)?;
+        write(&path("overlay"), infer::encode_png(&infer::overlay(figure()?, mask))?)?;
         Some(path("overlay"))
     } else {
         None
     };
     let side_by_side = if options.side_by_side {
-        write(&path("side_by_side"), infer::encode_png(&infer::side_by_side(image, mask))?)?;
+        write(&path("side_by_side"), infer::encode_png(&infer::side_by_side(figure()?, mask))?)?;
         Some(path("side_by_side"))
     } else {
         None
     };
     Ok(PredictedImage {
         input: input.to_path_buf(),
-        width: image.width(),
-        height: image.height(),
+        width: photo.width,
+        height: photo.height,
         mask: path("mask"),
         color: path("color"),
         overlay,
@@ -227,7 +254,7 @@ fn write_outputs(input: &Path, name: &str, image: &RgbImage, mask: &GrayImage, o
 
 /// Sends the original file bytes to `<url>/v1/models/<name>:segment` and reads back the
 /// class-id mask PNG (the server applies EXIF orientation too, so sizes agree).
-fn segment_remote(url: &str, model: Option<&str>, timeout: Duration, bytes: &[u8], image: &RgbImage) -> Result<GrayImage> {
+fn segment_remote(url: &str, model: Option<&str>, timeout: Duration, bytes: &[u8], size: (u32, u32)) -> Result<GrayImage> {
     let base = url.trim_end_matches('/');
     let agent = ureq::AgentBuilder::new().timeout(timeout).build();
     let name = match model {
@@ -252,8 +279,8 @@ fn segment_remote(url: &str, model: Option<&str>, timeout: Duration, bytes: &[u8
     let mask = image::load_from_memory_with_format(&png, image::ImageFormat::Png)
         .with_context(|| format!("{endpoint}: the answer is not a PNG"))?
         .to_luma8();
-    if mask.dimensions() != image.dimensions() {
-        bail!("{endpoint}: mask is {:?}, the photo {:?}", mask.dimensions(), image.dimensions());
+    if mask.dimensions() != size {
+        bail!("{endpoint}: mask is {:?}, the photo {size:?}", mask.dimensions());
     }
     Ok(mask)
 }

@@ -64,6 +64,7 @@ pub fn exec(args: PredictArgs, global: &GlobalArgs) -> Result<ExitCode> {
         side_by_side: args.side_by_side,
         batch_size: args.batch_size.max(1),
         max_pixels: config.serve.max_pixels,
+        jpeg_dct_scaling: config.serve.jpeg_dct_scaling,
         progress: global.progress(args.json),
     };
     let predictor;

@@ -301,6 +301,83 @@ pub fn decode_rgb(bytes: &[u8], options: DecodeOptions) -> Result<Decoded, Decod
     Ok(Decoded { image: decoded.into_rgb8(), format, notes })
 }
 
+/// A photo decoded for a model whose square input has side `model_side`.
+#[derive(Debug)]
+pub struct ModelPhoto {
+    /// The pixels the model input is resized from: the photo itself, or a JPEG decoded at a
+    /// reduced DCT scale.
+    pub image: RgbImage,
+    /// The photo's displayed size (EXIF orientation applied when asked): masks are answered
+    /// at this size.
+    pub width: u32,
+    pub height: u32,
+    /// The DCT scale denominator the JPEG was decoded at (1 = full size).
+    pub scale: u32,
+}
+
+/// The DCT scale denominator (8, 4, 2 or 1) for decoding a `width`×`height` JPEG whose pixels
+/// only feed a `model_side`² model input: the largest that keeps both sides at least
+/// `model_side` (as PIL's `draft` mode), so that resizing still only shrinks.
+pub fn dct_scale_for(width: u32, height: u32, model_side: u32) -> u32 {
+    [8, 4, 2].into_iter().find(|&d| width.div_ceil(d) >= model_side && height.div_ceil(d) >= model_side).unwrap_or(1)
+}
+
+/// Decodes `bytes` for a model input of `model_side`²: a JPEG (YCbCr or grayscale) at the
+/// reduced DCT scale of [`dct_scale_for`] — the entropy decoding is the same, but the inverse
+/// DCT, colour conversion and the resize that follows touch 4–64× fewer pixels — and anything
+/// else exactly as [`decode_rgb`]. Same bounds and checks as [`decode_rgb`] (from the header,
+/// before decoding); a JPEG the scaling decoder refuses is decoded at full size instead.
+pub fn decode_rgb_for_model(bytes: &[u8], options: DecodeOptions, model_side: u32) -> Result<ModelPhoto, DecodeError> {
+    let (header, jpeg_complete) = read_header_scan(bytes)?;
+    let scale = dct_scale_for(header.width, header.height, model_side.max(1));
+    let scalable = header.format == FileFormat::Jpeg && matches!(header.jpeg_components, Some(1 | 3)) && scale > 1;
+    if scalable && jpeg_complete != Some(false) {
+        let pixels = header.width as u64 * header.height as u64;
+        if pixels > options.max_pixels {
+            return Err(DecodeError::TooLarge { width: header.width, height: header.height, pixels, limit: options.max_pixels });
+        }
+        if let Ok(Some(photo)) = std::panic::catch_unwind(|| decode_jpeg_scaled(bytes, &header, scale, options)) {
+            return Ok(photo);
+        }
+    }
+    let decoded = decode_rgb(bytes, options)?;
+    let (width, height) = decoded.image.dimensions();
+    Ok(ModelPhoto { image: decoded.image, width, height, scale: 1 })
+}
+
+/// `None` when the scaling decoder cannot do it (the caller decodes at full size).
+fn decode_jpeg_scaled(bytes: &[u8], header: &HeaderInfo, scale: u32, options: DecodeOptions) -> Option<ModelPhoto> {
+    let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+    // The header was bounded by max_pixels; the decoder's own buffers stay within that too.
+    decoder.set_max_decoding_buffer_size(usize::try_from(options.max_pixels.saturating_mul(4)).unwrap_or(usize::MAX));
+    let want = |side: u32| u16::try_from(side.div_ceil(scale)).ok();
+    let (w, h) = decoder.scale(want(header.width)?, want(header.height)?).ok()?;
+    let pixels = decoder.decode().ok()?;
+    let info = decoder.info()?;
+    let (w, h) = (u32::from(w), u32::from(h));
+    // `info` reports the scaled size; it must be the one asked for.
+    if (u32::from(info.width), u32::from(info.height)) != (w, h) || w != header.width.div_ceil(scale) || h != header.height.div_ceil(scale) {
+        return None;
+    }
+    let rgb = match info.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 => RgbImage::from_raw(w, h, pixels)?,
+        jpeg_decoder::PixelFormat::L8 => DynamicImage::ImageLuma8(GrayImage::from_raw(w, h, pixels)?).into_rgb8(),
+        _ => return None,
+    };
+    let mut image = DynamicImage::ImageRgb8(rgb);
+    let (mut width, mut height) = (header.width, header.height);
+    if options.apply_exif_orientation {
+        if let Some(o) = decoder.exif_data().and_then(image::metadata::Orientation::from_exif_chunk) {
+            use image::metadata::Orientation as O;
+            if matches!(o, O::Rotate90 | O::Rotate270 | O::Rotate90FlipH | O::Rotate270FlipH) {
+                (width, height) = (height, width);
+            }
+            image.apply_orientation(o);
+        }
+    }
+    Some(ModelPhoto { image: image.into_rgb8(), width, height, scale })
+}
+
 fn decode_dynamic(
     bytes: &[u8],
     format: FileFormat,
@@ -462,5 +539,70 @@ mod tests {
         rgb.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
         assert_eq!(decode_trimap(&png), Err(MaskError::NotSingleChannel(3)));
         assert!(matches!(decode_trimap(&jpeg_bytes(4, 4)), Err(MaskError::NotPng(FileFormat::Jpeg))));
+    }
+
+    /// A smooth 2-D pattern (what DCT scaling keeps), as a JPEG, optionally with EXIF
+    /// orientation 6 (rotate 90° clockwise to display).
+    fn smooth_jpeg(w: u32, h: u32, orientation6: bool) -> Vec<u8> {
+        let img = RgbImage::from_fn(w, h, |x, y| {
+            let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
+            image::Rgb([(255.0 * fx) as u8, (255.0 * fy) as u8, (128.0 + 100.0 * (6.0 * fx).sin() * (4.0 * fy).cos()) as u8])
+        });
+        let mut jpeg = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 92).encode_image(&img).unwrap();
+        if !orientation6 {
+            return jpeg;
+        }
+        let mut payload = b"Exif\0\0MM\x00\x2a\x00\x00\x00\x08\x00\x01".to_vec();
+        payload.extend_from_slice(b"\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00");
+        let mut out = jpeg[..2].to_vec();
+        out.extend_from_slice(&[0xFF, 0xE1]);
+        out.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+        out.extend_from_slice(&payload);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
+    #[test]
+    fn dct_scale_keeps_both_sides_at_least_the_model_input() {
+        assert_eq!(dct_scale_for(500, 333, 128), 2);
+        assert_eq!(dct_scale_for(1024, 1024, 128), 8);
+        assert_eq!(dct_scale_for(1016, 1024, 128), 4);
+        assert_eq!(dct_scale_for(4000, 3000, 128), 8);
+        assert_eq!(dct_scale_for(200, 900, 128), 1);
+        assert_eq!(dct_scale_for(128, 128, 128), 1);
+    }
+
+    #[test]
+    fn jpegs_for_a_model_decode_at_a_reduced_scale_with_their_full_size() {
+        let options = DecodeOptions { max_pixels: 10_000_000, apply_exif_orientation: true };
+        let jpg = smooth_jpeg(500, 333, false);
+        let photo = decode_rgb_for_model(&jpg, options, 128).unwrap();
+        assert_eq!((photo.width, photo.height, photo.scale), (500, 333, 2));
+        assert_eq!(photo.image.dimensions(), (250, 167));
+        // The same content as the full decode shrunk by 2 (box filter): within JPEG noise.
+        let full = decode_rgb(&jpg, options).unwrap().image;
+        let mut diff = 0u64;
+        for (x, y, p) in photo.image.enumerate_pixels().filter(|(x, y, _)| *x < 249 && *y < 166) {
+            for c in 0..3 {
+                let mean: u32 = [(0, 0), (1, 0), (0, 1), (1, 1)].iter().map(|(dx, dy)| full.get_pixel(2 * x + dx, 2 * y + dy).0[c] as u32).sum::<u32>() / 4;
+                diff += (p.0[c] as i64 - mean as i64).unsigned_abs();
+            }
+        }
+        let mean_diff = diff as f64 / (249.0 * 166.0 * 3.0);
+        assert!(mean_diff < 2.0, "mean difference {mean_diff}");
+        // EXIF orientation: displayed as 333×500, the scaled pixels rotated the same way.
+        let photo = decode_rgb_for_model(&smooth_jpeg(500, 333, true), options, 128).unwrap();
+        assert_eq!((photo.width, photo.height), (333, 500));
+        assert_eq!(photo.image.dimensions(), (167, 250));
+        // Too small to scale, or not a JPEG: exactly decode_rgb.
+        let small = smooth_jpeg(200, 150, false);
+        let photo = decode_rgb_for_model(&small, options, 128).unwrap();
+        assert_eq!(photo.scale, 1);
+        assert_eq!(photo.image, decode_rgb(&small, options).unwrap().image);
+        // Limits and damage are refused as by decode_rgb.
+        let tight = DecodeOptions { max_pixels: 1000, ..options };
+        assert!(matches!(decode_rgb_for_model(&jpg, tight, 128), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(decode_rgb_for_model(&jpg[..jpg.len() / 2], options, 128), Err(DecodeError::Truncated(_))));
     }
 }

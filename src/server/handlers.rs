@@ -283,7 +283,15 @@ struct SegmentJson<'a> {
 }
 
 /// Encodes the answer (on the blocking pool): bytes and content type.
-fn encode_answer(answer: Answer, who: &Answerer, images: &[RgbImage], masks: &[GrayImage], timing: &Timing) -> Result<(Vec<u8>, &'static str), ApiError> {
+/// A photo of a request: its displayed size (the mask's), and its pixels when an overlay
+/// needs them.
+struct Photo {
+    width: u32,
+    height: u32,
+    full: Option<RgbImage>,
+}
+
+fn encode_answer(answer: Answer, who: &Answerer, images: &[Photo], masks: &[GrayImage], timing: &Timing) -> Result<(Vec<u8>, &'static str), ApiError> {
     let internal = |e: &dyn std::fmt::Display| ApiError::Internal(format!("encoding the answer failed: {e}"));
     fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, ApiError> {
         serde_json::to_vec(v).map_err(|e| ApiError::Internal(format!("encoding the answer failed: {e}")))
@@ -318,11 +326,14 @@ fn encode_answer(answer: Answer, who: &Answerer, images: &[RgbImage], masks: &[G
             (json(&body)?, "application/json")
         }
         Answer::Png(kind) => {
-            let (image, mask) = (&images[0], &masks[0]);
+            let mask = &masks[0];
             let bytes = match kind {
                 PngKind::Mask => infer::encode_png_fast(mask),
                 PngKind::Color => infer::encode_png_fast(&infer::colorize(mask)),
-                PngKind::Overlay => infer::encode_png_fast(&infer::overlay(image, mask)),
+                PngKind::Overlay => {
+                    let image = images[0].full.as_ref().ok_or_else(|| ApiError::Internal("the overlay's photo was not decoded".into()))?;
+                    infer::encode_png_fast(&infer::overlay(image, mask))
+                }
             };
             (bytes.map_err(|e| internal(&e))?, "image/png")
         }
@@ -366,7 +377,9 @@ async fn run(
     let spec = served.predictor.spec();
     let plane = (spec.input_size * spec.input_size) as u64;
     // Decoded photos, masks, the answer, model inputs and logits.
-    let need = 4 * total + answer_bytes + sources.len() as u64 * (3 + spec.num_classes() as u64) * plane * 4;
+    // An overlay decodes its photo twice (reduced for the model, full for the figure).
+    let overlay_extra = if matches!(answer, Answer::Png(PngKind::Overlay)) { total } else { 0 };
+    let need = 4 * total + overlay_extra + answer_bytes + sources.len() as u64 * (3 + spec.num_classes() as u64) * plane * 4;
     let _memory = state.memory.reserve(need, deadline).await.map_err(|r| refused(r, "this request"))?;
     // Slots for this request's images between decoding and the model (a request with more
     // images than slots takes them all: it is bounded by serve.max_pixels instead).
@@ -378,23 +391,38 @@ async fn run(
 
     let predictor = served.predictor.clone();
     let max_pixels = limits.max_pixels;
+    let overlay = matches!(answer, Answer::Png(PngKind::Overlay));
+    // `serve.jpeg_dct_scaling: false` decodes every photo at full size.
+    let model_side = if limits.jpeg_dct_scaling { spec.input_size as u32 } else { u32::MAX };
     let (images, inputs, decode, resize) = blocking(state, move || {
         let (mut images, mut inputs) = (Vec::with_capacity(sources.len()), Vec::with_capacity(sources.len()));
         let (mut decode, mut resize) = (Duration::ZERO, Duration::ZERO);
         for source in sources {
             let t = Instant::now();
-            let image = match source {
+            // The model input comes from a JPEG decoded at a reduced DCT scale; the photo
+            // itself is decoded at full size only for an overlay.
+            let (model_pixels, photo) = match source {
                 Source::Encoded { bytes, what, .. } => {
                     let options = DecodeOptions { max_pixels, apply_exif_orientation: true };
-                    image_io::decode_rgb(&bytes, options).map_err(|e| prefix(ApiError::from(e), &what))?.image
+                    let decoded = image_io::decode_rgb_for_model(&bytes, options, model_side).map_err(|e| prefix(ApiError::from(e), &what))?;
+                    let full = match (overlay, decoded.scale) {
+                        (false, _) => None,
+                        (true, 1) => Some(decoded.image.clone()),
+                        (true, _) => Some(image_io::decode_rgb(&bytes, options).map_err(|e| prefix(ApiError::from(e), &what))?.image),
+                    };
+                    let photo = Photo { width: decoded.width, height: decoded.height, full };
+                    (decoded.image, photo)
                 }
-                Source::Pixels(image) => image,
+                Source::Pixels(image) => {
+                    let photo = Photo { width: image.width(), height: image.height(), full: overlay.then(|| image.clone()) };
+                    (image, photo)
+                }
             };
             let t2 = Instant::now();
             decode += t2 - t;
-            inputs.push(predictor.prepare(&image));
+            inputs.push(predictor.prepare(&model_pixels));
             resize += t2.elapsed();
-            images.push(image);
+            images.push(photo);
         }
         Ok((images, inputs, decode, resize))
     })
@@ -434,7 +462,7 @@ async fn run(
     let (bytes, content_type, timing) = blocking(state, move || {
         let mut timing = timing;
         let t = Instant::now();
-        let masks: Vec<GrayImage> = images.iter().zip(&logits).map(|(img, l)| predictor.mask_from_logits_seq(l, img.width(), img.height())).collect();
+        let masks: Vec<GrayImage> = images.iter().zip(&logits).map(|(p, l)| predictor.mask_from_logits_seq(l, p.width, p.height)).collect();
         drop(logits);
         let t2 = Instant::now();
         timing.postprocess += t2 - t;

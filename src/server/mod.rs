@@ -44,6 +44,8 @@ pub struct Limits {
     pub request_timeout: Duration,
     pub max_json_response_bytes: u64,
     pub max_body_bytes: usize,
+    /// Decode JPEGs for the model at a reduced DCT scale (`serve.jpeg_dct_scaling`).
+    pub jpeg_dct_scaling: bool,
 }
 
 /// Shared state of the handlers.
@@ -105,6 +107,7 @@ impl AppState {
                 request_timeout: Duration::from_millis(c.request_timeout_ms),
                 max_json_response_bytes: c.max_json_response_bytes,
                 max_body_bytes: c.max_body_bytes,
+                jpeg_dct_scaling: c.jpeg_dct_scaling,
             },
             cpu,
             memory: Arc::new(MemoryBudget::new(c.memory_budget_bytes)),
