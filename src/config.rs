@@ -489,8 +489,8 @@ pub struct ServeConfig {
     /// Cores the server keeps busy: request stages and model calls share this many tokens
     /// (0 = every core).
     pub cpu_threads: usize,
-    /// Inference threads per model version, each running one model call at a time (0 = auto:
-    /// one per core of the CPU budget for a model of at least 1 GFLOP per image, else one).
+    /// Inference threads per model version, each running one model call at a time (0 = one
+    /// per core of the CPU budget).
     pub model_threads: usize,
     /// Time a client has to send a request's headers (slow-header clients are dropped).
     pub header_read_timeout_ms: u64,

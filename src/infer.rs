@@ -196,6 +196,51 @@ pub fn upsample_argmax_with(logits: &[f32], classes: usize, size: usize, width: 
     mask
 }
 
+/// Class probabilities `[classes, height, width]` at the photo's size: the logits up-sampled
+/// with the arithmetic of [`upsample_argmax_with`] (so their argmax is its mask), then a
+/// softmax per pixel.
+pub fn upsample_softmax(logits: &[f32], classes: usize, size: usize, width: u32, height: u32) -> Vec<f32> {
+    let scale_x = size as f32 / width as f32;
+    let scale_y = size as f32 / height as f32;
+    let axis = |dst: u32, scale: f32| {
+        let src = ((dst as f32 + 0.5) * scale - 0.5).clamp(0.0, (size - 1) as f32);
+        let lo = src.floor() as usize;
+        let hi = (lo + 1).min(size - 1);
+        (lo, hi, src - lo as f32)
+    };
+    let xs: Vec<(usize, usize, f32)> = (0..width).map(|x| axis(x, scale_x)).collect();
+    let (w, h, plane) = (width as usize, height as usize, size * size);
+    let mut out = vec![0f32; classes * w * h];
+    let mut blend = Vec::with_capacity(classes * size);
+    let mut v = vec![0f32; classes];
+    for y in 0..h {
+        let (y0, y1, fy) = axis(y as u32, scale_y);
+        blend.clear();
+        for c in 0..classes {
+            let p = &logits[c * plane..][..plane];
+            let (top, bottom) = (&p[y0 * size..][..size], &p[y1 * size..][..size]);
+            blend.extend(top.iter().zip(bottom).map(|(t, b)| t * (1.0 - fy) + b * fy));
+        }
+        for (x, &(x0, x1, fx)) in xs.iter().enumerate() {
+            let mut max = f32::NEG_INFINITY;
+            for c in 0..classes {
+                let r = &blend[c * size..][..size];
+                v[c] = r[x0] * (1.0 - fx) + r[x1] * fx;
+                max = max.max(v[c]);
+            }
+            let mut sum = 0.0;
+            for value in v.iter_mut() {
+                *value = (*value - max).exp();
+                sum += *value;
+            }
+            for c in 0..classes {
+                out[(c * h + y) * w + x] = v[c] / sum;
+            }
+        }
+    }
+    out
+}
+
 /// The colour-palette rendering of a class-id mask.
 pub fn colorize(mask: &GrayImage) -> RgbImage {
     RgbImage::from_fn(mask.width(), mask.height(), |x, y| {
@@ -269,6 +314,27 @@ pub fn class_fractions(mask: &GrayImage, classes: usize) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probabilities_sum_to_one_and_their_argmax_is_the_mask() {
+        let mut seed = 3u32;
+        let logits: Vec<f32> = (0..3 * 16 * 16)
+            .map(|_| {
+                seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                (seed >> 8) as f32 / (1u32 << 24) as f32 * 8.0 - 4.0
+            })
+            .collect();
+        let (w, h) = (37u32, 23u32);
+        let probs = upsample_softmax(&logits, 3, 16, w, h);
+        let mask = upsample_argmax(&logits, 3, 16, w, h);
+        let n = (w * h) as usize;
+        for i in 0..n {
+            let p = [probs[i], probs[n + i], probs[2 * n + i]];
+            assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            let best = (0..3).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
+            assert_eq!(best as u8, mask.as_raw()[i], "pixel {i}: {p:?}");
+        }
+    }
 
     #[test]
     fn upsampling_keeps_the_argmax_layout() {

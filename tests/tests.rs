@@ -20,3 +20,5 @@ mod serve;
 mod cli;
 /// `export --onnx`, checked by onnx.checker and onnxruntime (Python, installed by .ci/run).
 mod onnx;
+/// The Open Inference Protocol (KServe v2) in `serve`, checked with Triton's own client.
+mod oip;

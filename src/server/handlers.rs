@@ -30,6 +30,7 @@ use crate::data::image_io::{self, DecodeOptions};
 use crate::infer;
 
 mod nested;
+pub mod v2;
 use nested::{InferBody, Instance, PredictBody};
 
 /// The upload page.
@@ -217,6 +218,8 @@ enum Answer {
     /// `:segment`: a PNG of the class ids, the colour mask or the overlay, or JSON.
     Png(PngKind),
     SegmentJson,
+    /// `/v2/.../infer`: the Open Inference Protocol's outputs.
+    V2(v2::Outputs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,12 +231,17 @@ enum PngKind {
 
 impl Answer {
     fn is_json(self) -> bool {
-        !matches!(self, Answer::Png(_))
+        match self {
+            Answer::Png(_) => false,
+            Answer::V2(o) => o.any_json(),
+            _ => true,
+        }
     }
 
     /// An upper bound of the answer's size for masks of `pixels` pixels in `rows` rows.
-    fn bytes_bound(self, pixels: u64, rows: u64) -> u64 {
+    fn bytes_bound(self, pixels: u64, rows: u64, classes: u64) -> u64 {
         match self {
+            Answer::V2(o) => o.bytes_bound(pixels, classes),
             // Each class id is one digit and a comma; each row adds brackets.
             _ if self.is_json() => 2 * pixels + 3 * rows + 4096,
             // PNG of a 1- or 3-channel image: at most the raw size plus framing.
@@ -291,12 +299,20 @@ struct Photo {
     full: Option<RgbImage>,
 }
 
-fn encode_answer(answer: Answer, who: &Answerer, images: &[Photo], masks: &[GrayImage], timing: &Timing) -> Result<(Vec<u8>, &'static str), ApiError> {
+/// The encoded answer: bytes, content type, and for a binary Open Inference Protocol answer
+/// the length of its JSON header (`Inference-Header-Content-Length`).
+type Encoded = (Vec<u8>, &'static str, Option<usize>);
+
+fn encode_answer(answer: Answer, who: &Answerer, images: &[Photo], masks: &[GrayImage], probabilities: &[Vec<f32>], timing: &Timing) -> Result<Encoded, ApiError> {
     let internal = |e: &dyn std::fmt::Display| ApiError::Internal(format!("encoding the answer failed: {e}"));
     fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, ApiError> {
         serde_json::to_vec(v).map_err(|e| ApiError::Internal(format!("encoding the answer failed: {e}")))
     }
-    Ok(match answer {
+    if let Answer::V2(outputs) = answer {
+        return v2::encode(outputs, who, masks, probabilities);
+    }
+    let (bytes, content_type) = match answer {
+        Answer::V2(_) => unreachable!("answered above"),
         Answer::InferJson => {
             let mask = &masks[0];
             let body = InferJson {
@@ -337,7 +353,8 @@ fn encode_answer(answer: Answer, who: &Answerer, images: &[Photo], masks: &[Gray
             };
             (bytes.map_err(|e| internal(&e))?, "image/png")
         }
-    })
+    };
+    Ok((bytes, content_type, None))
 }
 
 
@@ -367,7 +384,8 @@ async fn run(
             Source::Pixels(img) => img.height() as u64,
         })
         .sum();
-    let answer_bytes = answer.bytes_bound(total, rows);
+    let classes = served.predictor.spec().num_classes() as u64;
+    let answer_bytes = answer.bytes_bound(total, rows, classes);
     if answer.is_json() && answer_bytes > limits.max_json_response_bytes {
         return Err(ApiError::TooLarge(format!(
             "the JSON answer for {total} pixels would be up to {answer_bytes} bytes, over the limit of {} (serve.max_json_response_bytes); ask :segment for a PNG mask instead",
@@ -378,7 +396,12 @@ async fn run(
     let plane = (spec.input_size * spec.input_size) as u64;
     // Decoded photos, masks, the answer, model inputs and logits.
     // An overlay decodes its photo twice (reduced for the model, full for the figure).
-    let overlay_extra = if matches!(answer, Answer::Png(PngKind::Overlay)) { total } else { 0 };
+    let overlay_extra = match answer {
+        Answer::Png(PngKind::Overlay) => total,
+        // Probabilities as floats before they are encoded.
+        Answer::V2(o) if o.probabilities.wanted() => 4 * classes * total,
+        _ => 0,
+    };
     let need = 4 * total + overlay_extra + answer_bytes + sources.len() as u64 * (3 + spec.num_classes() as u64) * plane * 4;
     let _memory = state.memory.reserve(need, deadline).await.map_err(|r| refused(r, "this request"))?;
     // Slots for this request's images between decoding and the model (a request with more
@@ -459,20 +482,31 @@ async fn run(
 
     let predictor = served.predictor.clone();
     let who = Answerer { name: served.name.clone(), version: served.version, classes: spec.class_names.clone() };
-    let (bytes, content_type, timing) = blocking(state, move || {
+    let (encoded, timing) = blocking(state, move || {
         let mut timing = timing;
         let t = Instant::now();
         let masks: Vec<GrayImage> = images.iter().zip(&logits).map(|(p, l)| predictor.mask_from_logits_seq(l, p.width, p.height)).collect();
+        let probabilities: Vec<Vec<f32>> = match answer {
+            Answer::V2(o) if o.probabilities.wanted() => {
+                let (classes, size) = (predictor.spec().num_classes(), predictor.spec().input_size);
+                images.iter().zip(&logits).map(|(p, l)| infer::upsample_softmax(l, classes, size, p.width, p.height)).collect()
+            }
+            _ => Vec::new(),
+        };
         drop(logits);
         let t2 = Instant::now();
         timing.postprocess += t2 - t;
-        let (bytes, content_type) = encode_answer(answer, &who, &images, &masks, &timing)?;
+        let encoded = encode_answer(answer, &who, &images, &masks, &probabilities, &timing)?;
         timing.encode += t2.elapsed();
-        Ok((bytes, content_type, timing))
+        Ok((encoded, timing))
     })
     .await?;
+    let (bytes, content_type, header_length) = encoded;
     timing.record(state);
     let mut response = (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], bytes).into_response();
+    if let Some(n) = header_length {
+        response.headers_mut().insert(v2::HEADER_LENGTH, HeaderValue::from(n));
+    }
     if answer.is_json() {
         response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
@@ -767,8 +801,8 @@ mod tests {
         let mask = GrayImage::from_fn(37, 5, |x, y| image::Luma([((x + y) % 3) as u8]));
         let who = Answerer { name: "pets".into(), version: 1, classes: vec!["a".into(), "b".into(), "c".into()] };
         for answer in [Answer::InferJson, Answer::Predictions, Answer::SegmentJson] {
-            let (bytes, _) = encode_answer(answer, &who, &[], std::slice::from_ref(&mask), &Timing::default()).unwrap();
-            assert!((bytes.len() as u64) <= answer.bytes_bound(37 * 5, 5), "{answer:?}: {} bytes", bytes.len());
+            let (bytes, _, _) = encode_answer(answer, &who, &[], std::slice::from_ref(&mask), &[], &Timing::default()).unwrap();
+            assert!((bytes.len() as u64) <= answer.bytes_bound(37 * 5, 5, 3), "{answer:?}: {} bytes", bytes.len());
         }
     }
 }

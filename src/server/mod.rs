@@ -133,6 +133,10 @@ pub fn router(state: AppState) -> Router {
         .route("/infer", only(post(handlers::infer), "POST"))
         .route("/v1/models", only(get(handlers::list_models), "GET"))
         .route("/v1/models/{*rest}", any(handlers::models))
+        .route("/v2", only(get(handlers::v2::server_metadata), "GET"))
+        .route("/v2/health/live", only(get(handlers::v2::live), "GET"))
+        .route("/v2/health/ready", only(get(handlers::v2::ready), "GET"))
+        .route("/v2/models/{*rest}", any(handlers::v2::models))
         .fallback(handlers::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), deadline))
         // Bodies are read by the handlers within the memory budget (`handlers::read_body`).

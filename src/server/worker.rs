@@ -263,15 +263,11 @@ mod tests {
     }
 
     #[test]
-    fn heavy_models_get_one_model_thread_per_core() {
-        use super::super::registry::{HEAVY_MODEL_GFLOP, model_threads};
-        let light = predictor(32, 2, 4);
-        let heavy = predictor(128, 4, 32);
-        let gflop = |p: &Predictor| p.model().plan_summary().unwrap().flops_per_image as f64 / 1e9;
-        assert!(gflop(&light) < HEAVY_MODEL_GFLOP && gflop(&heavy) >= HEAVY_MODEL_GFLOP, "{} {}", gflop(&light), gflop(&heavy));
-        assert_eq!(model_threads(0, &light, 2), 1);
-        assert_eq!(model_threads(0, &heavy, 2), 2);
-        assert_eq!(model_threads(0, &heavy, 1), 1);
-        assert_eq!(model_threads(3, &light, 2), 3, "a configured count is kept");
+    fn auto_model_threads_are_one_per_core() {
+        use super::super::registry::model_threads;
+        assert_eq!(model_threads(0, 2), 2);
+        assert_eq!(model_threads(0, 1), 1);
+        assert_eq!(model_threads(0, 0), 1);
+        assert_eq!(model_threads(3, 2), 3, "a configured count is kept");
     }
 }
