@@ -222,6 +222,8 @@ pub struct TrainConfig {
     /// validation, checkpoints' `model.*` tensors and so evaluate/predict/export use the
     /// averaged weights. None = off; 0.99 averages over roughly the last 100 steps.
     pub ema_decay: Option<f64>,
+    /// Write TensorBoard event files (`events.out.tfevents.*`) into the run folder.
+    pub tensorboard: bool,
 }
 
 impl Default for TrainConfig {
@@ -240,6 +242,7 @@ impl Default for TrainConfig {
             checkpoint: CheckpointConfig::default(),
             early_stopping: EarlyStoppingConfig::default(),
             ema_decay: None,
+            tensorboard: true,
         }
     }
 }

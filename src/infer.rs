@@ -15,9 +15,7 @@ use crate::model::ModelSpec;
 use crate::model::inference::{InferenceModel, InferenceOptions};
 use crate::model_store::{self, LoadedModel, ModelManifest, ModelOrigin};
 
-/// Display colours of the classes (pet, background, border); the serving page's legend uses
-/// the same ones.
-pub const PALETTE: [[u8; 3]; 3] = [[0xff, 0x8c, 0x00], [0x1e, 0x90, 0xff], [0xff, 0xe1, 0x19]];
+pub use crate::data::transform::{PALETTE, colorize};
 /// Opacity of the colour mask over the photo in overlays.
 const OVERLAY_ALPHA: f32 = 0.45;
 
@@ -241,13 +239,6 @@ pub fn upsample_softmax(logits: &[f32], classes: usize, size: usize, width: u32,
     out
 }
 
-/// The colour-palette rendering of a class-id mask.
-pub fn colorize(mask: &GrayImage) -> RgbImage {
-    RgbImage::from_fn(mask.width(), mask.height(), |x, y| {
-        let Luma([c]) = *mask.get_pixel(x, y);
-        Rgb(PALETTE.get(c as usize).copied().unwrap_or([0, 0, 0]))
-    })
-}
 
 /// The photo with the colour mask blended over it.
 pub fn overlay(photo: &RgbImage, mask: &GrayImage) -> RgbImage {

@@ -21,6 +21,7 @@ pub mod train;
 pub mod model;
 pub mod model_store;
 pub mod progress;
+pub mod tensorboard;
 pub mod server;
 pub mod util;
 

@@ -17,13 +17,14 @@ use crate::checkpoint::{self, CheckpointMeta, EpochTotals, RunLayout, TrainingPr
 use crate::config::{Arch, Config};
 use crate::data::pipeline::{self, Loader, LoaderConfig};
 use crate::data::{PetDataset, Split};
-use crate::evaluate::{batch_tensors, evaluate_loader, eval_loader_config, predictions};
+use crate::evaluate::{EvalModel, batch_tensors, evaluate_loader, eval_loader_config, predictions};
 use crate::loss::SegLoss;
 use crate::metrics::SegmentationReport;
 use crate::model::{self, ModelSpec, ModelState};
 use crate::optim::{AdamW, WeightAverage, learning_rate};
 use crate::plot::{Panel, Series, write_chart};
 use crate::progress::{ProgressMode, Unit};
+use crate::tensorboard::EventWriter;
 use crate::util::rng::Rng;
 
 /// What `train` does.
@@ -312,6 +313,8 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
         checkpoint::save(path, &meta, &evaluated.named_tensors(), &optimizer.state_tensors(), &online)
     };
 
+    // TensorBoard: a new event file per (re)start; a resumed run continues after its step.
+    let mut events = if t.tensorboard { Some(EventWriter::create(&run.root, resumed.as_ref().map(|_| progress.step))?) } else { None };
     let mut rng = Rng::from_state(progress.rng_state);
     let mut interrupted = false;
     let mut stopped_early = false;
@@ -352,6 +355,9 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
             totals.add(loss_value, correct, predicted.len() as u64, batch.len(), (now - last_step_end).as_secs_f64());
             last_step_end = now;
             progress.step += 1;
+            if let Some(events) = events.as_mut() {
+                events.scalars(progress.step, &[("train/loss", loss_value), ("train/learning_rate", lr)])?;
+            }
             progress.batch_in_epoch = batch.index + 1;
             progress.partial = totals.clone();
             bar.inc(1);
@@ -403,6 +409,9 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
             epoch_seconds: epoch_start.elapsed().as_secs_f64(),
         };
         append_history(&run.metrics_log(), &record)?;
+        if let Some(events) = events.as_mut() {
+            epoch_events(events, &record, val_loader.as_ref().map(|l| (evaluated, l)))?;
+        }
         history.push(record.clone());
         if let Err(e) = draw_curves(&run.curves(), &history) {
             log::warn!("could not draw the training curves: {e:#}");
@@ -472,6 +481,58 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
     log::debug!("training loop took {:.1}s", run_start.elapsed().as_secs_f64());
     crate::util::fs::write_atomic(&run.summary(), &serde_json::to_vec_pretty(&report)?)?;
     Ok(report)
+}
+
+/// Validation images shown in TensorBoard per epoch.
+const TENSORBOARD_IMAGES: usize = 3;
+
+/// An epoch's scalars (at its last step) and, with a validation split, a few validation photos
+/// beside their true and predicted masks.
+fn epoch_events(events: &mut EventWriter, record: &EpochRecord, val: Option<(&ModelState, &Loader)>) -> Result<()> {
+    let step = record.step;
+    let mut scalars = vec![
+        ("epoch", record.epoch as f64),
+        ("train/epoch_loss", record.train_loss),
+        ("train/pixel_accuracy", record.train_pixel_accuracy),
+        ("train/images_per_s", record.train_images_per_s),
+    ];
+    scalars.extend(record.val_loss.map(|v| ("val/loss", v)));
+    scalars.extend(record.val_pixel_accuracy.map(|v| ("val/pixel_accuracy", v)));
+    scalars.extend(record.val_mean_iou.map(|v| ("val/mean_iou", v)));
+    let per_class: Vec<(String, f64)> = record.val_per_class_iou.iter().flatten().map(|(c, v)| (format!("val/iou/{c}"), *v)).collect();
+    scalars.extend(per_class.iter().map(|(t, v)| (t.as_str(), *v)));
+    events.scalars(step, &scalars)?;
+    if let Some((model, loader)) = val {
+        if let Some(batch) = loader.epoch(0, 0).find(|b| !b.is_empty()) {
+            let (predicted, _) = model.predict(&batch, None)?;
+            let spec = model.spec();
+            for i in 0..batch.len().min(TENSORBOARD_IMAGES) {
+                let figure = validation_figure(&batch, &predicted, i, &spec.normalization);
+                events.image(step, &format!("val/{}", batch.stems[i]), &figure)?;
+            }
+        }
+    }
+    events.flush()
+}
+
+/// Photo | true mask | predicted mask of sample `i` of a batch (normalized input undone).
+fn validation_figure(batch: &pipeline::Batch, predicted: &[u8], i: usize, norm: &crate::data::transform::Normalization) -> image::RgbImage {
+    let s = batch.size;
+    let plane = s * s;
+    let img = &batch.images[i * 3 * plane..][..3 * plane];
+    let photo = image::RgbImage::from_fn(s as u32, s as u32, |x, y| {
+        let at = y as usize * s + x as usize;
+        image::Rgb(std::array::from_fn(|c| ((img[c * plane + at] * norm.std[c] + norm.mean[c]) * 255.0).round().clamp(0.0, 255.0) as u8))
+    });
+    let as_mask = |ids: &[u8]| image::GrayImage::from_raw(s as u32, s as u32, ids.to_vec()).expect("a mask per sample");
+    let truth = crate::data::transform::colorize(&as_mask(&batch.masks[i * plane..][..plane]));
+    let pred = crate::data::transform::colorize(&as_mask(&predicted[i * plane..][..plane]));
+    let gap = 4;
+    let mut out = image::RgbImage::from_pixel(3 * s as u32 + 2 * gap, s as u32, image::Rgb([255, 255, 255]));
+    for (k, panel) in [photo, truth, pred].iter().enumerate() {
+        image::imageops::overlay(&mut out, panel, (k as u32 * (s as u32 + gap)) as i64, 0);
+    }
+    out
 }
 
 /// Records of epochs up to `up_to` from an existing log (a resumed run drops what came after

@@ -22,3 +22,5 @@ mod cli;
 mod onnx;
 /// The Open Inference Protocol (KServe v2) in `serve`, checked with Triton's own client.
 mod oip;
+/// TensorBoard event files of `train`, read back by TensorBoard's own EventAccumulator.
+mod tensorboard;

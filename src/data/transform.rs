@@ -181,3 +181,15 @@ mod tests {
         assert_eq!(small.dimensions(), (16, 16));
     }
 }
+
+/// Display colours of the classes (pet, background, border); the serving page's legend uses
+/// the same ones.
+pub const PALETTE: [[u8; 3]; 3] = [[0xff, 0x8c, 0x00], [0x1e, 0x90, 0xff], [0xff, 0xe1, 0x19]];
+
+/// The colour-palette rendering of a class-id mask (ids outside the palette are black).
+pub fn colorize(mask: &image::GrayImage) -> image::RgbImage {
+    image::RgbImage::from_fn(mask.width(), mask.height(), |x, y| {
+        let image::Luma([c]) = *mask.get_pixel(x, y);
+        image::Rgb(PALETTE.get(c as usize).copied().unwrap_or([0, 0, 0]))
+    })
+}
