@@ -133,29 +133,39 @@ pub fn upsample_argmax(logits: &[f32], classes: usize, size: usize, width: u32, 
     upsample_argmax_with(logits, classes, size, width, height, true)
 }
 
+/// For each of `dst` output pixels, the two source pixels of a `size`-pixel axis and the weight
+/// of the second (pixel-centre alignment, as PyTorch's `align_corners=False`).
+fn bilinear_axis(dst: u32, size: usize) -> Vec<(usize, usize, f32)> {
+    let scale = size as f32 / dst as f32;
+    (0..dst)
+        .map(|d| {
+            let src = ((d as f32 + 0.5) * scale - 0.5).clamp(0.0, (size - 1) as f32);
+            let lo = src.floor() as usize;
+            (lo, (lo + 1).min(size - 1), src - lo as f32)
+        })
+        .collect()
+}
+
+/// Every class's row of an output line: source rows `y0` and `y1` blended by `fy`, into
+/// `blend` (`classes × size` values).
+fn blend_rows(logits: &[f32], classes: usize, size: usize, (y0, y1, fy): (usize, usize, f32), blend: &mut Vec<f32>) {
+    let plane = size * size;
+    blend.clear();
+    for c in 0..classes {
+        let p = &logits[c * plane..][..plane];
+        let (top, bottom) = (&p[y0 * size..][..size], &p[y1 * size..][..size]);
+        blend.extend(top.iter().zip(bottom).map(|(t, b)| t * (1.0 - fy) + b * fy));
+    }
+}
+
 /// [`upsample_argmax`], its rows spread over rayon's threads when `parallel`. Bilinear
 /// interpolation is separable: each output row first blends its two source rows of every
 /// class (`classes × size` values), then each pixel blends two neighbours of that row.
 pub fn upsample_argmax_with(logits: &[f32], classes: usize, size: usize, width: u32, height: u32, parallel: bool) -> GrayImage {
-    let scale_x = size as f32 / width as f32;
-    let scale_y = size as f32 / height as f32;
-    let axis = |dst: u32, scale: f32| {
-        let src = ((dst as f32 + 0.5) * scale - 0.5).clamp(0.0, (size - 1) as f32);
-        let lo = src.floor() as usize;
-        let hi = (lo + 1).min(size - 1);
-        (lo, hi, src - lo as f32)
-    };
-    let xs: Vec<(usize, usize, f32)> = (0..width).map(|x| axis(x, scale_x)).collect();
+    let (xs, ys) = (bilinear_axis(width, size), bilinear_axis(height, size));
     let mut mask = GrayImage::new(width, height);
-    let plane = size * size;
     let row_fn = |blend: &mut Vec<f32>, (y, row): (usize, &mut [u8])| {
-        let (y0, y1, fy) = axis(y as u32, scale_y);
-        blend.clear();
-        for c in 0..classes {
-            let p = &logits[c * plane..][..plane];
-            let (top, bottom) = (&p[y0 * size..][..size], &p[y1 * size..][..size]);
-            blend.extend(top.iter().zip(bottom).map(|(t, b)| t * (1.0 - fy) + b * fy));
-        }
+        blend_rows(logits, classes, size, ys[y], blend);
         if classes == 3 {
             // The common case, unrolled (same arithmetic and tie rule as the loop below).
             let (r0, rest) = blend.split_at(size);
@@ -198,27 +208,13 @@ pub fn upsample_argmax_with(logits: &[f32], classes: usize, size: usize, width: 
 /// with the arithmetic of [`upsample_argmax_with`] (so their argmax is its mask), then a
 /// softmax per pixel.
 pub fn upsample_softmax(logits: &[f32], classes: usize, size: usize, width: u32, height: u32) -> Vec<f32> {
-    let scale_x = size as f32 / width as f32;
-    let scale_y = size as f32 / height as f32;
-    let axis = |dst: u32, scale: f32| {
-        let src = ((dst as f32 + 0.5) * scale - 0.5).clamp(0.0, (size - 1) as f32);
-        let lo = src.floor() as usize;
-        let hi = (lo + 1).min(size - 1);
-        (lo, hi, src - lo as f32)
-    };
-    let xs: Vec<(usize, usize, f32)> = (0..width).map(|x| axis(x, scale_x)).collect();
-    let (w, h, plane) = (width as usize, height as usize, size * size);
+    let (xs, ys) = (bilinear_axis(width, size), bilinear_axis(height, size));
+    let (w, h) = (width as usize, height as usize);
     let mut out = vec![0f32; classes * w * h];
     let mut blend = Vec::with_capacity(classes * size);
     let mut v = vec![0f32; classes];
     for y in 0..h {
-        let (y0, y1, fy) = axis(y as u32, scale_y);
-        blend.clear();
-        for c in 0..classes {
-            let p = &logits[c * plane..][..plane];
-            let (top, bottom) = (&p[y0 * size..][..size], &p[y1 * size..][..size]);
-            blend.extend(top.iter().zip(bottom).map(|(t, b)| t * (1.0 - fy) + b * fy));
-        }
+        blend_rows(logits, classes, size, ys[y], &mut blend);
         for (x, &(x0, x1, fx)) in xs.iter().enumerate() {
             let mut max = f32::NEG_INFINITY;
             for c in 0..classes {

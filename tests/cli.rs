@@ -145,18 +145,8 @@ fn version_names_the_build() {
 fn serve_json_reports_a_port_that_answers() {
     let dir = tempfile::tempdir().unwrap();
     let (config, _, repo) = trained_model(dir.path(), 12);
-    let mut child = segctl()
-        .args(["serve", "--json", "--port", "0", "--config"])
-        .arg(&config)
-        .arg("--repository")
-        .arg(&repo)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not one JSON line ({e}): {line}"));
+    let server = JsonServer::start(&config, &repo);
+    let v = &server.started;
     let port = v["port"].as_u64().unwrap();
     assert!(port > 0);
     assert_eq!(v["url"], format!("http://127.0.0.1:{port}"));
@@ -173,7 +163,6 @@ fn serve_json_reports_a_port_that_answers() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     assert!(answered, "the reported port does not answer");
 }

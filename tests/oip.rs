@@ -1,22 +1,8 @@
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
-use std::io::{BufRead, BufReader};
 
 use crate::util::*;
-
-/// Python with tritonclient[http], numpy and pillow (`SEGCTL_TEST_PYTHON`, set by .ci/run), or
-/// none: then the check is skipped with a notice, unless REQUIRE_ALL=1.
-fn client_python() -> Option<String> {
-    let python = std::env::var("SEGCTL_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&python).args(["-c", "import tritonclient.http, numpy, PIL"]).output().is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(python);
-    }
-    assert!(std::env::var("REQUIRE_ALL").as_deref() != Ok("1"), "{python} lacks tritonclient[http]/numpy/pillow and REQUIRE_ALL=1");
-    eprintln!("SKIPPED: {python} lacks tritonclient[http], numpy or pillow (pip install 'tritonclient[http]' numpy pillow)");
-    None
-}
 
 fn rows(v: &serde_json::Value) -> Vec<u8> {
     v.as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u8).collect::<Vec<_>>()).collect()
@@ -24,7 +10,7 @@ fn rows(v: &serde_json::Value) -> Vec<u8> {
 
 #[test]
 fn triton_clients_get_the_masks_predict_writes() {
-    let Some(python) = client_python() else { return };
+    let Some(python) = checker_python("tritonclient.http, numpy, PIL", "pip install 'tritonclient[http]' numpy pillow") else { return };
     let dir = tempfile::tempdir().unwrap();
     let (config, _, repo) = trained_model(dir.path(), 16);
     let photo = std::fs::read_dir(dir.path().join("pets/images")).unwrap().next().unwrap().unwrap().path();
@@ -45,25 +31,9 @@ fn triton_clients_get_the_masks_predict_writes() {
     let pixels_png = dir.path().join("pixels.png");
     image::open(&photo).unwrap().into_rgb8().save(&pixels_png).unwrap();
 
-    let mut child = segctl()
-        .args(["serve", "--json", "--port", "0", "--config"])
-        .arg(&config)
-        .arg("--repository")
-        .arg(&repo)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = serde_json::from_str::<serde_json::Value>(&line).unwrap()["url"].as_str().unwrap().to_string();
-    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
-    for _ in 0..200 {
-        if agent.get(&format!("{url}/v2/health/ready")).call().is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let server = JsonServer::start(&config, &repo);
+    assert!(server.wait_for("/v2/health/ready"), "the server never got ready");
+    let url = server.url.clone();
     let out = Command::new(&python)
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check/triton_check.py"))
         .args([&url, "pets"])
@@ -71,8 +41,7 @@ fn triton_clients_get_the_masks_predict_writes() {
         .arg(&pixels_png)
         .output()
         .unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     assert!(out.status.success(), "tritonclient failed:\n{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["live"], true);
@@ -102,18 +71,8 @@ fn triton_clients_get_the_masks_predict_writes() {
 fn the_protocol_answers_errors_and_binary_data_by_itself() {
     let dir = tempfile::tempdir().unwrap();
     let (config, _, repo) = trained_model(dir.path(), 12);
-    let mut child = segctl()
-        .args(["serve", "--json", "--port", "0", "--config"])
-        .arg(&config)
-        .arg("--repository")
-        .arg(&repo)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let url = serde_json::from_str::<serde_json::Value>(&line).unwrap()["url"].as_str().unwrap().to_string();
+    let server = JsonServer::start(&config, &repo);
+    let url = server.url.clone();
     let call = |method: &str, path: &str, ct: Option<&str>, headers: &[(&str, String)], body: &[u8]| -> (u16, Vec<u8>, Option<String>) {
         let mut req = ureq::request(method, &format!("{url}{path}")).timeout(Duration::from_secs(30));
         if let Some(ct) = ct {
@@ -133,12 +92,7 @@ fn the_protocol_answers_errors_and_binary_data_by_itself() {
         std::io::Read::read_to_end(&mut r.into_reader(), &mut bytes).unwrap();
         (status, bytes, hl)
     };
-    for _ in 0..200 {
-        if call("GET", "/v2/health/ready", None, &[], b"").0 == 200 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(server.wait_for("/v2/health/ready"), "the server never got ready");
     // 2×3 pixels as binary UINT8, both outputs binary: the answer splits at the header length.
     let pixels: Vec<u8> = (0..18).map(|i| (i * 13) as u8).collect();
     let header = serde_json::json!({
@@ -185,6 +139,4 @@ fn the_protocol_answers_errors_and_binary_data_by_itself() {
     let (status, bytes, _) = call("GET", "/v2", None, &[], b"");
     assert_eq!(status, 200);
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&bytes).unwrap()["name"], "segctl");
-    let _ = child.kill();
-    let _ = child.wait();
 }

@@ -3,17 +3,8 @@ use std::process::Command;
 
 use crate::util::*;
 
-/// Python with onnx, onnxruntime and numpy (`SEGCTL_TEST_PYTHON`, set by .ci/run), or none:
-/// then the check is skipped with a notice, unless REQUIRE_ALL=1.
-fn checker_python() -> Option<String> {
-    let python = std::env::var("SEGCTL_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&python).args(["-c", "import onnx, onnxruntime, numpy"]).output().is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(python);
-    }
-    assert!(std::env::var("REQUIRE_ALL").as_deref() != Ok("1"), "{python} lacks onnx/onnxruntime/numpy and REQUIRE_ALL=1");
-    eprintln!("SKIPPED: {python} lacks onnx, onnxruntime or numpy (pip install onnx onnxruntime numpy)");
-    None
+fn checker() -> Option<String> {
+    checker_python("onnx, onnxruntime, numpy", "pip install onnx onnxruntime numpy")
 }
 
 fn write_f32(path: &Path, values: &[f32]) {
@@ -88,7 +79,7 @@ fn sha256_hex(path: &Path) -> String {
 
 #[test]
 fn exported_onnx_passes_the_checker_and_matches_in_onnxruntime() {
-    let Some(python) = checker_python() else { return };
+    let Some(python) = checker() else { return };
     // unet.
     let dir = tempfile::tempdir().unwrap();
     let (config, run_dir, _) = trained_model(dir.path(), 12);

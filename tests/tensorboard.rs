@@ -3,19 +3,6 @@ use std::process::Command;
 
 use crate::util::*;
 
-/// Python with the `tensorboard` package (`SEGCTL_TEST_PYTHON`, set by .ci/run), or none: then
-/// the check is skipped with a notice, unless REQUIRE_ALL=1.
-fn reader_python() -> Option<String> {
-    let python = std::env::var("SEGCTL_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&python).args(["-c", "import tensorboard.backend.event_processing.event_accumulator"]).output().is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(python);
-    }
-    assert!(std::env::var("REQUIRE_ALL").as_deref() != Ok("1"), "{python} lacks tensorboard and REQUIRE_ALL=1");
-    eprintln!("SKIPPED: {python} lacks tensorboard (pip install tensorboard)");
-    None
-}
-
 fn read_events(python: &str, run_dir: &Path) -> serde_json::Value {
     let out = Command::new(python).arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check/tensorboard_check.py")).arg(run_dir).output().unwrap();
     assert!(out.status.success(), "EventAccumulator failed:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -28,7 +15,7 @@ fn steps(v: &serde_json::Value) -> Vec<u64> {
 
 #[test]
 fn tensorboard_reads_every_scalar_and_image_once_across_a_resume() {
-    let Some(python) = reader_python() else { return };
+    let Some(python) = checker_python("tensorboard.backend.event_processing.event_accumulator", "pip install tensorboard") else { return };
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("pets");
     synthetic_dataset(&root, 16, 5);

@@ -314,3 +314,63 @@ pub fn signal(pid: u32, name: &str) {
     let status = Command::new("kill").arg(format!("-{name}")).arg(pid.to_string()).status().unwrap();
     assert!(status.success());
 }
+
+/// `segctl serve --json --port 0` over `repo`: the child (killed on drop) and its start-up line.
+pub struct JsonServer {
+    pub child: std::process::Child,
+    /// The start-up JSON line (`address`, `url`, `port`, `repository`, `models`).
+    pub started: serde_json::Value,
+    pub url: String,
+}
+
+impl JsonServer {
+    pub fn start(config: &Path, repo: &Path) -> JsonServer {
+        let mut child = segctl()
+            .args(["serve", "--json", "--port", "0", "--config"])
+            .arg(config)
+            .arg("--repository")
+            .arg(repo)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let started: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not one JSON line ({e}): {line}"));
+        let url = started["url"].as_str().unwrap().to_string();
+        JsonServer { child, started, url }
+    }
+
+    /// Waits (at most 10 s) until `path` answers 200.
+    pub fn wait_for(&self, path: &str) -> bool {
+        let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(10)).build();
+        for _ in 0..200 {
+            if agent.get(&format!("{}{path}", self.url)).call().is_ok() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for JsonServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Python that runs the ecosystem's checkers (`SEGCTL_TEST_PYTHON`, set by .ci/run; else
+/// `python3`) when it can `import` what `imports` names, or none: then the check is skipped
+/// with a notice naming `pip`, unless REQUIRE_ALL=1 (as in CI) makes that a failure.
+pub fn checker_python(imports: &str, pip: &str) -> Option<String> {
+    let python = std::env::var("SEGCTL_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python).args(["-c", &format!("import {imports}")]).output().is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(python);
+    }
+    assert!(std::env::var("REQUIRE_ALL").as_deref() != Ok("1"), "{python} cannot import {imports} and REQUIRE_ALL=1");
+    eprintln!("SKIPPED: {python} cannot import {imports} ({pip})");
+    None
+}
