@@ -38,7 +38,48 @@ pub struct PredictOptions {
     /// Decode JPEGs for a local model at a reduced DCT scale (`serve.jpeg_dct_scaling`), as
     /// `serve` does, so both give the same masks.
     pub jpeg_dct_scaling: bool,
+    /// Only this share of the inputs (`--shard INDEX/COUNT`); `None` = all of them.
+    pub shard: Option<Shard>,
     pub progress: ProgressMode,
+}
+
+/// One of `count` deterministic shares of the inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+impl Shard {
+    /// `INDEX/COUNT`, 0-based.
+    pub fn parse(text: &str) -> Result<Shard> {
+        let (i, n) = text.split_once('/').with_context(|| format!("--shard `{text}`: expected INDEX/COUNT, e.g. 0/3"))?;
+        let index: usize = i.trim().parse().with_context(|| format!("--shard `{text}`: `{i}` is not a shard index"))?;
+        let count: usize = n.trim().parse().with_context(|| format!("--shard `{text}`: `{n}` is not a shard count"))?;
+        Shard::new(index, count).with_context(|| format!("--shard `{text}`"))
+    }
+
+    pub fn new(index: usize, count: usize) -> Result<Shard> {
+        if count == 0 || index >= count {
+            bail!("shard {index} of {count}: the index must be below the count (0-based)");
+        }
+        Ok(Shard { index, count })
+    }
+
+    /// Whether `input` belongs to this shard: by a stable hash of its path (FNV-1a), so every
+    /// pod agrees whatever order it listed the inputs in, and adding inputs moves no others.
+    pub fn owns(&self, input: &Path) -> bool {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in input.as_os_str().as_encoded_bytes() {
+            h = (h ^ *b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        (h % self.count as u64) as usize == self.index
+    }
+}
+
+/// File name of a shard's summary in the output folder.
+pub fn shard_summary_name(shard: Shard) -> String {
+    format!("shard-{}-of-{}.json", shard.index, shard.count)
 }
 
 /// Files written for one photo.
@@ -71,9 +112,22 @@ pub struct PredictReport {
     pub failures: Vec<PredictFailure>,
     pub elapsed_s: f64,
     pub images_per_s: f64,
+    /// With `--shard`: which share, how many inputs it holds, and how many were already done
+    /// (their outputs existed: a retried pod resumes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<Shard>,
+    pub inputs: usize,
+    pub skipped_existing: Vec<PathBuf>,
 }
 
-/// Expands folders into their image files (sorted) and keeps files as given.
+/// Reads a list file: one image path per line (blank lines and `#` comments skipped).
+fn read_list(path: &Path) -> Result<Vec<PathBuf>> {
+    let text = crate::util::fs::read_to_string(path)?;
+    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(PathBuf::from).collect())
+}
+
+/// Expands folders into their image files (sorted) and `.txt` list files into the paths they
+/// list, and keeps files as given.
 pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for input in inputs {
@@ -89,6 +143,8 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 .collect();
             files.sort();
             out.extend(files);
+        } else if input.extension().is_some_and(|e| e.eq_ignore_ascii_case("txt")) {
+            out.extend(read_list(input)?);
         } else {
             out.push(input.clone());
         }
@@ -102,9 +158,24 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
 /// Executes `segctl predict`.
 pub fn predict(backend: &Backend, options: &PredictOptions) -> Result<PredictReport> {
     let start = Instant::now();
-    let inputs = collect_inputs(&options.inputs)?;
+    let all_inputs = collect_inputs(&options.inputs)?;
     crate::util::fs::create_dir_all(&options.out_dir)?;
-    let names = output_names(&inputs);
+    // Names over every input (so they do not depend on the shard), then this shard's share,
+    // less what an earlier attempt already wrote.
+    let all_names = output_names(&all_inputs);
+    let (mut inputs, mut names, mut skipped) = (Vec::new(), Vec::new(), Vec::new());
+    for (input, name) in all_inputs.into_iter().zip(all_names) {
+        if options.shard.is_some_and(|s| !s.owns(&input)) {
+            continue;
+        }
+        if options.shard.is_some() && outputs_exist(&name, options) {
+            skipped.push(input);
+            continue;
+        }
+        inputs.push(input);
+        names.push(name);
+    }
+    let assigned = inputs.len() + skipped.len();
     // A local model's input comes from a reduced-scale JPEG decode (as in `serve`); a server
     // decodes for itself, so here the photo is only needed at full size.
     let model_side = match backend {
@@ -171,14 +242,35 @@ pub fn predict(backend: &Backend, options: &PredictOptions) -> Result<PredictRep
     }
     bar.finish();
     let elapsed = start.elapsed().as_secs_f64();
-    Ok(PredictReport {
+    let report = PredictReport {
         model,
         out_dir: options.out_dir.clone(),
         images_per_s: images.len() as f64 / elapsed.max(1e-9),
         images,
         failures,
         elapsed_s: elapsed,
-    })
+        shard: options.shard,
+        inputs: assigned,
+        skipped_existing: skipped,
+    };
+    if let Some(shard) = options.shard {
+        let path = options.out_dir.join(shard_summary_name(shard));
+        crate::util::fs::write_atomic(&path, &serde_json::to_vec_pretty(&report)?)?;
+    }
+    Ok(report)
+}
+
+/// Every file `write_outputs` writes for `name` exists (they are written atomically, so an
+/// existing one is complete).
+fn outputs_exist(name: &str, options: &PredictOptions) -> bool {
+    let mut suffixes = vec!["mask", "color"];
+    if options.overlay {
+        suffixes.push("overlay");
+    }
+    if options.side_by_side {
+        suffixes.push("side_by_side");
+    }
+    suffixes.iter().all(|s| options.out_dir.join(format!("{name}_{s}.png")).is_file())
 }
 
 /// Output base names: the file stem, made unique when two inputs share one.

@@ -24,3 +24,5 @@ mod onnx;
 mod oip;
 /// TensorBoard event files of `train`, read back by TensorBoard's own EventAccumulator.
 mod tensorboard;
+/// `predict --shard`: disjoint shares, resumption, Indexed Job indices, list files.
+mod shard;

@@ -59,15 +59,15 @@ EOF
     else
         fail "k8s manifests"
     fi
-    # kustomization.yaml lists every serving manifest (and not the per-run Job).
+    # kustomization.yaml lists every serving manifest (and not the per-run Jobs).
     if python3 - <<'EOF'; then
 import os, yaml
 k = yaml.safe_load(open("deploy/k8s/kustomization.yaml"))
 listed = set(k["resources"])
-present = {f for f in os.listdir("deploy/k8s") if f.endswith(".yaml")} - {"kustomization.yaml", "train-job.yaml"}
+present = {f for f in os.listdir("deploy/k8s") if f.endswith(".yaml")} - {"kustomization.yaml", "train-job.yaml", "predict-job.yaml"}
 assert listed == present, (sorted(listed ^ present))
 EOF
-        pass "kustomization.yaml lists every manifest except train-job.yaml"
+        pass "kustomization.yaml lists every manifest except the Jobs"
     else
         fail "kustomization.yaml resources out of date"
     fi

@@ -9,7 +9,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 use segctl::infer::Predictor;
 use segctl::model_store::default_version;
-use segctl::predict::{Backend, PredictOptions, predict};
+use segctl::predict::{Backend, PredictOptions, Shard, predict};
 
 use super::{EXIT_REJECTED, GlobalArgs, Overrides, print_json};
 
@@ -18,7 +18,8 @@ const DEFAULT_BATCH: usize = 8;
 
 #[derive(Debug, Args)]
 pub struct PredictArgs {
-    /// Photos, or folders of photos (.jpg, .jpeg, .png, .gif).
+    /// Photos, folders of photos (.jpg, .jpeg, .png, .gif), or .txt files listing photos (one
+    /// path per line).
     #[arg(required = true, value_name = "IMAGE|DIR")]
     inputs: Vec<PathBuf>,
     /// Checkpoint file or run folder (its best checkpoint). Without --checkpoint, --model or
@@ -50,13 +51,36 @@ pub struct PredictArgs {
     /// auto, cpu, cuda or cuda:N [config: serve.device].
     #[arg(long, value_name = "DEVICE")]
     device: Option<String>,
+    /// Only this deterministic share of the inputs (0-based INDEX of COUNT shards, by a hash of
+    /// each path); inputs whose outputs exist are skipped, and `shard-INDEX-of-COUNT.json` is
+    /// written into --out.
+    #[arg(long, value_name = "INDEX/COUNT", conflicts_with = "shard_count")]
+    shard: Option<String>,
+    /// Shard count, the index coming from JOB_COMPLETION_INDEX (a Kubernetes Indexed Job).
+    #[arg(long, value_name = "COUNT")]
+    shard_count: Option<usize>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
 }
 
+/// `--shard`, or `--shard-count` with the index of a Kubernetes Indexed Job's pod.
+fn shard(args: &PredictArgs) -> Result<Option<Shard>> {
+    match (&args.shard, args.shard_count) {
+        (Some(text), _) => Ok(Some(Shard::parse(text)?)),
+        (None, Some(count)) => {
+            let index = std::env::var("JOB_COMPLETION_INDEX")
+                .map_err(|_| anyhow::anyhow!("--shard-count {count}: JOB_COMPLETION_INDEX is not set (give --shard INDEX/COUNT instead)"))?;
+            let index: usize = index.trim().parse().map_err(|_| anyhow::anyhow!("JOB_COMPLETION_INDEX `{index}` is not a shard index"))?;
+            Ok(Some(Shard::new(index, count).map_err(|e| anyhow::anyhow!("--shard-count {count} with JOB_COMPLETION_INDEX={index}: {e}"))?))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
 pub fn exec(args: PredictArgs, global: &GlobalArgs) -> Result<ExitCode> {
-    let config = global.load_config(Overrides::default().add("serve.device", args.device))?;
+    let config = global.load_config(Overrides::default().add("serve.device", args.device.clone()))?;
+    let shard = shard(&args)?;
     let options = PredictOptions {
         inputs: args.inputs,
         out_dir: args.out,
@@ -65,6 +89,7 @@ pub fn exec(args: PredictArgs, global: &GlobalArgs) -> Result<ExitCode> {
         batch_size: args.batch_size.max(1),
         max_pixels: config.serve.max_pixels,
         jpeg_dct_scaling: config.serve.jpeg_dct_scaling,
+        shard,
         progress: global.progress(args.json),
     };
     let predictor;
@@ -102,6 +127,16 @@ pub fn exec(args: PredictArgs, global: &GlobalArgs) -> Result<ExitCode> {
             report.images_per_s,
             report.model
         );
+        if let Some(s) = report.shard {
+            println!(
+                "shard {} of {}: {} inputs, {} already done, summary {}",
+                s.index,
+                s.count,
+                report.inputs,
+                report.skipped_existing.len(),
+                report.out_dir.join(segctl::predict::shard_summary_name(s)).display()
+            );
+        }
         for f in &report.failures {
             println!("FAILED {}: {}", f.input.display(), f.error);
         }
