@@ -52,8 +52,94 @@ pub struct DataConfig {
     pub memory_cache_mb: usize,
     /// Random horizontal flip while training.
     pub hflip: bool,
+    /// Training-time augmentation beyond the flip (all off by default; never applied to
+    /// validation, test or inference).
+    pub augment: AugmentConfig,
     /// How `fetch-data` downloads.
     pub fetch: FetchConfig,
+}
+
+/// `data.augment`: each transform has a probability `p` (0 = off) and its bounds. Geometric
+/// ones move photo and mask together (masks by nearest neighbour, borders by reflection, so no
+/// label is invented); photometric ones touch the photo only.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AugmentConfig {
+    /// Random resized crop: a region of `scale` × the area with aspect ratio in `ratio`,
+    /// stretched back to the input size.
+    pub crop: CropAugment,
+    /// Rotation by up to ± `degrees`.
+    pub rotate: RotateAugment,
+    /// Colour jitter: brightness, contrast and saturation factors in 1 ± the value, hue shift
+    /// up to ± the value (a fraction of the colour wheel).
+    pub color: ColorAugment,
+    /// Gaussian blur with sigma in `sigma`.
+    pub blur: BlurAugment,
+    /// Additive Gaussian noise of standard deviation `std` (in 0..1 pixel units).
+    pub noise: NoiseAugment,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        Self {
+            crop: CropAugment { p: 0.0, scale: [0.6, 1.0], ratio: [0.75, 1.333] },
+            rotate: RotateAugment { p: 0.0, degrees: 10.0 },
+            color: ColorAugment { p: 0.0, brightness: 0.2, contrast: 0.2, saturation: 0.2, hue: 0.02 },
+            blur: BlurAugment { p: 0.0, sigma: [0.3, 1.0] },
+            noise: NoiseAugment { p: 0.0, std: 0.02 },
+        }
+    }
+}
+
+impl AugmentConfig {
+    /// Whether any transform is on.
+    pub fn any(&self) -> bool {
+        [self.crop.p, self.rotate.p, self.color.p, self.blur.p, self.noise.p].iter().any(|&p| p > 0.0)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CropAugment {
+    #[serde(default)]
+    pub p: f32,
+    pub scale: [f32; 2],
+    pub ratio: [f32; 2],
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RotateAugment {
+    #[serde(default)]
+    pub p: f32,
+    pub degrees: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ColorAugment {
+    #[serde(default)]
+    pub p: f32,
+    pub brightness: f32,
+    pub contrast: f32,
+    pub saturation: f32,
+    pub hue: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BlurAugment {
+    #[serde(default)]
+    pub p: f32,
+    pub sigma: [f32; 2],
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NoiseAugment {
+    #[serde(default)]
+    pub p: f32,
+    pub std: f32,
 }
 
 impl Default for DataConfig {
@@ -68,6 +154,7 @@ impl Default for DataConfig {
             cache_dir: None,
             memory_cache_mb: 1024,
             hflip: true,
+            augment: AugmentConfig::default(),
             fetch: FetchConfig::default(),
         }
     }
@@ -607,6 +694,22 @@ impl Config {
             format!("must be in [0, 1), got {}", d.val_fraction)
         })?;
         ensure_key(d.prefetch_batches >= 1, "data.prefetch_batches", || "must be at least 1".into())?;
+        let a = &d.augment;
+        for (key, p) in [("crop", a.crop.p), ("rotate", a.rotate.p), ("color", a.color.p), ("blur", a.blur.p), ("noise", a.noise.p)] {
+            ensure_key((0.0..=1.0).contains(&p), &format!("data.augment.{key}.p"), || format!("{p} is not a probability (0 to 1)"))?;
+        }
+        let [lo, hi] = a.crop.scale;
+        ensure_key(0.05 <= lo && lo <= hi && hi <= 1.0, "data.augment.crop.scale", || format!("[{lo}, {hi}] must be 0.05 <= lo <= hi <= 1"))?;
+        let [lo, hi] = a.crop.ratio;
+        ensure_key(0.1 <= lo && lo <= hi && hi <= 10.0, "data.augment.crop.ratio", || format!("[{lo}, {hi}] must be 0.1 <= lo <= hi <= 10"))?;
+        ensure_key((0.0..=45.0).contains(&a.rotate.degrees), "data.augment.rotate.degrees", || format!("{} must be 0 to 45", a.rotate.degrees))?;
+        let c = &a.color;
+        for (key, v, max) in [("brightness", c.brightness, 1.0), ("contrast", c.contrast, 1.0), ("saturation", c.saturation, 1.0), ("hue", c.hue, 0.5)] {
+            ensure_key((0.0..=max).contains(&v), &format!("data.augment.color.{key}"), || format!("{v} must be 0 to {max}"))?;
+        }
+        let [lo, hi] = a.blur.sigma;
+        ensure_key(0.0 < lo && lo <= hi && hi <= 5.0, "data.augment.blur.sigma", || format!("[{lo}, {hi}] must be 0 < lo <= hi <= 5"))?;
+        ensure_key((0.0..=0.5).contains(&a.noise.std), "data.augment.noise.std", || format!("{} must be 0 to 0.5", a.noise.std))?;
         ensure_key(d.fetch.retries >= 1, "data.fetch.retries", || "must be at least 1".into())?;
         ensure_key(d.fetch.timeout_s >= 1, "data.fetch.timeout_s", || "must be at least 1".into())?;
         ensure_key(d.fetch.max_members >= 1, "data.fetch.max_members", || "must be at least 1".into())?;

@@ -119,6 +119,7 @@ pub fn eval_loader_config(config: &Config, spec: &ModelSpec, batch_size: usize) 
         normalization: spec.normalization,
         shuffle: false,
         hflip: false,
+        augment: None,
         seed: config.data.seed,
         drop_last: false,
         prefetch: config.data.prefetch_batches,

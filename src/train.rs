@@ -202,6 +202,7 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
             normalization: spec.normalization,
             shuffle: true,
             hflip: config.data.hflip,
+            augment: Some(config.data.augment.clone()),
             seed: t.seed,
             drop_last: true,
             prefetch: config.data.prefetch_batches,

@@ -30,6 +30,13 @@ pub struct TrainArgs {
     /// Dataset root [config: data.root].
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// Write a PNG contact sheet of N training samples as the model will see them
+    /// (`data.augment`, `data.hflip`; masks blended over the photos) to --preview-out, and exit.
+    #[arg(long, value_name = "N")]
+    preview_augment: Option<usize>,
+    /// Where --preview-augment writes its sheet.
+    #[arg(long, value_name = "FILE.png", default_value = "augment-preview.png", requires = "preview_augment")]
+    preview_out: PathBuf,
     /// Print the final report as JSON.
     #[arg(long)]
     json: bool,
@@ -39,6 +46,15 @@ pub fn exec(args: TrainArgs, global: &GlobalArgs) -> Result<ExitCode> {
     let config = global.load_config(
         Overrides::default().add("train.device", args.device).add("train.epochs", args.epochs).add("data.root", args.data),
     )?;
+    if let Some(n) = args.preview_augment {
+        let preview = segctl::data::augment::preview(&config, n, &args.preview_out)?;
+        if args.json {
+            print_json(&preview)?;
+        } else {
+            println!("{} augmented training samples in {} ({:.0} samples/s through the loader)", preview.samples, preview.path.display(), preview.samples_per_s);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let device = segctl::model::select_device(segctl::config::parse_device_spec(&config.train.device)?)?;
     let resume = match args.resume {
         Some(None) => Some(default_resume_target(&config)?),

@@ -1,6 +1,7 @@
 //! The Oxford-IIIT Pet dataset contract: folder layout, split files, and the sample reader every
 //! later stage uses (decode to RGB u8 + class-id mask u8, skipping invalid samples with a count).
 
+pub mod augment;
 pub mod fetch;
 pub mod image_io;
 pub mod pipeline;

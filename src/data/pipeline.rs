@@ -17,6 +17,9 @@ use super::PetDataset;
 use super::transform::{self, Normalization};
 use crate::util::rng::Rng;
 
+/// Mixed into the seed of a sample's augmentation draws.
+const AUGMENT_STREAM: u64 = 0xa06e_3a7e_5eed_0001;
+
 /// Bumped when the cache file format changes.
 const CACHE_VERSION: u32 = 1;
 
@@ -30,6 +33,8 @@ pub struct LoaderConfig {
     pub shuffle: bool,
     /// Random horizontal flips (training).
     pub hflip: bool,
+    /// Augmentation beyond the flip (training; `None` = none).
+    pub augment: Option<crate::config::AugmentConfig>,
     pub seed: u64,
     /// Drop a final incomplete batch (training: BatchNorm dislikes tiny batches).
     pub drop_last: bool,
@@ -159,6 +164,7 @@ fn produce(
     tx: SyncSender<Batch>,
 ) {
     let size = config.image_size as usize;
+    let augmenter = config.augment.clone().filter(|a| a.any()).map(super::augment::Augmenter::new);
     for index in start..total {
         let begin = index * config.batch_size;
         let end = (begin + config.batch_size).min(order.len());
@@ -183,8 +189,19 @@ fn produce(
             .for_each(|((img_out, mask_out), (i, p))| {
                 // Flip decisions depend only on (seed, epoch, sample), never on thread timing.
                 let flip = config.hflip && Rng::derive(config.seed ^ epoch_seed.rotate_left(17), *i as u64).chance(0.5);
-                transform::normalize_into(&p.image, &config.normalization, flip, img_out);
-                transform::mask_into(&p.mask, flip, mask_out);
+                match &augmenter {
+                    Some(aug) => {
+                        // Its own stream, so turning augmentation on changes no flip.
+                        let mut rng = Rng::derive(config.seed ^ epoch_seed.rotate_left(29) ^ AUGMENT_STREAM, *i as u64);
+                        let (image, mask) = aug.apply(&p.image, &p.mask, &mut rng);
+                        transform::normalize_into(&image, &config.normalization, flip, img_out);
+                        transform::mask_into(&mask, flip, mask_out);
+                    }
+                    None => {
+                        transform::normalize_into(&p.image, &config.normalization, flip, img_out);
+                        transform::mask_into(&p.mask, flip, mask_out);
+                    }
+                }
             });
         batch.stems = items.iter().map(|(i, _)| dataset.stems[*i].clone()).collect();
         if tx.send(batch).is_err() {
@@ -307,6 +324,7 @@ mod tests {
             normalization: Normalization::UNIT,
             shuffle: true,
             hflip: true,
+            augment: None,
             seed: 4,
             drop_last: true,
             prefetch: 2,
