@@ -62,7 +62,7 @@ pub struct DataConfig {
 /// `data.augment`: each transform has a probability `p` (0 = off) and its bounds. Geometric
 /// ones move photo and mask together (masks by nearest neighbour, borders by reflection, so no
 /// label is invented); photometric ones touch the photo only.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AugmentConfig {
     /// Random resized crop: a region of `scale` × the area with aspect ratio in `ratio`,
@@ -79,15 +79,33 @@ pub struct AugmentConfig {
     pub noise: NoiseAugment,
 }
 
-impl Default for AugmentConfig {
+impl Default for CropAugment {
     fn default() -> Self {
-        Self {
-            crop: CropAugment { p: 0.0, scale: [0.6, 1.0], ratio: [0.75, 1.333] },
-            rotate: RotateAugment { p: 0.0, degrees: 10.0 },
-            color: ColorAugment { p: 0.0, brightness: 0.2, contrast: 0.2, saturation: 0.2, hue: 0.02 },
-            blur: BlurAugment { p: 0.0, sigma: [0.3, 1.0] },
-            noise: NoiseAugment { p: 0.0, std: 0.02 },
-        }
+        Self { p: 0.0, scale: [0.6, 1.0], ratio: [0.75, 1.333] }
+    }
+}
+
+impl Default for RotateAugment {
+    fn default() -> Self {
+        Self { p: 0.0, degrees: 10.0 }
+    }
+}
+
+impl Default for ColorAugment {
+    fn default() -> Self {
+        Self { p: 0.0, brightness: 0.2, contrast: 0.2, saturation: 0.2, hue: 0.02 }
+    }
+}
+
+impl Default for BlurAugment {
+    fn default() -> Self {
+        Self { p: 0.0, sigma: [0.3, 1.0] }
+    }
+}
+
+impl Default for NoiseAugment {
+    fn default() -> Self {
+        Self { p: 0.0, std: 0.02 }
     }
 }
 
@@ -99,26 +117,23 @@ impl AugmentConfig {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct CropAugment {
-    #[serde(default)]
     pub p: f32,
     pub scale: [f32; 2],
     pub ratio: [f32; 2],
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RotateAugment {
-    #[serde(default)]
     pub p: f32,
     pub degrees: f32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ColorAugment {
-    #[serde(default)]
     pub p: f32,
     pub brightness: f32,
     pub contrast: f32,
@@ -127,17 +142,15 @@ pub struct ColorAugment {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct BlurAugment {
-    #[serde(default)]
     pub p: f32,
     pub sigma: [f32; 2],
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct NoiseAugment {
-    #[serde(default)]
     pub p: f32,
     pub std: f32,
 }

@@ -277,3 +277,27 @@ fn resume_skips_a_truncated_newest_checkpoint() {
     let out = run(segctl().args(["evaluate", "--config"]).arg(&config).arg("--checkpoint").arg(checkpoints.join("epoch-0003.safetensors")));
     assert_eq!(out.status.code(), Some(0));
 }
+
+#[test]
+fn preview_augment_writes_a_contact_sheet_and_trains_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("pets");
+    synthetic_dataset(&root, 24, 3);
+    let config = tiny_config(dir.path(), &root, 1);
+    let sheet = dir.path().join("sheet.png");
+    let out = run(segctl()
+        .args(["train", "--json", "--preview-augment", "9", "--config"])
+        .arg(&config)
+        .args(["--set", "data.augment.crop.p=1", "--set", "data.augment.rotate.p=1", "--set", "data.augment.color.p=1", "--preview-out"])
+        .arg(&sheet));
+    assert!(out.status.success());
+    let report = json(&out);
+    assert_eq!(report["samples"], 9);
+    assert!(report["samples_per_s"].as_f64().unwrap() > 0.0);
+    // 3×3 cells of 32² with 4-pixel gaps.
+    assert_eq!(image::image_dimensions(&sheet).unwrap(), (3 * 32 + 2 * 4, 3 * 32 + 2 * 4));
+    assert!(!dir.path().join("runs").exists(), "a preview trains nothing");
+    let out = run(segctl().args(["train", "--preview-augment", "4", "--set", "data.augment.rotate.degrees=90", "--config"]).arg(&config));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("data.augment.rotate.degrees"), "{}", stderr(&out));
+}
