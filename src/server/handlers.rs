@@ -290,7 +290,6 @@ struct SegmentJson<'a> {
     mask: Vec<&'a [u8]>,
 }
 
-/// Encodes the answer (on the blocking pool): bytes and content type.
 /// A photo of a request: its displayed size (the mask's), and its pixels when an overlay
 /// needs them.
 struct Photo {
@@ -303,6 +302,7 @@ struct Photo {
 /// the length of its JSON header (`Inference-Header-Content-Length`).
 type Encoded = (Vec<u8>, &'static str, Option<usize>);
 
+/// Encodes the answer (on the blocking pool).
 fn encode_answer(answer: Answer, who: &Answerer, images: &[Photo], masks: &[GrayImage], probabilities: &[Vec<f32>], timing: &Timing) -> Result<Encoded, ApiError> {
     let internal = |e: &dyn std::fmt::Display| ApiError::Internal(format!("encoding the answer failed: {e}"));
     fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, ApiError> {
