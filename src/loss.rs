@@ -92,6 +92,22 @@ mod tests {
     }
 
     #[test]
+    fn class_weights_change_the_loss_on_confident_logits() {
+        let dev = Device::Cpu;
+        // Pixel 0 (class 0) is predicted well, pixel 1 (class 2) badly: weighting class 2 up
+        // moves the weighted mean towards the bad pixel's loss.
+        let logits = Tensor::new(&[4f32, 4.0, 0.0, 0.0, 0.0, 0.0], &dev).unwrap().reshape((1, 3, 1, 2)).unwrap();
+        let target = Tensor::new(&[0u32, 2], &dev).unwrap().reshape((1, 1, 2)).unwrap();
+        let loss = |w: Option<Vec<f32>>| SegLoss::new(&config(LossKind::Ce, w), &dev).unwrap().compute(&logits, &target).unwrap().to_scalar::<f32>().unwrap();
+        let (good, bad) = ((1.0 + 2.0 * (-4f32).exp()).ln(), (2.0 + 4f32.exp()).ln());
+        let plain = loss(None);
+        assert!((plain - (good + bad) / 2.0).abs() < 1e-4, "{plain}");
+        let weighted = loss(Some(vec![1.0, 1.0, 3.0]));
+        assert!((weighted - (good + 3.0 * bad) / 4.0).abs() < 1e-4, "{weighted}");
+        assert!(weighted > plain + 0.5, "{weighted} vs {plain}");
+    }
+
+    #[test]
     fn dice_is_zero_for_confident_correct_predictions() {
         let dev = Device::Cpu;
         let target = Tensor::new(&[0u32, 1, 2, 1], &dev).unwrap().reshape((1, 2, 2)).unwrap();
