@@ -456,8 +456,16 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
             break;
         }
         if options.stop.load(Ordering::SeqCst) {
+            // A stop always leaves `interrupted.safetensors`, also between epochs (the periodic
+            // checkpoint may not fall on this one).
+            save(&run.interrupted(), &progress, &optimizer, record.val_mean_iou)?;
             interrupted = true;
-            log::warn!("stopped after epoch {}; continue with --resume {}", epoch + 1, run.root.display());
+            log::warn!(
+                "stopped after epoch {}: checkpoint `{}`; continue with --resume {}",
+                epoch + 1,
+                run.interrupted().display(),
+                run.root.display()
+            );
             break;
         }
     }
