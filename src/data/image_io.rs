@@ -256,6 +256,12 @@ impl Default for DecodeOptions {
 /// files and oversized images.
 pub fn decode_rgb(bytes: &[u8], options: DecodeOptions) -> Result<Decoded, DecodeError> {
     let (header, jpeg_complete) = read_header_scan(bytes)?;
+    check_header(&header, jpeg_complete, options)?;
+    decode_checked(bytes, &header, options)
+}
+
+/// The bounds every decode checks from the header, before any pixel is decoded.
+fn check_header(header: &HeaderInfo, jpeg_complete: Option<bool>, options: DecodeOptions) -> Result<(), DecodeError> {
     let pixels = header.width as u64 * header.height as u64;
     if pixels > options.max_pixels {
         return Err(DecodeError::TooLarge {
@@ -271,6 +277,11 @@ pub fn decode_rgb(bytes: &[u8], options: DecodeOptions) -> Result<Decoded, Decod
     if jpeg_complete == Some(false) {
         return Err(DecodeError::Truncated(FileFormat::Jpeg));
     }
+    Ok(())
+}
+
+/// [`decode_rgb`] after [`check_header`] passed.
+fn decode_checked(bytes: &[u8], header: &HeaderInfo, options: DecodeOptions) -> Result<Decoded, DecodeError> {
     let format = header.format;
     // Decoders are third-party code fed with untrusted bytes: a panic must not take the
     // caller (a training run, a server worker) down.
@@ -328,19 +339,16 @@ pub fn dct_scale_for(width: u32, height: u32, model_side: u32) -> u32 {
 /// else exactly as [`decode_rgb`]. Same bounds and checks as [`decode_rgb`] (from the header,
 /// before decoding); a JPEG the scaling decoder refuses is decoded at full size instead.
 pub fn decode_rgb_for_model(bytes: &[u8], options: DecodeOptions, model_side: u32) -> Result<ModelPhoto, DecodeError> {
+    // One walk over the file gives the header and its completeness, for both paths.
     let (header, jpeg_complete) = read_header_scan(bytes)?;
+    check_header(&header, jpeg_complete, options)?;
     let scale = dct_scale_for(header.width, header.height, model_side.max(1));
-    let scalable = header.format == FileFormat::Jpeg && matches!(header.jpeg_components, Some(1 | 3)) && scale > 1;
-    if scalable && jpeg_complete != Some(false) {
-        let pixels = header.width as u64 * header.height as u64;
-        if pixels > options.max_pixels {
-            return Err(DecodeError::TooLarge { width: header.width, height: header.height, pixels, limit: options.max_pixels });
-        }
+    if header.format == FileFormat::Jpeg && matches!(header.jpeg_components, Some(1 | 3)) && scale > 1 {
         if let Ok(Some(photo)) = std::panic::catch_unwind(|| decode_jpeg_scaled(bytes, &header, scale, options)) {
             return Ok(photo);
         }
     }
-    let decoded = decode_rgb(bytes, options)?;
+    let decoded = decode_checked(bytes, &header, options)?;
     let (width, height) = decoded.image.dimensions();
     Ok(ModelPhoto { image: decoded.image, width, height, scale: 1 })
 }

@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::budget::CpuBudget;
 use super::error::ApiError;
 use super::metrics::Metrics;
-use super::worker::{BatchSettings, Job, UNHEALTHY_AFTER_FAILURES, Worker};
+use super::worker::{BatchSettings, Job, Worker};
 use crate::config::{ServedModelConfig, VersionPolicy, is_valid_model_name};
 use crate::infer::Predictor;
 use crate::model_store::{self, ModelManifest};
@@ -283,8 +283,8 @@ impl Registry {
         for (name, versions) in models.iter() {
             let healthy = versions.iter().any(|(v, s)| match s {
                 VersionState::Available(served) => {
-                    let failures = served.worker.consecutive_failures();
-                    if failures >= UNHEALTHY_AFTER_FAILURES {
+                    if !served.worker.healthy() {
+                        let failures = served.worker.consecutive_failures();
                         problems.push(format!("model `{name}` version {v}: its last {failures} model calls failed"));
                         false
                     } else {

@@ -128,6 +128,12 @@ impl Worker {
         self.capacity
     }
 
+    /// Whether its model calls work: fewer than [`UNHEALTHY_AFTER_FAILURES`] failed in a row
+    /// (`/readyz` and the v2 model-ready route).
+    pub fn healthy(&self) -> bool {
+        self.consecutive_failures() < UNHEALTHY_AFTER_FAILURES
+    }
+
     /// Model calls that failed in a row (0 after any success).
     pub fn consecutive_failures(&self) -> usize {
         self.failures.load(Ordering::SeqCst)

@@ -432,7 +432,7 @@ fn model_metadata(state: &AppState, name: &str, version: Option<u64>) -> Result<
 
 fn model_ready(state: &AppState, name: &str, version: Option<u64>) -> Response {
     match state.registry.resolve(name, version) {
-        Ok(served) if served.worker.consecutive_failures() < super::super::worker::UNHEALTHY_AFTER_FAILURES => {
+        Ok(served) if served.worker.healthy() => {
             axum::Json(json!({ "name": served.name, "version": served.version.to_string(), "ready": true })).into_response()
         }
         Ok(_) => (StatusCode::BAD_REQUEST, axum::Json(json!({ "error": format!("model `{name}`: its last model calls failed") }))).into_response(),
