@@ -300,26 +300,45 @@ fn describe_skipped(skipped: &[SkippedCheckpoint]) -> String {
     skipped.iter().map(|s| format!("; skipped `{}`: {}", s.path.display(), s.reason)).collect()
 }
 
-/// Resolves a `--checkpoint PATH`: a checkpoint file, a run folder (its best checkpoint, or
-/// its latest when no best exists), or a run's `checkpoints/` folder.
-pub fn resolve(path: &Path) -> Result<PathBuf> {
+/// What a path given for a checkpoint names.
+#[derive(Debug, Clone)]
+pub enum RunOrCheckpoint {
+    /// A checkpoint file.
+    File(PathBuf),
+    /// A run folder (given as the folder or as its `checkpoints/`).
+    Run(RunLayout),
+}
+
+/// The one reading of a path that names "a run folder or a checkpoint" (`--checkpoint`,
+/// `--resume`, `evaluate`, `export`, `predict`): a file is a checkpoint; a folder holding
+/// `checkpoints/` is a run; a folder named `checkpoints` is its parent's run; anything else is
+/// an error.
+pub fn locate(path: &Path) -> Result<RunOrCheckpoint> {
     if path.is_file() {
-        return Ok(path.to_path_buf());
+        return Ok(RunOrCheckpoint::File(path.to_path_buf()));
     }
     if !path.exists() {
         bail!("checkpoint `{}` does not exist", path.display());
     }
-    let run = if path.join("checkpoints").is_dir() {
-        RunLayout::new(path)
-    } else if path.file_name().is_some_and(|n| n == "checkpoints") {
-        RunLayout::new(path.parent().unwrap_or(path))
-    } else {
-        bail!("`{}` is neither a checkpoint file nor a run folder", path.display());
-    };
-    if run.best().is_file() {
-        return Ok(run.best());
+    if path.join("checkpoints").is_dir() {
+        return Ok(RunOrCheckpoint::Run(RunLayout::new(path)));
     }
-    run.latest()
+    if path.is_dir() && path.file_name().is_some_and(|n| n == "checkpoints") {
+        if let Some(parent) = path.parent() {
+            return Ok(RunOrCheckpoint::Run(RunLayout::new(parent)));
+        }
+    }
+    bail!("`{}` is neither a checkpoint file nor a run folder (one holding checkpoints/)", path.display())
+}
+
+/// Resolves a `--checkpoint PATH` to a file: a checkpoint file, or a run's best checkpoint
+/// (its latest when no best exists).
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    match locate(path)? {
+        RunOrCheckpoint::File(file) => Ok(file),
+        RunOrCheckpoint::Run(run) if run.best().is_file() => Ok(run.best()),
+        RunOrCheckpoint::Run(run) => run.latest(),
+    }
 }
 
 /// The run folder a checkpoint file belongs to (`<run>/checkpoints/<file>`).

@@ -304,7 +304,7 @@ pub struct TrainConfig {
     pub epochs: usize,
     pub batch_size: usize,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
+    pub device: DeviceSpec,
     /// Where run folders are created.
     pub output_dir: PathBuf,
     /// Run folder name under `output_dir` (none = a timestamped name).
@@ -313,6 +313,14 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Cap on optimizer steps per epoch (none = the whole split); for quick checks.
     pub max_steps_per_epoch: Option<usize>,
+    /// Batches whose gradients are summed (each loss divided by the group's size) before one
+    /// optimizer step, as Lightning's `accumulate_grad_batches`: an effective batch of
+    /// `batch_size × accumulate_steps` in the memory of one batch. An epoch's last group may
+    /// be shorter. 1 = a step per batch.
+    pub accumulate_steps: usize,
+    /// Rescale the gradients so their global L2 norm is at most this before each optimizer
+    /// step (as `torch.nn.utils.clip_grad_norm_`); none = no clipping.
+    pub clip_grad_norm: Option<f64>,
     pub optimizer: OptimizerConfig,
     pub schedule: ScheduleConfig,
     pub loss: LossConfig,
@@ -331,11 +339,13 @@ impl Default for TrainConfig {
         Self {
             epochs: 30,
             batch_size: 16,
-            device: "auto".into(),
+            device: DeviceSpec::Auto,
             output_dir: PathBuf::from("checkpoints"),
             run_name: None,
             seed: 1,
             max_steps_per_epoch: None,
+            accumulate_steps: 1,
+            clip_grad_norm: None,
             optimizer: OptimizerConfig::default(),
             schedule: ScheduleConfig::default(),
             loss: LossConfig::default(),
@@ -464,7 +474,7 @@ impl Default for EarlyStoppingConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct EvaluateConfig {
     /// `test`, `trainval`, `train` or `val`.
-    pub split: String,
+    pub split: Split,
     pub batch_size: usize,
     /// Gate: reject below this mean IoU.
     pub min_miou: Option<f64>,
@@ -474,7 +484,7 @@ pub struct EvaluateConfig {
 
 impl Default for EvaluateConfig {
     fn default() -> Self {
-        Self { split: "test".into(), batch_size: 16, min_miou: None, max_drop: None }
+        Self { split: Split::Test, batch_size: 16, min_miou: None, max_drop: None }
     }
 }
 
@@ -610,7 +620,7 @@ pub struct ServeConfig {
     /// How often the repository is rescanned for new or removed versions.
     pub poll_interval_ms: u64,
     /// Device for inference: `auto`, `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
+    pub device: DeviceSpec,
 }
 
 impl Default for ServeConfig {
@@ -639,7 +649,7 @@ impl Default for ServeConfig {
             shutdown_timeout_ms: 10_000,
             cors_origins: Vec::new(),
             poll_interval_ms: 1000,
-            device: "auto".into(),
+            device: DeviceSpec::Auto,
         }
     }
 }
@@ -732,11 +742,13 @@ impl Config {
         let t = &self.train;
         ensure_key(t.epochs >= 1, "train.epochs", || "must be at least 1".into())?;
         ensure_key(t.batch_size >= 1, "train.batch_size", || "must be at least 1".into())?;
+        ensure_key((1..=1024).contains(&t.accumulate_steps), "train.accumulate_steps", || format!("must be 1 to 1024, got {}", t.accumulate_steps))?;
+        if let Some(max) = t.clip_grad_norm {
+            ensure_key(max > 0.0 && max.is_finite(), "train.clip_grad_norm", || format!("must be a positive number, got {max}"))?;
+        }
         if let Some(decay) = t.ema_decay {
             ensure_key(decay > 0.0 && decay < 1.0, "train.ema_decay", || format!("must be in (0, 1), got {decay}"))?;
         }
-        parse_device_spec(&t.device).map_err(|e| anyhow::anyhow!("key `train.device`: {e}"))?;
-        parse_device_spec(&self.serve.device).map_err(|e| anyhow::anyhow!("key `serve.device`: {e}"))?;
         ensure_key(t.optimizer.lr > 0.0, "train.optimizer.lr", || "must be positive".into())?;
         ensure_key(t.checkpoint.every_epochs >= 1, "train.checkpoint.every_epochs", || {
             "must be at least 1".into()
@@ -757,8 +769,6 @@ impl Config {
         ensure_key(t.max_steps_per_epoch != Some(0), "train.max_steps_per_epoch", || {
             "must be at least 1".into()
         })?;
-        crate::data::Split::parse(&self.evaluate.split)
-            .map_err(|e| anyhow::anyhow!("key `evaluate.split`: {e}"))?;
         ensure_key(self.evaluate.batch_size >= 1, "evaluate.batch_size", || "must be at least 1".into())?;
         let s = &self.serve;
         ensure_key(s.max_batch_size >= 1, "serve.max_batch_size", || "must be at least 1".into())?;
@@ -855,24 +865,85 @@ pub fn is_valid_model_name(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-/// A parsed `--device` value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a model runs (`train.device`, `serve.device`, `--device`): written `auto`, `cpu`,
+/// `cuda` or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum DeviceSpec {
+    /// CUDA device 0 when one answers, else the CPU.
+    #[default]
     Auto,
     Cpu,
     Cuda(usize),
 }
 
-/// Parses `auto`, `cpu`, `cuda` or `cuda:N`.
-pub fn parse_device_spec(text: &str) -> Result<DeviceSpec> {
-    match text {
-        "auto" => Ok(DeviceSpec::Auto),
-        "cpu" => Ok(DeviceSpec::Cpu),
-        "cuda" => Ok(DeviceSpec::Cuda(0)),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Ok(DeviceSpec::Cuda(n)),
-            None => bail!("`{other}` is not a device: use auto, cpu, cuda or cuda:N"),
-        },
+impl std::str::FromStr for DeviceSpec {
+    type Err = anyhow::Error;
+    fn from_str(text: &str) -> Result<Self> {
+        match text {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+                Some(n) => Ok(DeviceSpec::Cuda(n)),
+                None => bail!("`{other}` is not a device: use auto, cpu, cuda or cuda:N"),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = String;
+    fn try_from(text: String) -> std::result::Result<Self, String> {
+        text.parse().map_err(|e: anyhow::Error| e.to_string())
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(spec: DeviceSpec) -> String {
+        spec.to_string()
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Auto => f.write_str("auto"),
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// A split a command reads (`evaluate.split`, `--split`): the dataset's two published ones, or
+/// train/val carved from trainval by `data.val_fraction`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Trainval,
+    Test,
+    Train,
+    Val,
+}
+
+impl Split {
+    /// Parses `trainval`, `test`, `train` or `val`.
+    pub fn parse(text: &str) -> Result<Split> {
+        Ok(match text {
+            "trainval" => Split::Trainval,
+            "test" => Split::Test,
+            "train" => Split::Train,
+            "val" => Split::Val,
+            other => bail!("`{other}` is not a split: use test, trainval, train or val"),
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Trainval => "trainval",
+            Split::Test => "test",
+            Split::Train => "train",
+            Split::Val => "val",
+        }
     }
 }
 

@@ -24,6 +24,7 @@ pub mod progress;
 pub mod tensorboard;
 pub mod server;
 pub mod util;
+pub mod validation;
 
 /// The library's result type.
 pub type Result<T> = anyhow::Result<T>;

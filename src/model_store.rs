@@ -188,12 +188,12 @@ pub fn load_any(path: &Path, device: &Device) -> Result<LoadedModel> {
     if path.join(MANIFEST_FILE).is_file() {
         return load_exported(path, device);
     }
-    if path.is_dir() && !path.join("checkpoints").is_dir() && path.file_name().is_none_or(|n| n != "checkpoints") {
-        let versions = list_versions(path);
-        if let Some(v) = versions.last() {
-            return load_exported(&path.join(v.to_string()), device);
-        }
-        bail!("`{}` is not a model version folder, a model folder, a checkpoint or a run folder", path.display());
+    match checkpoint::locate(path) {
+        Ok(_) => load_checkpoint(path, device),
+        Err(_) if path.is_dir() => match list_versions(path).last() {
+            Some(v) => load_exported(&path.join(v.to_string()), device),
+            None => bail!("`{}` is not a model version folder, a model folder, a checkpoint or a run folder", path.display()),
+        },
+        Err(e) => Err(e),
     }
-    load_checkpoint(path, device)
 }

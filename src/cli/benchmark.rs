@@ -38,7 +38,7 @@ pub struct BenchmarkArgs {
 
 pub fn exec(args: BenchmarkArgs, global: &GlobalArgs) -> Result<ExitCode> {
     let config = global.load_config(Overrides::default().add("serve.device", args.device))?;
-    let device = segctl::model::select_device(segctl::config::parse_device_spec(&config.serve.device)?)?;
+    let device = segctl::model::select_device(config.serve.device)?;
     let options = BenchmarkOptions {
         model: args.model,
         spec: ModelSpec::from_config(&config),

@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Args;
-use segctl::data::Split;
 use segctl::evaluate::{EvaluateOptions, EvaluateReport, evaluate};
 
 use super::{EXIT_REJECTED, GlobalArgs, Overrides, print_json};
@@ -48,10 +47,10 @@ pub fn exec(args: EvaluateArgs, global: &GlobalArgs) -> Result<ExitCode> {
             .add("train.device", args.device)
             .add("data.root", args.data),
     )?;
-    let device = segctl::model::select_device(segctl::config::parse_device_spec(&config.train.device)?)?;
+    let device = segctl::model::select_device(config.train.device)?;
     let options = EvaluateOptions {
         checkpoint: args.checkpoint,
-        split: Split::parse(&config.evaluate.split)?,
+        split: config.evaluate.split,
         baseline: args.baseline,
         min_miou: config.evaluate.min_miou,
         max_drop: config.evaluate.max_drop,

@@ -100,7 +100,7 @@ pub fn exec(args: PredictArgs, global: &GlobalArgs) -> Result<ExitCode> {
             timeout: Duration::from_millis(config.serve.request_timeout_ms.saturating_add(5_000)),
         },
         (Some(path), None, None) | (None, Some(path), None) => {
-            let device = segctl::model::select_device(segctl::config::parse_device_spec(&config.serve.device)?)?;
+            let device = segctl::model::select_device(config.serve.device)?;
             predictor = Predictor::load(&path, &device)?;
             Backend::Local(&predictor)
         }
@@ -110,7 +110,7 @@ pub fn exec(args: PredictArgs, global: &GlobalArgs) -> Result<ExitCode> {
             let served: Vec<String> = config.serve.models.iter().map(|m| m.name.clone()).collect();
             let (name, version, path) = default_version(&repository, &served, config.serve.default_model.as_deref())?;
             eprintln!("using model {name} version {version} ({})", path.display());
-            let device = segctl::model::select_device(segctl::config::parse_device_spec(&config.serve.device)?)?;
+            let device = segctl::model::select_device(config.serve.device)?;
             predictor = Predictor::load(&path, &device)?;
             Backend::Local(&predictor)
         }

@@ -38,7 +38,7 @@ pub fn exec(args: ServeArgs, global: &GlobalArgs) -> Result<ExitCode> {
             .add("serve.port", args.port)
             .add("serve.device", args.device),
     )?;
-    let device = segctl::model::select_device(segctl::config::parse_device_spec(&config.serve.device)?)?;
+    let device = segctl::model::select_device(config.serve.device)?;
     let options = ServeOptions { repository: config.serve_repository(), config: config.serve.clone(), device };
     if !options.repository.is_dir() {
         log::warn!("model repository `{}` does not exist yet; models appear as they are exported", options.repository.display());

@@ -55,7 +55,7 @@ pub fn exec(args: TrainArgs, global: &GlobalArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let device = segctl::model::select_device(segctl::config::parse_device_spec(&config.train.device)?)?;
+    let device = segctl::model::select_device(config.train.device)?;
     let resume = match args.resume {
         Some(None) => Some(default_resume_target(&config)?),
         Some(Some(path)) => Some(path),

@@ -81,36 +81,7 @@ impl SplitFile {
     }
 }
 
-/// A split a command reads: the two published ones, or train/val carved from trainval.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Split {
-    Trainval,
-    Test,
-    Train,
-    Val,
-}
-
-impl Split {
-    /// Parses `trainval`, `test`, `train` or `val`.
-    pub fn parse(text: &str) -> Result<Split> {
-        Ok(match text {
-            "trainval" => Split::Trainval,
-            "test" => Split::Test,
-            "train" => Split::Train,
-            "val" => Split::Val,
-            other => bail!("`{other}` is not a split: use test, trainval, train or val"),
-        })
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Split::Trainval => "trainval",
-            Split::Test => "test",
-            Split::Train => "train",
-            Split::Val => "val",
-        }
-    }
-}
+pub use crate::config::Split;
 
 /// One row of a split file: `<stem> <class-id> <species> <breed-id>`.
 #[derive(Debug, Clone, PartialEq, Eq)]

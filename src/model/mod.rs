@@ -9,6 +9,7 @@ pub mod kernels;
 pub mod mobilenetv2;
 pub mod onnx;
 pub mod unet;
+pub mod upsample;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
