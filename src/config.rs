@@ -480,11 +480,14 @@ pub struct EvaluateConfig {
     pub min_miou: Option<f64>,
     /// Gate: reject more than this below the baseline's mean IoU.
     pub max_drop: Option<f64>,
+    /// Also report the metrics on masks up-sampled to each photo's own size (`predict`'s
+    /// masks) against the full-size trimaps.
+    pub at_original_size: bool,
 }
 
 impl Default for EvaluateConfig {
     fn default() -> Self {
-        Self { split: Split::Test, batch_size: 16, min_miou: None, max_drop: None }
+        Self { split: Split::Test, batch_size: 16, min_miou: None, max_drop: None, at_original_size: false }
     }
 }
 

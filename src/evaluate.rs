@@ -13,11 +13,12 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::data::pipeline::Loader;
-use crate::data::{PetDataset, Split};
-use crate::metrics::SegmentationReport;
+use crate::data::{PetDataset, Split, image_io, transform};
+use crate::metrics::{ConfusionMatrix, PerImageIou, SegmentationReport};
 use crate::model::inference::{InferenceModel, InferenceOptions};
+use crate::model::upsample::upsample_argmax;
 use crate::model_store::{self, ModelOrigin};
-use crate::progress::ProgressMode;
+use crate::progress::{ProgressMode, Unit};
 use crate::validation::{EvalModel, eval_loader_config, evaluate_loader};
 
 /// What `evaluate` does.
@@ -31,6 +32,8 @@ pub struct EvaluateOptions {
     pub max_drop: Option<f64>,
     pub device: Device,
     pub progress: ProgressMode,
+    /// Also score masks up-sampled to each photo's own size, as `predict` writes them.
+    pub at_original_size: bool,
 }
 
 /// The baseline's score and how far the candidate is from it.
@@ -67,6 +70,11 @@ pub struct EvaluateReport {
     pub device: String,
     /// Samples skipped as unreadable.
     pub skipped_samples: usize,
+    /// `--at-original-size`: the same metrics on masks up-sampled to each photo's own size (as
+    /// `predict` writes them) against the full-size trimaps. The top-level figures and the gate
+    /// stay at the model's input resolution.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub at_original_size: Option<SegmentationReport>,
     pub baseline: Option<BaselineComparison>,
     pub gate: Gate,
     pub elapsed_s: f64,
@@ -79,7 +87,10 @@ pub fn evaluate(config: &Config, options: &EvaluateOptions) -> Result<EvaluateRe
     let loaded = model_store::load_any(&options.checkpoint, &options.device)?;
     let origin = loaded.origin;
     let model = InferenceModel::new(loaded.state, InferenceOptions::default())?;
+    let scoring = Instant::now();
     let (metrics, skipped) = score(config, &model, options.split, options.progress)?;
+    let images_per_s = metrics.samples as f64 / scoring.elapsed().as_secs_f64().max(1e-9);
+    let at_original_size = if options.at_original_size { Some(score_at_original_size(config, &model, options.split, options.progress)?) } else { None };
     let baseline = match &options.baseline {
         None => None,
         Some(path) => {
@@ -106,7 +117,7 @@ pub fn evaluate(config: &Config, options: &EvaluateOptions) -> Result<EvaluateRe
     }
     let elapsed = start.elapsed().as_secs_f64();
     Ok(EvaluateReport {
-        images_per_s: metrics.samples as f64 / elapsed.max(1e-9),
+        images_per_s,
         mean_iou_definition: "mean over classes of IoU from the confusion matrix summed over the whole split, at the model's input resolution",
         split: options.split,
         model_description: model.spec().describe(),
@@ -114,6 +125,7 @@ pub fn evaluate(config: &Config, options: &EvaluateOptions) -> Result<EvaluateRe
         device: crate::model::device_name(&options.device),
         model: origin,
         skipped_samples: skipped,
+        at_original_size,
         gate: Gate { accepted: reasons.is_empty(), min_miou: options.min_miou, max_drop: options.max_drop, reasons },
         baseline,
         metrics,
@@ -130,6 +142,60 @@ pub fn score(config: &Config, model: &dyn EvalModel, split: Split, progress: Pro
         bail!("no readable samples in split `{}` of `{}`", split.name(), config.data.root.display());
     }
     Ok((SegmentationReport::new(&outcome.confusion, &outcome.per_image, &model.spec().class_names, outcome.samples), dataset.skipped()))
+}
+
+/// Scores `model` on `split` with each mask at its photo's own size: the photo decoded as
+/// `predict` decodes it (at a reduced JPEG DCT scale when `serve.jpeg_dct_scaling` is on),
+/// resized to the model input, the logits bilinearly up-sampled to the photo's size and
+/// arg-maxed, and compared with the full-size trimap.
+pub fn score_at_original_size(config: &Config, model: &InferenceModel, split: Split, progress: ProgressMode) -> Result<SegmentationReport> {
+    use rayon::prelude::*;
+    let dataset = PetDataset::open(&config.data.root, split, config.data.val_fraction, config.data.seed)?;
+    let spec = model.spec();
+    let (classes, size) = (spec.num_classes(), spec.input_size);
+    let mut confusion = ConfusionMatrix::new(classes);
+    let mut per_image = PerImageIou::default();
+    let mut samples = 0;
+    let bar = progress.bar(&format!("evaluate {} at original size", split.name()), Some(dataset.len() as u64), Unit::Items("images"));
+    let indices: Vec<usize> = (0..dataset.len()).collect();
+    for chunk in indices.chunks(config.evaluate.batch_size) {
+        let items: Vec<(Vec<f32>, image::GrayImage)> = chunk
+            .par_iter()
+            .filter_map(|&i| {
+                let sample = dataset.get(i)?;
+                let photo = if config.serve.jpeg_dct_scaling {
+                    let bytes = crate::util::fs::read(&dataset.layout.image_path(&sample.stem)).ok()?;
+                    let decoded = image_io::decode_rgb_for_model(&bytes, image_io::DecodeOptions::default(), size as u32).ok()?;
+                    decoded.image
+                } else {
+                    sample.image
+                };
+                Some((transform::preprocess(&photo, size as u32, &spec.normalization), sample.mask))
+            })
+            .collect();
+        if items.is_empty() {
+            continue;
+        }
+        let flat: Vec<f32> = items.iter().flat_map(|(input, _)| input.iter().copied()).collect();
+        let logits = model.logits(&flat, items.len())?;
+        let planes = classes * size * size;
+        let predicted: Vec<image::GrayImage> = items
+            .par_iter()
+            .enumerate()
+            .map(|(k, (_, mask))| upsample_argmax(&logits[k * planes..][..planes], classes, size, mask.width(), mask.height()))
+            .collect();
+        for ((_, truth), pred) in items.iter().zip(&predicted) {
+            confusion.update(truth.as_raw(), pred.as_raw());
+            per_image.update(classes, truth.as_raw(), pred.as_raw());
+        }
+        samples += items.len();
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish();
+    if samples == 0 {
+        bail!("no readable samples in split `{}` of `{}`", split.name(), config.data.root.display());
+    }
+    Ok(SegmentationReport::new(&confusion, &per_image, &spec.class_names, samples))
 }
 
 fn baseline_miou(config: &Config, path: &Path, options: &EvaluateOptions) -> Result<f64> {

@@ -24,5 +24,8 @@ mod onnx;
 mod oip;
 /// TensorBoard event files of `train`, read back by TensorBoard's own EventAccumulator.
 mod tensorboard;
+/// Training as a user relies on it: bit-exact resumption, unreadable batches, accumulation,
+/// `evaluate --at-original-size` against `predict`'s masks.
+mod train;
 /// `predict --shard`: disjoint shares, resumption, Indexed Job indices, list files.
 mod shard;

@@ -33,6 +33,11 @@ pub struct EvaluateArgs {
     /// Dataset root [config: data.root].
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// Also score masks up-sampled to each photo's own size, as `predict` writes them, against
+    /// the full-size trimaps (reported beside the input-resolution figures)
+    /// [config: evaluate.at_original_size].
+    #[arg(long)]
+    at_original_size: bool,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -45,7 +50,8 @@ pub fn exec(args: EvaluateArgs, global: &GlobalArgs) -> Result<ExitCode> {
             .add("evaluate.min_miou", args.min_miou)
             .add("evaluate.max_drop", args.max_drop)
             .add("train.device", args.device)
-            .add("data.root", args.data),
+            .add("data.root", args.data)
+            .add("evaluate.at_original_size", args.at_original_size.then_some(true)),
     )?;
     let device = segctl::model::select_device(config.train.device)?;
     let options = EvaluateOptions {
@@ -56,6 +62,7 @@ pub fn exec(args: EvaluateArgs, global: &GlobalArgs) -> Result<ExitCode> {
         max_drop: config.evaluate.max_drop,
         device,
         progress: global.progress(args.json),
+        at_original_size: config.evaluate.at_original_size,
     };
     let report = evaluate(&config, &options)?;
     if args.json {
@@ -81,6 +88,11 @@ fn print_table(r: &EvaluateReport) {
     println!("mean Dice             {:.4}", m.mean_dice);
     println!("per-image mean IoU    {:.4}", m.per_image_mean_iou);
     println!("fg/bg IoU (no border) {:.4} / {:.4}, mean {:.4}", m.fg_bg_iou.foreground, m.fg_bg_iou.background, m.fg_bg_iou.mean);
+    if let Some(o) = &r.at_original_size {
+        let classes: Vec<String> = o.class_names.iter().map(|c| format!("{c} {:.4}", o.per_class_iou[c])).collect();
+        println!();
+        println!("at each photo's own size ({} images): pixel accuracy {:.4}, mean IoU {:.4} ({})", o.samples, o.pixel_accuracy, o.mean_iou, classes.join(", "));
+    }
     println!();
     println!("confusion matrix (rows: target, columns: prediction, pixels)");
     print!("{:<12}", "");
