@@ -6,25 +6,25 @@
 
 pub mod benchmark;
 pub mod build_info;
-pub mod checkpoint;
+pub(crate) mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod evaluate;
 pub mod export;
 pub mod infer;
 pub mod loss;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod optim;
-pub mod plot;
+pub(crate) mod plot;
 pub mod predict;
 pub mod train;
 pub mod model;
 pub mod model_store;
 pub mod progress;
-pub mod tensorboard;
+pub(crate) mod tensorboard;
 pub mod server;
 pub mod util;
-pub mod validation;
+pub(crate) mod validation;
 
 /// The library's result type.
 pub type Result<T> = anyhow::Result<T>;

@@ -142,6 +142,7 @@ impl EventWriter {
         Ok(writer)
     }
 
+    #[cfg(test)]
     pub fn path(&self) -> &Path {
         &self.path
     }
