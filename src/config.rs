@@ -28,6 +28,33 @@ pub struct Config {
     pub evaluate: EvaluateConfig,
     pub export: ExportConfig,
     pub serve: ServeConfig,
+    pub storage: StorageConfig,
+}
+
+/// `storage`: the object stores behind `s3://`, `gs://` and `az://` paths. Credentials and
+/// endpoints come from the providers' environment variables first (`AWS_ACCESS_KEY_ID`,
+/// `AWS_ENDPOINT_URL`, `GOOGLE_APPLICATION_CREDENTIALS`, …).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Local cache of downloaded objects (keyed by ETag) and staging of uploads; none =
+    /// `SEGCTL_CACHE_DIR`, else `$XDG_CACHE_HOME/segctl`, else `~/.cache/segctl`.
+    pub cache_dir: Option<PathBuf>,
+    /// Store options by object_store's key names, e.g. `aws_endpoint_url`, `aws_region`,
+    /// `aws_allow_http`, `google_service_account`, `azure_storage_account_name`.
+    pub options: std::collections::BTreeMap<String, String>,
+    /// A request (its retries included) is given up after this long.
+    pub timeout_s: u64,
+    /// Retries of a failed request (with backoff).
+    pub retries: usize,
+    /// Largest object read or downloaded (checked from the listing and while streaming).
+    pub max_object_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { cache_dir: None, options: Default::default(), timeout_s: 60, retries: 3, max_object_bytes: 8 << 30 }
+    }
 }
 
 /// `data`: where the dataset lives and how it is read.
@@ -773,6 +800,8 @@ impl Config {
             "must be at least 1".into()
         })?;
         ensure_key(self.evaluate.batch_size >= 1, "evaluate.batch_size", || "must be at least 1".into())?;
+        ensure_key(self.storage.timeout_s >= 1, "storage.timeout_s", || "must be at least 1".into())?;
+        ensure_key(self.storage.max_object_bytes >= 1, "storage.max_object_bytes", || "must be at least 1".into())?;
         let s = &self.serve;
         ensure_key(s.max_batch_size >= 1, "serve.max_batch_size", || "must be at least 1".into())?;
         ensure_key(s.queue_capacity >= 1, "serve.queue_capacity", || "must be at least 1".into())?;

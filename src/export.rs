@@ -78,6 +78,9 @@ pub fn export(options: &ExportOptions) -> Result<ExportReport> {
     if !is_valid_model_name(&options.name) {
         bail!("`{}` is not a model name: use letters, digits, `-`, `_` and `.`", options.name);
     }
+    if let Some(remote) = crate::storage::remote(&options.repository)? {
+        return export_to_bucket(options, &remote);
+    }
     let device = Device::Cpu;
     let loaded = model_store::load_checkpoint(&options.checkpoint, &device)?;
     let meta = loaded.checkpoint_meta.clone().context("not a training checkpoint")?;
@@ -154,6 +157,68 @@ pub fn export(options: &ExportOptions) -> Result<ExportReport> {
         source_checkpoint: loaded.origin.path,
         onnx,
     })
+}
+
+/// Name of the object that claims a version number in a bucket before its files are uploaded.
+const BUCKET_CLAIM: &str = ".segctl-claim";
+
+/// `export --repository s3://…`: the version is claimed in the bucket by creating
+/// `<name>/<v>/.segctl-claim` only if absent (so two exports never share a number), exported
+/// locally, then uploaded with `model.yaml` last: readers (`serve`, `predict --model`) treat a
+/// version as present only once its `model.yaml` is, so a version is visible only when
+/// complete, and an upload cut short leaves nothing visible.
+fn export_to_bucket(options: &ExportOptions, repository: &crate::storage::Remote) -> Result<ExportReport> {
+    let model = repository.child(&options.name);
+    let taken = |v: u64| -> Result<bool> { Ok(!model.child(&v.to_string()).list()?.is_empty()) };
+    let claim_body = serde_json::to_vec(&serde_json::json!({ "pid": std::process::id(), "created": crate::util::utc_timestamp() }))?;
+    let version = match options.version {
+        Some(0) => bail!("--version must be at least 1"),
+        Some(v) => {
+            if taken(v)? || !model.put_new(&format!("{v}/{BUCKET_CLAIM}"), claim_body.clone())? {
+                bail!("version {v} of `{}` already exists in `{}`; versions are never overwritten (omit --version for the next one)", options.name, repository.url());
+            }
+            v
+        }
+        None => {
+            let newest = model.list_children()?.iter().filter_map(|n| n.parse::<u64>().ok()).max().unwrap_or(0);
+            let mut claimed = None;
+            for v in newest + 1..newest + 1 + MAX_CLAIM_ATTEMPTS {
+                if !taken(v)? && model.put_new(&format!("{v}/{BUCKET_CLAIM}"), claim_body.clone())? {
+                    claimed = Some(v);
+                    break;
+                }
+            }
+            claimed.with_context(|| format!("no free version of `{}` in `{}` after {MAX_CLAIM_ATTEMPTS} tries", options.name, repository.url()))?
+        }
+    };
+    let staging = tempfile::Builder::new()
+        .prefix(crate::util::fs::TEMP_PREFIX)
+        .tempdir_in({
+            let dir = crate::storage::cache_root().join("staging");
+            crate::util::fs::create_dir_all(&dir)?;
+            dir
+        })
+        .context("failed to create a staging folder for the export")?;
+    let local = ExportOptions { repository: staging.path().to_path_buf(), version: Some(version), ..options.clone() };
+    let mut report = export(&local)?;
+    let target = model.child(&version.to_string());
+    let mut files: Vec<String> = std::fs::read_dir(&report.path)
+        .with_context(|| format!("failed to list `{}`", report.path.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != model_store::MANIFEST_FILE)
+        .collect();
+    files.sort();
+    files.push(model_store::MANIFEST_FILE.to_string());
+    for file in &files {
+        target.upload(file, &report.path.join(file)).with_context(|| format!("version {version} of `{}` was not published", options.name))?;
+    }
+    log::info!("published `{}` ({} files, {} last)", target.url(), files.len(), model_store::MANIFEST_FILE);
+    report.path = PathBuf::from(target.url());
+    if let Some(onnx) = report.onnx.as_mut() {
+        onnx.path = PathBuf::from(target.child(model_store::ONNX_FILE).url());
+    }
+    Ok(report)
 }
 
 /// `model.onnx` of `state`, checked: the bytes are read back into a graph, compiled by the

@@ -23,6 +23,7 @@ pub mod model_store;
 pub mod progress;
 pub(crate) mod tensorboard;
 pub mod server;
+pub mod storage;
 pub mod util;
 pub(crate) mod validation;
 

@@ -134,7 +134,7 @@ pub fn load_exported(version_dir: &Path, device: &Device) -> Result<LoadedModel>
 
 /// Loads a training checkpoint (a file, or a run folder meaning its best checkpoint).
 pub fn load_checkpoint(path: &Path, device: &Device) -> Result<LoadedModel> {
-    let file = checkpoint::resolve(path)?;
+    let file = checkpoint::resolve(&crate::storage::localize(path)?)?;
     let ckpt = checkpoint::load(&file, device)?;
     let state = ModelState::from_tensors(&ckpt.meta.spec, &ckpt.model, device)
         .with_context(|| format!("`{}` does not match its own model spec", file.display()))?;
@@ -185,15 +185,87 @@ pub fn default_version(repository: &Path, served: &[String], default_model: Opti
 /// Loads whatever `path` names: an exported version folder, a model folder (its newest
 /// version), a checkpoint file, or a run folder.
 pub fn load_any(path: &Path, device: &Device) -> Result<LoadedModel> {
+    let local = crate::storage::localize(path)?;
+    let path = local.as_path();
     if path.join(MANIFEST_FILE).is_file() {
         return load_exported(path, device);
     }
     match checkpoint::locate(path) {
         Ok(_) => load_checkpoint(path, device),
-        Err(_) if path.is_dir() => match list_versions(path).last() {
+        // A model folder: its newest complete version (one with a model.yaml).
+        Err(_) if path.is_dir() => match list_versions(path).into_iter().rev().find(|v| path.join(v.to_string()).join(MANIFEST_FILE).is_file()) {
             Some(v) => load_exported(&path.join(v.to_string()), device),
             None => bail!("`{}` is not a model version folder, a model folder, a checkpoint or a run folder", path.display()),
         },
         Err(e) => Err(e),
+    }
+}
+
+/// A model repository in a bucket, mirrored into a local folder that `serve` watches as it
+/// watches any repository. A version is mirrored once its `model.yaml` is in the bucket
+/// (export uploads it last), into a staging folder renamed into place when complete, so the
+/// local repository never shows half a version; versions gone from a listing that succeeded
+/// are removed. A listing or download that fails changes nothing local.
+pub struct BucketRepository {
+    pub remote: crate::storage::Remote,
+    pub local: PathBuf,
+}
+
+/// What one [`BucketRepository::sync`] changed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SyncReport {
+    pub added: Vec<(String, u64)>,
+    pub removed: Vec<(String, u64)>,
+}
+
+impl BucketRepository {
+    pub fn new(remote: crate::storage::Remote) -> Self {
+        let local = crate::storage::cache_root().join("repositories").join(&crate::util::sha256_hex(remote.url().as_bytes())[..24]);
+        Self { remote, local }
+    }
+
+    pub fn sync(&self) -> Result<SyncReport> {
+        let mut report = SyncReport::default();
+        let mut present = std::collections::BTreeSet::new();
+        for name in self.remote.list_children()?.into_iter().filter(|n| crate::config::is_valid_model_name(n)) {
+            let model = self.remote.child(&name);
+            for v in model.list_children()?.into_iter().filter_map(|n| n.parse::<u64>().ok()) {
+                let dir = self.local.join(&name).join(v.to_string());
+                if dir.join(MANIFEST_FILE).is_file() {
+                    present.insert((name.clone(), v));
+                    continue;
+                }
+                let version = model.child(&v.to_string());
+                if version.head(MANIFEST_FILE)?.is_none() {
+                    continue; // still uploading (or abandoned): not visible
+                }
+                let staging = self.local.join(&name).join(format!("{}sync-{v}", crate::util::fs::TEMP_PREFIX));
+                if staging.exists() {
+                    std::fs::remove_dir_all(&staging).with_context(|| format!("failed to clear `{}`", staging.display()))?;
+                }
+                for object in version.list()? {
+                    if object.rel == MANIFEST_FILE || object.rel.starts_with(".segctl") || object.rel.contains('/') {
+                        continue;
+                    }
+                    version.download(&object.rel, &staging.join(&object.rel))?;
+                }
+                version.download(MANIFEST_FILE, &staging.join(MANIFEST_FILE))?;
+                std::fs::rename(&staging, &dir).with_context(|| format!("failed to move `{}` into place", staging.display()))?;
+                log::info!("mirrored `{}` into `{}`", version.url(), dir.display());
+                present.insert((name.clone(), v));
+                report.added.push((name.clone(), v));
+            }
+        }
+        for entry in std::fs::read_dir(&self.local).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            for v in list_versions(&entry.path()) {
+                if !present.contains(&(name.clone(), v)) {
+                    let dir = entry.path().join(v.to_string());
+                    std::fs::remove_dir_all(&dir).with_context(|| format!("failed to remove `{}`", dir.display()))?;
+                    report.removed.push((name.clone(), v));
+                }
+            }
+        }
+        Ok(report)
     }
 }

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::data::image_io::{self, DecodeOptions};
 use crate::infer::{self, Predictor};
 use crate::progress::{ProgressMode, Unit};
+use crate::storage;
 
 /// Extensions picked up from folders.
 const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "gif"];
@@ -38,6 +39,8 @@ pub struct PredictOptions {
     /// Decode JPEGs for a local model at a reduced DCT scale (`serve.jpeg_dct_scaling`), as
     /// `serve` does, so both give the same masks.
     pub jpeg_dct_scaling: bool,
+    /// Largest input file read (`serve.max_body_bytes`).
+    pub max_input_bytes: u64,
     /// Only this share of the inputs (`--shard INDEX/COUNT`); `None` = all of them.
     pub shard: Option<Shard>,
     pub progress: ProgressMode,
@@ -120,17 +123,62 @@ pub struct PredictReport {
     pub skipped_existing: Vec<PathBuf>,
 }
 
-/// Reads a list file: one image path per line (blank lines and `#` comments skipped).
+/// Largest list file read.
+const MAX_LIST_BYTES: u64 = 256 << 20;
+
+/// Reads a list file (local or in a bucket): one image path or URL per line (blank lines and
+/// `#` comments skipped).
 fn read_list(path: &Path) -> Result<Vec<PathBuf>> {
-    let text = crate::util::fs::read_to_string(path)?;
+    let text = match storage::remote(path)? {
+        Some(remote) => {
+            let (dir, name) = remote.split_last().with_context(|| format!("`{}` names no object", path.display()))?;
+            String::from_utf8(dir.read(&name, MAX_LIST_BYTES)?).with_context(|| format!("`{}` is not UTF-8 text", path.display()))?
+        }
+        None => crate::util::fs::read_to_string(path)?,
+    };
     Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(PathBuf::from).collect())
 }
 
-/// Expands folders into their image files (sorted) and `.txt` list files into the paths they
-/// list, and keeps files as given.
+fn has_image_extension(name: &str) -> bool {
+    Path::new(name).extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+/// The bytes of an input: a local file, or an object in a bucket.
+fn read_input(input: &Path, max: u64) -> Result<Vec<u8>> {
+    match storage::remote(input)? {
+        Some(remote) => {
+            let (dir, name) = remote.split_last().with_context(|| format!("`{}` names no object", input.display()))?;
+            dir.read(&name, max)
+        }
+        None => {
+            let path = storage::local_path(input);
+            let size = std::fs::metadata(&path).with_context(|| format!("cannot read `{}`", path.display()))?.len();
+            if size > max {
+                bail!("`{}` is {size} bytes, more than the {max} allowed (serve.max_body_bytes)", path.display());
+            }
+            std::fs::read(&path).with_context(|| format!("cannot read `{}`", path.display()))
+        }
+    }
+}
+
+/// Expands folders and bucket prefixes into their image files (sorted) and `.txt` list files
+/// into the paths and URLs they list, and keeps files and object URLs as given.
 pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for input in inputs {
+        let is_list = input.extension().is_some_and(|e| e.eq_ignore_ascii_case("txt"));
+        if let Some(remote) = storage::remote(input)? {
+            if is_list {
+                out.extend(read_list(input)?);
+            } else if remote.split_last().is_some_and(|(_, name)| has_image_extension(&name)) {
+                out.push(input.clone());
+            } else {
+                let objects = remote.list()?;
+                out.extend(objects.iter().filter(|o| has_image_extension(&o.rel)).map(|o| PathBuf::from(remote.child(&o.rel).url())));
+            }
+            continue;
+        }
+        let input = &storage::local_path(input);
         if input.is_dir() {
             let mut files: Vec<PathBuf> = std::fs::read_dir(input)
                 .with_context(|| format!("failed to list `{}`", input.display()))?
@@ -143,7 +191,7 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 .collect();
             files.sort();
             out.extend(files);
-        } else if input.extension().is_some_and(|e| e.eq_ignore_ascii_case("txt")) {
+        } else if is_list {
             out.extend(read_list(input)?);
         } else {
             out.push(input.clone());
@@ -159,7 +207,7 @@ pub fn collect_inputs(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
 pub fn predict(backend: &Backend, options: &PredictOptions) -> Result<PredictReport> {
     let start = Instant::now();
     let all_inputs = collect_inputs(&options.inputs)?;
-    crate::util::fs::create_dir_all(&options.out_dir)?;
+    let out = Output::open(&options.out_dir)?;
     // Names over every input (so they do not depend on the shard), then this shard's share,
     // less what an earlier attempt already wrote.
     let all_names = output_names(&all_inputs);
@@ -168,7 +216,7 @@ pub fn predict(backend: &Backend, options: &PredictOptions) -> Result<PredictRep
         if options.shard.is_some_and(|s| !s.owns(&input)) {
             continue;
         }
-        if options.shard.is_some() && outputs_exist(&name, options) {
+        if options.shard.is_some() && outputs_exist(&name, options, &out) {
             skipped.push(input);
             continue;
         }
@@ -195,8 +243,7 @@ pub fn predict(backend: &Backend, options: &PredictOptions) -> Result<PredictRep
         let decoded: Vec<(&PathBuf, &String, Result<(Decoded, Vec<u8>)>)> = chunk
             .par_iter()
             .map(|(path, name)| {
-                let result = std::fs::read(path)
-                    .with_context(|| format!("cannot read `{}`", path.display()))
+                let result = read_input(path, options.max_input_bytes)
                     .and_then(|bytes| Ok((decode_photo(&bytes, model_side, figures, options.max_pixels)?, bytes)));
                 (*path, *name, result)
             })
@@ -227,7 +274,7 @@ pub fn predict(backend: &Backend, options: &PredictOptions) -> Result<PredictRep
         let written: Vec<Result<PredictedImage>> = ok
             .par_iter()
             .zip(masks)
-            .map(|((path, name, d, _), mask)| write_outputs(path, name, d, &mask?, options))
+            .map(|((path, name, d, _), mask)| write_outputs(path, name, d, &mask?, options, &out))
             .collect();
         for ((path, ..), result) in ok.iter().zip(written) {
             match result {
@@ -254,15 +301,58 @@ pub fn predict(backend: &Backend, options: &PredictOptions) -> Result<PredictRep
         skipped_existing: skipped,
     };
     if let Some(shard) = options.shard {
-        let path = options.out_dir.join(shard_summary_name(shard));
-        crate::util::fs::write_atomic(&path, &serde_json::to_vec_pretty(&report)?)?;
+        out.write(&shard_summary_name(shard), serde_json::to_vec_pretty(&report)?)?;
     }
     Ok(report)
 }
 
+/// Where outputs go: a local folder, or a bucket prefix (each file one object, written whole).
+enum Output {
+    Local(PathBuf),
+    /// The prefix, and the names already in it (listed once).
+    Bucket(storage::Remote, HashSet<String>),
+}
+
+impl Output {
+    fn open(out_dir: &Path) -> Result<Output> {
+        match storage::remote(out_dir)? {
+            Some(remote) => {
+                let existing = remote.list()?.into_iter().map(|o| o.rel).collect();
+                Ok(Output::Bucket(remote, existing))
+            }
+            None => {
+                let dir = storage::local_path(out_dir);
+                crate::util::fs::create_dir_all(&dir)?;
+                Ok(Output::Local(dir))
+            }
+        }
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        match self {
+            Output::Local(dir) => dir.join(file),
+            Output::Bucket(remote, _) => PathBuf::from(remote.child(file).url()),
+        }
+    }
+
+    fn exists(&self, file: &str) -> bool {
+        match self {
+            Output::Local(dir) => dir.join(file).is_file(),
+            Output::Bucket(_, existing) => existing.contains(file),
+        }
+    }
+
+    fn write(&self, file: &str, bytes: Vec<u8>) -> Result<()> {
+        match self {
+            Output::Local(dir) => crate::util::fs::write_atomic(&dir.join(file), &bytes),
+            Output::Bucket(remote, _) => remote.put(file, bytes),
+        }
+    }
+}
+
 /// Every file `write_outputs` writes for `name` exists (they are written atomically, so an
 /// existing one is complete).
-fn outputs_exist(name: &str, options: &PredictOptions) -> bool {
+fn outputs_exist(name: &str, options: &PredictOptions, out: &Output) -> bool {
     let mut suffixes = vec!["mask", "color"];
     if options.overlay {
         suffixes.push("overlay");
@@ -270,7 +360,7 @@ fn outputs_exist(name: &str, options: &PredictOptions) -> bool {
     if options.side_by_side {
         suffixes.push("side_by_side");
     }
-    suffixes.iter().all(|s| options.out_dir.join(format!("{name}_{s}.png")).is_file())
+    suffixes.iter().all(|s| out.exists(&format!("{name}_{s}.png")))
 }
 
 /// Output base names: the file stem, made unique when two inputs share one.
@@ -311,23 +401,23 @@ fn decode_photo(bytes: &[u8], model_side: u32, figures: bool, max_pixels: u64) -
     Ok(Decoded { model_pixels: photo.image, width: photo.width, height: photo.height, full })
 }
 
-fn write_outputs(input: &Path, name: &str, photo: &Decoded, mask: &GrayImage, options: &PredictOptions) -> Result<PredictedImage> {
+fn write_outputs(input: &Path, name: &str, photo: &Decoded, mask: &GrayImage, options: &PredictOptions, out: &Output) -> Result<PredictedImage> {
     if mask.dimensions() != (photo.width, photo.height) {
         bail!("mask is {:?} but the photo is {:?}", mask.dimensions(), (photo.width, photo.height));
     }
     let figure = || photo.full.as_ref().context("the photo was not decoded for figures");
-    let path = |suffix: &str| options.out_dir.join(format!("{name}_{suffix}.png"));
-    let write = |p: &Path, bytes: Vec<u8>| crate::util::fs::write_atomic(p, &bytes);
-    write(&path("mask"), infer::encode_png(mask)?)?;
-    write(&path("color"), infer::encode_png(&infer::colorize(mask))?)?;
+    let file = |suffix: &str| format!("{name}_{suffix}.png");
+    let path = |suffix: &str| out.path(&file(suffix));
+    out.write(&file("mask"), infer::encode_png(mask)?)?;
+    out.write(&file("color"), infer::encode_png(&infer::colorize(mask))?)?;
     let overlay = if options.overlay {
-        write(&path("overlay"), infer::encode_png(&infer::overlay(figure()?, mask))?)?;
+        out.write(&file("overlay"), infer::encode_png(&infer::overlay(figure()?, mask))?)?;
         Some(path("overlay"))
     } else {
         None
     };
     let side_by_side = if options.side_by_side {
-        write(&path("side_by_side"), infer::encode_png(&infer::side_by_side(figure()?, mask))?)?;
+        out.write(&file("side_by_side"), infer::encode_png(&infer::side_by_side(figure()?, mask))?)?;
         Some(path("side_by_side"))
     } else {
         None

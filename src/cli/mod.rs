@@ -138,7 +138,9 @@ impl GlobalArgs {
             overrides.push((key.trim().to_string(), value.to_string()));
         }
         overrides.extend(flags.0);
-        segctl::config::load(self.config.as_deref(), &overrides)
+        let config = segctl::config::load(self.config.as_deref(), &overrides)?;
+        segctl::storage::configure(&config.storage)?;
+        Ok(config)
     }
 
     /// Progress bars unless quiet or the output is machine-readable.

@@ -40,7 +40,7 @@ pub fn exec(args: ServeArgs, global: &GlobalArgs) -> Result<ExitCode> {
     )?;
     let device = segctl::model::select_device(config.serve.device)?;
     let options = ServeOptions { repository: config.serve_repository(), config: config.serve.clone(), device };
-    if !options.repository.is_dir() {
+    if !segctl::storage::is_url(&options.repository) && !options.repository.is_dir() {
         log::warn!("model repository `{}` does not exist yet; models appear as they are exported", options.repository.display());
     }
     let json = args.json;

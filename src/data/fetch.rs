@@ -339,6 +339,15 @@ pub fn read_checksums(path: &Path) -> Result<BTreeMap<String, String>> {
 
 /// Executes `segctl fetch-data` (download mode).
 pub fn fetch(options: &FetchOptions) -> Result<FetchReport> {
+    // Into a bucket: fetched into the local mirror (resumable there), then uploaded, split
+    // files last, so a reader that finds them finds every sample.
+    if let Some(remote) = crate::storage::remote(&options.root)? {
+        let local = remote.cache_dir();
+        let mut report = fetch(&FetchOptions { root: local.clone(), ..options.clone() })?;
+        crate::storage::upload_dir(&local, &remote, &super::SPLIT_FILES_LAST)?;
+        report.root = options.root.clone();
+        return Ok(report);
+    }
     let expected: BTreeMap<String, String> = match &options.checksums {
         Some(path) => read_checksums(path)?,
         None => ARCHIVES.iter().map(|a| (a.name.to_string(), a.md5.to_string())).collect(),

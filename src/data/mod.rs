@@ -83,6 +83,10 @@ impl SplitFile {
 
 pub use crate::config::Split;
 
+/// A dataset's files uploaded last when a root is published to a bucket: readers find samples
+/// through them.
+pub const SPLIT_FILES_LAST: [&str; 3] = ["annotations/list.txt", "annotations/trainval.txt", "annotations/test.txt"];
+
 /// One row of a split file: `<stem> <class-id> <species> <breed-id>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SplitRow {
@@ -264,6 +268,9 @@ impl PetDataset {
     /// Opens `split` under `root`; `train`/`val` are carved from trainval with
     /// `val_fraction` and `seed`.
     pub fn open(root: &Path, split: Split, val_fraction: f64, seed: u64) -> Result<Self> {
+        // A bucket prefix is read from its local mirror (downloaded once, kept by ETag).
+        let local = crate::storage::localize(root)?;
+        let root = local.as_path();
         let layout = DatasetLayout::new(root);
         if !layout.images_dir().is_dir() || !layout.trimaps_dir().is_dir() {
             bail!(

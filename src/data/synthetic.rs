@@ -92,6 +92,14 @@ fn sample_row(index: usize) -> (String, u32, u32, u32, bool) {
 
 /// Writes the dataset; a second run with the same N and seed does nothing.
 pub fn generate(options: &SyntheticOptions) -> Result<SyntheticReport> {
+    // Into a bucket: generated in the local mirror, then uploaded (split files last).
+    if let Some(remote) = crate::storage::remote(&options.root)? {
+        let local = remote.cache_dir();
+        let mut report = generate(&SyntheticOptions { root: local.clone(), ..options.clone() })?;
+        crate::storage::upload_dir(&local, &remote, &super::SPLIT_FILES_LAST)?;
+        report.root = options.root.clone();
+        return Ok(report);
+    }
     if options.samples == 0 {
         bail!("--synthetic needs at least 1 sample");
     }

@@ -111,6 +111,8 @@ fn finding(stem: Option<&str>, code: &'static str, file: Option<String>, message
 
 /// Runs every check. Fails (exit 2 in the CLI) only when the root is not a dataset at all.
 pub fn validate(options: &ValidateOptions) -> Result<ValidationReport> {
+    let localized = ValidateOptions { root: crate::storage::localize(&options.root)?, ..options.clone() };
+    let options = &localized;
     let start = Instant::now();
     let layout = DatasetLayout::new(&options.root);
     if !options.root.is_dir() {

@@ -342,6 +342,30 @@ async fn shutdown_signal() {
 /// Executes `segctl serve` until SIGINT/SIGTERM. `on_listening` receives the bound address
 /// (useful with port 0) and the models found in the repository (their versions loading).
 pub fn serve(options: &ServeOptions, on_listening: impl FnOnce(SocketAddr, Vec<registry::ModelSummary>)) -> Result<()> {
+    // A bucket: mirrored locally (first sync before listening, then every poll interval on a
+    // thread of its own); the registry watches the mirror like any folder.
+    let mirrored;
+    let options = match crate::storage::remote(&options.repository)? {
+        Some(remote) => {
+            let bucket = crate::model_store::BucketRepository::new(remote);
+            crate::util::fs::create_dir_all(&bucket.local)?;
+            bucket.sync().with_context(|| format!("cannot read the model repository `{}`", bucket.remote.url()))?;
+            let local = bucket.local.clone();
+            let every = Duration::from_millis(options.config.poll_interval_ms.max(50));
+            std::thread::Builder::new()
+                .name("segctl-bucket-sync".into())
+                .spawn(move || loop {
+                    std::thread::sleep(every);
+                    if let Err(e) = bucket.sync() {
+                        log::warn!("model repository `{}`: {e:#}; serving what is loaded", bucket.remote.url());
+                    }
+                })
+                .context("failed to start the bucket watcher")?;
+            mirrored = ServeOptions { repository: local, ..options.clone() };
+            &mirrored
+        }
+        None => options,
+    };
     let c = &options.config;
     let cores = cpu_threads(c);
     // The runtime only moves bytes; CPU work runs on the blocking pool, bounded to the CPU

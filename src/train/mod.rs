@@ -13,7 +13,7 @@ mod renderer;
 mod step;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -35,6 +35,7 @@ use crate::metrics::SegmentationReport;
 use crate::model::{self, ModelSpec, ModelState};
 use crate::optim::{AdamW, WeightAverage, learning_rate};
 use crate::progress::ProgressMode;
+use crate::storage;
 use crate::tensorboard::EventWriter;
 use crate::util::rng::Rng;
 use crate::validation::{eval_loader_config, evaluate_loader};
@@ -118,10 +119,7 @@ impl EpochTotals {
 
 /// The run folder a new run writes to.
 fn new_run_dir(config: &Config) -> Result<RunLayout> {
-    let name = match &config.train.run_name {
-        Some(n) => n.clone(),
-        None => crate::util::utc_timestamp().replace([':', '-'], "").replace('T', "-").trim_end_matches('Z').to_string(),
-    };
+    let name = run_name(config);
     let run = RunLayout::new(config.train.output_dir.join(name));
     if run.checkpoints_dir().exists() {
         bail!(
@@ -140,6 +138,19 @@ pub fn default_resume_target(config: &Config) -> Result<PathBuf> {
     if let Some(name) = &config.train.run_name {
         return Ok(config.train.output_dir.join(name));
     }
+    if let Some(remote) = storage::remote(&config.train.output_dir)? {
+        let mut newest: Option<(i64, String)> = None;
+        for run in remote.list_children()? {
+            for object in remote.child(&run).child("checkpoints").list()? {
+                if newest.as_ref().is_none_or(|(t, _)| object.modified > *t) {
+                    newest = Some((object.modified, run.clone()));
+                }
+            }
+        }
+        return newest
+            .map(|(_, run)| PathBuf::from(remote.child(&run).url()))
+            .with_context(|| format!("no runs with checkpoints in `{}`", remote.url()));
+    }
     let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
     for entry in std::fs::read_dir(&config.train.output_dir)
         .with_context(|| format!("no runs to resume in `{}`", config.train.output_dir.display()))?
@@ -155,6 +166,80 @@ pub fn default_resume_target(config: &Config) -> Result<PathBuf> {
         }
     }
     newest.map(|(_, p)| p).with_context(|| format!("no runs with checkpoints in `{}`", config.train.output_dir.display()))
+}
+
+/// Where a run's files live: a local folder, or a bucket prefix whose local mirror the run
+/// writes first and uploads after every epoch (each file one object, replaced whole).
+struct RunPlace {
+    run: RunLayout,
+    sync: Option<storage::DirSync>,
+    /// What the user sees as the run folder (the URL for a bucket).
+    shown: PathBuf,
+}
+
+impl RunPlace {
+    /// A new run under `train.output_dir`.
+    fn create(config: &Config) -> Result<Self> {
+        let Some(remote) = storage::remote(&config.train.output_dir)? else {
+            let run = new_run_dir(config)?;
+            return Ok(Self { shown: run.root.clone(), run, sync: None });
+        };
+        let name = run_name(config);
+        let remote = remote.child(&name);
+        if !remote.child("checkpoints").list()?.is_empty() {
+            bail!(
+                "run folder `{}` already holds checkpoints: continue it with `--resume {}` or pick another train.run_name",
+                remote.url(),
+                remote.url()
+            );
+        }
+        // The local mirror is ours: whatever an earlier run of that name left there goes.
+        let local = remote.cache_dir();
+        if local.exists() {
+            std::fs::remove_dir_all(&local).with_context(|| format!("failed to clear `{}`", local.display()))?;
+        }
+        let run = RunLayout::new(&local);
+        crate::util::fs::create_dir_all(&run.checkpoints_dir())?;
+        log::info!("run folder `{}` (written locally in `{}` and uploaded after every epoch)", remote.url(), local.display());
+        Ok(Self { shown: PathBuf::from(remote.url()), run, sync: Some(storage::DirSync::new(local, remote)) })
+    }
+
+    /// `--resume URL`: the run (or the run of the checkpoint) mirrored down; the local path to
+    /// resume from.
+    fn resume_remote(remote: storage::Remote) -> Result<(PathBuf, Self)> {
+        // A checkpoint file's run is two levels up: <run>/checkpoints/<file>.
+        let (run_remote, file) = match remote.split_last() {
+            Some((dir, file)) if file.ends_with(".safetensors") => match dir.split_last() {
+                Some((run, checkpoints)) if checkpoints == "checkpoints" => (run, Some(file)),
+                _ => bail!("`{}` is not inside a run folder (<run>/checkpoints/)", remote.url()),
+            },
+            _ => (remote, None),
+        };
+        let local = storage::localize(Path::new(run_remote.url()))?;
+        let mut sync = storage::DirSync::new(local.clone(), run_remote.clone());
+        sync.assume_pushed()?;
+        let target = match file {
+            Some(f) => local.join("checkpoints").join(f),
+            None => local.clone(),
+        };
+        Ok((target, Self { shown: PathBuf::from(run_remote.url()), run: RunLayout::new(&local), sync: Some(sync) }))
+    }
+
+    /// Uploads what changed (`summary.json` last).
+    fn push(&mut self) -> Result<()> {
+        if let Some(sync) = self.sync.as_mut() {
+            let n = sync.push(&["summary.json"])?;
+            log::debug!("uploaded {n} files to `{}`", sync.remote.url());
+        }
+        Ok(())
+    }
+}
+
+fn run_name(config: &Config) -> String {
+    match &config.train.run_name {
+        Some(n) => n.clone(),
+        None => crate::util::utc_timestamp().replace([':', '-'], "").replace('T', "-").trim_end_matches('Z').to_string(),
+    }
 }
 
 /// Where a run starts: nothing (a new run) or the checkpoint `--resume` names, with the newer
@@ -249,13 +334,26 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
     let device = &options.device;
     let t = &config.train;
 
-    let start_point = StartPoint::locate(options.resume.as_deref(), device)?;
-    let run = match &start_point.resumed {
-        Some(c) => RunLayout::new(checkpoint::run_of(&c.path).with_context(|| {
-            format!("`{}` is not inside a run folder (<run>/checkpoints/)", c.path.display())
-        })?),
-        None => new_run_dir(config)?,
+    // A run in a bucket is mirrored down first and then continued like a local one.
+    let (resume, remote_place) = match options.resume.as_deref().map(storage::remote).transpose()?.flatten() {
+        Some(remote) => {
+            let (target, place) = RunPlace::resume_remote(remote)?;
+            (Some(target), Some(place))
+        }
+        None => (options.resume.clone(), None),
     };
+    let start_point = StartPoint::locate(resume.as_deref(), device)?;
+    let mut place = match (&start_point.resumed, remote_place) {
+        (Some(_), Some(place)) => place,
+        (Some(c), None) => {
+            let run = RunLayout::new(checkpoint::run_of(&c.path).with_context(|| {
+                format!("`{}` is not inside a run folder (<run>/checkpoints/)", c.path.display())
+            })?);
+            RunPlace { shown: run.root.clone(), run, sync: None }
+        }
+        (None, _) => RunPlace::create(config)?,
+    };
+    let run = place.run.clone();
     // Temporary files of checkpoints and logs a killed run was writing.
     for dir in [run.root.clone(), run.checkpoints_dir()] {
         crate::util::fs::remove_leftovers(&dir, crate::util::fs::TEMP_PREFIX)?;
@@ -300,6 +398,7 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
         renderer: renderer::for_mode(options.progress),
         events,
         run: &run,
+        place: &mut place,
         history: &mut history,
         stop: &options.stop,
     };
@@ -307,7 +406,7 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
     let parameters = epochs.learner.state.parameter_count();
 
     let report = TrainReport {
-        run_dir: run.root.clone(),
+        run_dir: place.shown.clone(),
         device: model::device_name(device),
         model: spec.describe(),
         parameters,
@@ -320,10 +419,14 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
         stopped_early: ending == Ending::StoppedEarly,
         resumed_from: start_point.resumed.as_ref().map(|c| c.path.clone()),
         skipped_checkpoints: start_point.skipped,
-        best_checkpoint: run.best().is_file().then(|| run.best()),
+        best_checkpoint: run.best().is_file().then(|| match &place.sync {
+            Some(sync) => PathBuf::from(sync.remote.child("checkpoints/best.safetensors").url()),
+            None => run.best(),
+        }),
         elapsed_s: start.elapsed().as_secs_f64(),
     };
     crate::util::fs::write_atomic(&run.summary(), &serde_json::to_vec_pretty(&report)?)?;
+    place.push()?;
     Ok(report)
 }
 
@@ -415,6 +518,7 @@ struct EpochLoop<'a> {
     renderer: Box<dyn Renderer>,
     events: Option<EventWriter>,
     run: &'a RunLayout,
+    place: &'a mut RunPlace,
     history: &'a mut Vec<EpochRecord>,
     stop: &'a AtomicBool,
 }
@@ -427,12 +531,16 @@ impl EpochLoop<'_> {
             let epoch_start = Instant::now();
             let (totals, lr, skipped_batches) = match self.train_epoch(epoch, progress, &mut rng)? {
                 EpochOutcome::Finished { totals, lr, skipped_batches } => (totals, lr, skipped_batches),
-                EpochOutcome::Interrupted => return Ok(Ending::Interrupted),
+                EpochOutcome::Interrupted => {
+                    self.place.push()?;
+                    return Ok(Ending::Interrupted);
+                }
             };
             progress.epochs_completed = epoch + 1;
             progress.batch_in_epoch = 0;
             progress.partial = EpochTotals::default();
             let ending = self.end_epoch(epoch + 1, progress, &totals, lr, skipped_batches, epoch_start)?;
+            self.place.push()?;
             if ending != Ending::Completed {
                 return Ok(ending);
             }
@@ -507,7 +615,7 @@ impl EpochLoop<'_> {
                     progress.batch_in_epoch,
                     progress.step,
                     self.run.interrupted().display(),
-                    self.run.root.display()
+                    self.place.shown.display()
                 );
                 return Ok(EpochOutcome::Interrupted);
             }
@@ -567,7 +675,7 @@ impl EpochLoop<'_> {
             log::warn!(
                 "stopped after epoch {epoch}: checkpoint `{}`; continue with --resume {}",
                 self.run.interrupted().display(),
-                self.run.root.display()
+                self.place.shown.display()
             );
             return Ok(Ending::Interrupted);
         }
