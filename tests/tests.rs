@@ -29,3 +29,6 @@ mod tensorboard;
 mod train;
 /// `predict --shard`: disjoint shares, resumption, Indexed Job indices, list files.
 mod shard;
+/// The lifecycle against a real S3 server on loopback (moto): fetch-data, train, resume,
+/// evaluate, export, serve and sharded predict in a bucket; a store dying mid-export.
+mod storage;

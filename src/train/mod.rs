@@ -417,7 +417,10 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
         last: history.last().cloned(),
         interrupted: ending == Ending::Interrupted,
         stopped_early: ending == Ending::StoppedEarly,
-        resumed_from: start_point.resumed.as_ref().map(|c| c.path.clone()),
+        resumed_from: start_point.resumed.as_ref().map(|c| match (&place.sync, c.path.file_name()) {
+            (Some(sync), Some(file)) => PathBuf::from(sync.remote.child("checkpoints").child(&file.to_string_lossy()).url()),
+            _ => c.path.clone(),
+        }),
         skipped_checkpoints: start_point.skipped,
         best_checkpoint: run.best().is_file().then(|| match &place.sync {
             Some(sync) => PathBuf::from(sync.remote.child("checkpoints/best.safetensors").url()),
