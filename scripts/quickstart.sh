@@ -4,7 +4,7 @@
 # Everything lands in the repository's usual places: data/synthetic/, checkpoints/quickstart/,
 # models/pets/<version>/, predictions/. Re-running continues where the last run stopped.
 #
-# Env: EPOCHS (default 12: a few minutes on 2 cores; configs/smoke.yaml's own 42 epochs reach
+# Env: EPOCHS (default 12: a few minutes on 2 cores; configs/smoke.yaml's own 80 epochs reach
 # the full quality), MIN_MIOU (the gate, default 0.6), SEGCTL (a prebuilt binary to use).
 set -euo pipefail
 cd "$(dirname "$0")/.."

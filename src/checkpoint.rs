@@ -323,10 +323,11 @@ pub fn locate(path: &Path) -> Result<RunOrCheckpoint> {
     if path.join("checkpoints").is_dir() {
         return Ok(RunOrCheckpoint::Run(RunLayout::new(path)));
     }
-    if path.is_dir() && path.file_name().is_some_and(|n| n == "checkpoints") {
-        if let Some(parent) = path.parent() {
-            return Ok(RunOrCheckpoint::Run(RunLayout::new(parent)));
-        }
+    if path.is_dir()
+        && path.file_name().is_some_and(|n| n == "checkpoints")
+        && let Some(parent) = path.parent()
+    {
+        return Ok(RunOrCheckpoint::Run(RunLayout::new(parent)));
     }
     bail!("`{}` is neither a checkpoint file nor a run folder (one holding checkpoints/)", path.display())
 }

@@ -120,8 +120,11 @@ impl std::fmt::Debug for Remote {
     }
 }
 
-/// Stores built so far, by scheme and bucket (each holds its connection pool).
-static STORES: Mutex<Vec<((String, String), Arc<dyn ObjectStore>)>> = Mutex::new(Vec::new());
+/// A store by (scheme, bucket).
+type StoreEntry = ((String, String), Arc<dyn ObjectStore>);
+
+/// Stores built so far (each holds its connection pool).
+static STORES: Mutex<Vec<StoreEntry>> = Mutex::new(Vec::new());
 
 impl Remote {
     /// Parses `scheme://bucket/prefix`.
