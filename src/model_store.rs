@@ -201,6 +201,20 @@ pub fn load_any(path: &Path, device: &Device) -> Result<LoadedModel> {
     }
 }
 
+/// A local folder holding `repository`'s complete versions: the folder itself, or for a bucket
+/// its mirror, brought up to date.
+pub fn local_repository(repository: &Path) -> Result<PathBuf> {
+    match crate::storage::remote(repository)? {
+        Some(remote) => {
+            let bucket = BucketRepository::new(remote);
+            crate::util::fs::create_dir_all(&bucket.local)?;
+            bucket.sync().with_context(|| format!("cannot read the model repository `{}`", bucket.remote.url()))?;
+            Ok(bucket.local)
+        }
+        None => Ok(crate::storage::local_path(repository)),
+    }
+}
+
 /// A model repository in a bucket, mirrored into a local folder that `serve` watches as it
 /// watches any repository. A version is mirrored once its `model.yaml` is in the bucket
 /// (export uploads it last), into a staging folder renamed into place when complete, so the

@@ -107,7 +107,7 @@ pub fn exec(args: PredictArgs, global: &GlobalArgs) -> Result<ExitCode> {
         }
         (None, None, None) => {
             // The model `serve` would answer with by default.
-            let repository = config.serve_repository();
+            let repository = segctl::model_store::local_repository(&config.serve_repository())?;
             let served: Vec<String> = config.serve.models.iter().map(|m| m.name.clone()).collect();
             let (name, version, path) = default_version(&repository, &served, config.serve.default_model.as_deref())?;
             eprintln!("using model {name} version {version} ({})", path.display());
