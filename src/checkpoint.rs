@@ -378,6 +378,25 @@ mod tests {
     }
 
     #[test]
+    fn a_run_folder_or_a_checkpoint_has_one_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = RunLayout::new(dir.path().join("run"));
+        std::fs::create_dir_all(run.checkpoints_dir()).unwrap();
+        std::fs::write(run.best(), b"x").unwrap();
+        let is_run = |p: &Path| matches!(locate(p).unwrap(), RunOrCheckpoint::Run(r) if r.root == run.root);
+        assert!(is_run(&run.root), "the run folder");
+        assert!(is_run(&run.checkpoints_dir()), "its checkpoints/ folder");
+        assert!(matches!(locate(&run.best()).unwrap(), RunOrCheckpoint::File(f) if f == run.best()));
+        let other = dir.path().join("photos");
+        std::fs::create_dir_all(&other).unwrap();
+        let err = format!("{:#}", locate(&other).unwrap_err());
+        assert!(err.contains("neither a checkpoint file nor a run folder"), "{err}");
+        assert!(format!("{:#}", locate(&dir.path().join("nope")).unwrap_err()).contains("does not exist"));
+        // `--checkpoint` of a run means its best checkpoint.
+        assert_eq!(resolve(&run.root).unwrap(), run.best());
+    }
+
+    #[test]
     fn round_trip_is_bit_exact() {
         let mut config = Config::default();
         config.model.unet.depth = 2;

@@ -148,6 +148,12 @@ impl Remote {
         &self.url
     }
 
+    /// A prefix of an in-memory store (tests).
+    #[cfg(test)]
+    fn in_memory(bucket: &str, store: Arc<dyn ObjectStore>) -> Remote {
+        Remote { url: format!("s3://{bucket}"), scheme: "s3".into(), bucket: bucket.into(), store, prefix: ObjPath::from("") }
+    }
+
     /// The prefix `rel` below this one.
     pub fn child(&self, rel: &str) -> Remote {
         let rel = rel.trim_matches('/');
@@ -683,6 +689,53 @@ mod tests {
         assert!(!is_url(Path::new("data/s3:/x")));
         assert_eq!(local_path(Path::new("file:///tmp/x")), PathBuf::from("/tmp/x"));
         assert_eq!(local_path(Path::new("rel/x")), PathBuf::from("rel/x"));
+    }
+
+    #[test]
+    fn a_mirror_downloads_each_object_once_while_its_etag_holds() {
+        let cache = tempfile::tempdir().unwrap();
+        configure(&StorageConfig { cache_dir: Some(cache.path().to_path_buf()), ..Default::default() }).unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let bucket = Remote::in_memory("mirror-test", store);
+        let data = bucket.child("data");
+        data.put("images/a.jpg", b"aaaa".to_vec()).unwrap();
+        data.put("images/b.jpg", b"bbbbbb".to_vec()).unwrap();
+        data.put("annotations/test.txt", b"a 1 1 1\n".to_vec()).unwrap();
+        let local = data.cache_dir();
+        let first = mirror(&data, &local).unwrap();
+        assert_eq!((first.downloaded, first.reused, first.bytes), (3, 0, 18));
+        assert_eq!(std::fs::read(local.join("images/b.jpg")).unwrap(), b"bbbbbb");
+        // Again: nothing downloaded.
+        let second = mirror(&data, &local).unwrap();
+        assert_eq!((second.downloaded, second.reused), (0, 3));
+        // One object replaced, one deleted: one download, one file removed.
+        data.put("images/a.jpg", b"AAAA".to_vec()).unwrap();
+        data.delete("images/b.jpg").unwrap();
+        let third = mirror(&data, &local).unwrap();
+        assert_eq!((third.downloaded, third.reused, third.removed), (1, 1, 1));
+        assert_eq!(std::fs::read(local.join("images/a.jpg")).unwrap(), b"AAAA");
+        assert!(!local.join("images/b.jpg").exists());
+        // A file changed behind the cache's back is fetched again (its size no longer matches).
+        std::fs::write(local.join("images/a.jpg"), b"tampered").unwrap();
+        assert_eq!(mirror(&data, &local).unwrap().downloaded, 1);
+        assert_eq!(std::fs::read(local.join("images/a.jpg")).unwrap(), b"AAAA");
+
+        // DirSync uploads what changed and deletes what went.
+        let run = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(run.path().join("checkpoints")).unwrap();
+        std::fs::write(run.path().join("checkpoints/epoch-0001.safetensors"), b"1").unwrap();
+        std::fs::write(run.path().join("summary.json"), b"{}").unwrap();
+        let mut sync = DirSync::new(run.path().to_path_buf(), bucket.child("runs/r"));
+        assert_eq!(sync.push(&["summary.json"]).unwrap(), 2);
+        assert_eq!(sync.push(&["summary.json"]).unwrap(), 0, "nothing changed");
+        std::fs::remove_file(run.path().join("checkpoints/epoch-0001.safetensors")).unwrap();
+        std::fs::write(run.path().join("checkpoints/epoch-0002.safetensors"), b"2").unwrap();
+        assert_eq!(sync.push(&["summary.json"]).unwrap(), 1);
+        let keys: Vec<String> = bucket.child("runs/r").list().unwrap().into_iter().map(|o| o.rel).collect();
+        assert_eq!(keys, ["checkpoints/epoch-0002.safetensors", "summary.json"]);
+        // put_new refuses what exists.
+        assert!(bucket.put_new("claim", b"x".to_vec()).unwrap());
+        assert!(!bucket.put_new("claim", b"y".to_vec()).unwrap());
     }
 
     #[test]

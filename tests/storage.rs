@@ -230,7 +230,7 @@ fn the_whole_lifecycle_runs_against_a_bucket() {
     assert!(mask.pixels().all(|p| p.0[0] <= 2));
 }
 
-/// A proxy to `upstream` that dies (and stays dead) when a request for `model.yaml` passes:
+/// A proxy to `upstream` that dies (and stays dead) when an upload of a `model.yaml` passes:
 /// the store going away just before an export's last upload.
 fn dying_proxy(upstream: String, dead: Arc<AtomicBool>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -254,13 +254,14 @@ fn dying_proxy(upstream: String, dead: Arc<AtomicBool>) -> String {
                         break;
                     }
                     tail.extend_from_slice(&buf[..n]);
-                    if tail.windows(10).any(|w| w == b"model.yaml") {
+                    let text = String::from_utf8_lossy(&tail);
+                    if text.split("\r\n").any(|l| l.starts_with("PUT ") && l.contains("/model.yaml")) {
                         dead_up.store(true, Ordering::SeqCst);
                         let _ = c_read.shutdown(std::net::Shutdown::Both);
                         let _ = s_write.shutdown(std::net::Shutdown::Both);
                         return;
                     }
-                    let keep = tail.len().saturating_sub(16);
+                    let keep = tail.len().saturating_sub(512);
                     tail.drain(..keep);
                     if s_write.write_all(&buf[..n]).is_err() {
                         break;
@@ -278,30 +279,62 @@ fn dying_proxy(upstream: String, dead: Arc<AtomicBool>) -> String {
 }
 
 #[test]
-fn a_store_that_dies_mid_export_publishes_no_half_version() {
+fn a_store_that_dies_mid_export_publishes_no_half_version_and_serving_goes_on() {
     let Some(moto) = Moto::start("fault") else { return };
     let dir = tempfile::tempdir().unwrap();
     let (_, run_dir, _) = trained_model(dir.path(), 16);
     let config = bucket_config(dir.path(), "fault", 1);
+    let direct = moto.env(&moto.endpoint, &dir.path().join("cache"));
+    let out = run(segctl().envs(direct.clone()).arg("--config").arg(&config).args(["export", "--json", "--name", "pets", "--checkpoint"]).arg(&run_dir));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json(&out)["version"], 1);
+
+    // A server and an exporter that reach the store through a proxy that dies when the
+    // manifest upload passes.
     let dead = Arc::new(AtomicBool::new(false));
     let proxy = dying_proxy(moto.endpoint.clone(), dead.clone());
-    let env = moto.env(&proxy, &dir.path().join("cache"));
+    let proxied = moto.env(&proxy, &dir.path().join("cache-proxied"));
+    let mut server = segctl().envs(proxied.clone()).arg("--config").arg(&config).args(["serve", "--json", "--port", "0"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let started: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    let url = started["url"].as_str().unwrap().to_string();
+    let available = || -> bool {
+        ureq::get(&format!("{url}/v1/models/pets/versions/1")).call().ok().and_then(|r| r.into_json::<serde_json::Value>().ok()).is_some_and(|v| v["model_version_status"][0]["state"] == "AVAILABLE")
+    };
     let start = Instant::now();
-    let out = run(segctl().envs(env.clone()).arg("--config").arg(&config).args(["export", "--name", "pets", "--checkpoint"]).arg(&run_dir));
+    while !available() {
+        assert!(start.elapsed() < Duration::from_secs(20), "version 1 not served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let start = Instant::now();
+    let out = run(segctl().envs(proxied).arg("--config").arg(&config).args(["export", "--name", "pets", "--checkpoint"]).arg(&run_dir));
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(dead.load(Ordering::SeqCst), "the proxy saw the manifest upload");
     let message = stderr(&out);
-    assert!(message.contains("was not published") && message.contains("s3://fault/models/pets/1/model.yaml"), "{message}");
+    assert!(message.contains("was not published") && message.contains("s3://fault/models/pets/2/model.yaml"), "{message}");
     assert!(start.elapsed() < Duration::from_secs(60), "gave up within the storage timeout");
-    // The weights may be there, the manifest is not: no reader sees version 1.
-    let keys = moto.keys("fault", "models/");
+    // The weights may be there, the manifest is not: no reader sees version 2.
+    let keys = moto.keys("fault", "models/pets/2/");
     assert!(!keys.iter().any(|k| k.ends_with("model.yaml")), "{keys:?}");
-    let direct = moto.env(&moto.endpoint, &dir.path().join("cache"));
-    let out = run(segctl().envs(direct.clone()).arg("--config").arg(&config).args(["predict", "--model", "s3://fault/models/pets"]).arg(dir.path().join("pets/images")).arg("--out").arg(dir.path().join("out")));
-    assert_eq!(out.status.code(), Some(2), "an incomplete version is not a model: {}", stderr(&out));
+    let out = run(segctl().envs(direct.clone()).arg("--config").arg(&config).args(["predict", "--json", "--model", "s3://fault/models/pets"]).arg(dir.path().join("pets/images")).arg("--out").arg(dir.path().join("out")));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(json(&out)["model"].as_str().unwrap().contains("/1 ("), "the newest complete version is 1: {}", json(&out)["model"]);
+
+    // The server's store is gone too: its polls fail, and it keeps serving version 1.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(available(), "a failed listing unloads nothing");
+    assert_eq!(ureq::get(&format!("{url}/readyz")).call().map(|r| r.status()).unwrap_or(0), 200);
+    let photo = std::fs::read_dir(dir.path().join("pets/images")).unwrap().next().unwrap().unwrap().path();
+    let answer = ureq::post(&format!("{url}/v1/models/pets:segment")).set("Content-Type", "application/octet-stream").send_bytes(&std::fs::read(photo).unwrap());
+    assert_eq!(answer.map(|r| r.status()).unwrap_or(0), 200);
+    let _ = server.kill();
+    let _ = server.wait();
+
     // The next export, with the store back, takes the next number and completes.
     let out = run(segctl().envs(direct).arg("--config").arg(&config).args(["export", "--json", "--name", "pets", "--checkpoint"]).arg(&run_dir));
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(json(&out)["version"], 2);
-    assert!(moto.keys("fault", "models/pets/2/").contains(&"models/pets/2/model.yaml".to_string()));
+    assert_eq!(json(&out)["version"], 3);
+    assert!(moto.keys("fault", "models/pets/3/").contains(&"models/pets/3/model.yaml".to_string()));
 }
