@@ -793,7 +793,7 @@ impl Config {
             ensure_key(
                 w.len() == CLASS_NAMES.len() && w.iter().all(|x| *x >= 0.0),
                 "train.loss.class_weights",
-                || format!("must be {} non-negative numbers (pet, background, border)", CLASS_NAMES.len()),
+                || format!("must be {} non-negative numbers ({})", CLASS_NAMES.len(), CLASS_NAMES.join(", ")),
             )?;
         }
         ensure_key(t.max_steps_per_epoch != Some(0), "train.max_steps_per_epoch", || {

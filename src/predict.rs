@@ -430,7 +430,7 @@ fn write_outputs(input: &Path, name: &str, photo: &Decoded, mask: &GrayImage, op
         color: path("color"),
         overlay,
         side_by_side,
-        class_fractions: infer::class_fractions(mask, infer::PALETTE.len()),
+        class_fractions: infer::class_fractions(mask, crate::config::CLASS_NAMES.len()),
     })
 }
 

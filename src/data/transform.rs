@@ -182,9 +182,9 @@ mod tests {
     }
 }
 
-/// Display colours of the classes (pet, background, border); the serving page's legend uses
-/// the same ones.
-pub const PALETTE: [[u8; 3]; 3] = [[0xff, 0x8c, 0x00], [0x1e, 0x90, 0xff], [0xff, 0xe1, 0x19]];
+/// Display colours of the classes, in `CLASS_NAMES` order (one per class, checked by the
+/// type); the serving page's legend uses the same ones.
+pub const PALETTE: [[u8; 3]; crate::config::CLASS_NAMES.len()] = [[0xff, 0x8c, 0x00], [0x1e, 0x90, 0xff], [0xff, 0xe1, 0x19]];
 
 /// The colour-palette rendering of a class-id mask (ids outside the palette are black).
 pub fn colorize(mask: &image::GrayImage) -> image::RgbImage {
