@@ -133,7 +133,9 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body, deadline: 
     let limit = state.limits.max_body_bytes;
     let too_large = || ApiError::TooLarge(format!("request body is over the limit of {limit} bytes (serve.max_body_bytes)"));
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if let Some(n) = declared.filter(|n| *n > limit as u64) {
+        // The client is still sending: read it off (bounded) so it gets the 413, not a reset.
+        discard_up_to(body, n.min(MAX_DISCARD_BYTES) as usize).await;
         return Err(too_large());
     }
     let permit = state.memory.reserve(declared.unwrap_or(limit as u64), deadline).await.map_err(|r| refused(r, "the request body"))?;
@@ -150,12 +152,20 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body, deadline: 
     Ok((bytes, permit))
 }
 
+/// Most bytes of an over-long body read off before its 413 (as Nginx's lingering close).
+const MAX_DISCARD_BYTES: u64 = 16 << 20;
+
 /// Reads and drops up to 1 MiB of a body (for at most 2 s) before an early error answer, so
 /// that a client still sending gets the JSON error instead of a reset connection.
 async fn discard(body: Body) {
+    discard_up_to(body, 1 << 20).await
+}
+
+/// [`discard`] with a byte budget: frames are dropped as they arrive, nothing is kept.
+async fn discard_up_to(body: Body, budget: usize) {
     use http_body_util::BodyExt;
     let mut body = body;
-    let mut left: usize = 1 << 20;
+    let mut left: usize = budget.max(1);
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while let Some(Ok(frame)) = body.frame().await {
             let n = frame.data_ref().map_or(0, |d| d.len());
