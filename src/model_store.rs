@@ -205,12 +205,7 @@ pub fn load_any(path: &Path, device: &Device) -> Result<LoadedModel> {
 /// its mirror, brought up to date.
 pub fn local_repository(repository: &Path) -> Result<PathBuf> {
     match crate::storage::remote(repository)? {
-        Some(remote) => {
-            let bucket = BucketRepository::new(remote);
-            crate::util::fs::create_dir_all(&bucket.local)?;
-            bucket.sync().with_context(|| format!("cannot read the model repository `{}`", bucket.remote.url()))?;
-            Ok(bucket.local)
-        }
+        Some(remote) => Ok(BucketRepository::open(remote)?.local),
         None => Ok(crate::storage::local_path(repository)),
     }
 }
@@ -236,6 +231,14 @@ impl BucketRepository {
     pub fn new(remote: crate::storage::Remote) -> Self {
         let local = crate::storage::cache_root().join("repositories").join(&crate::util::sha256_hex(remote.url().as_bytes())[..24]);
         Self { remote, local }
+    }
+
+    /// The mirror of `remote`, brought up to date once (an unreadable bucket is an error).
+    pub fn open(remote: crate::storage::Remote) -> Result<Self> {
+        let bucket = Self::new(remote);
+        crate::util::fs::create_dir_all(&bucket.local)?;
+        bucket.sync().with_context(|| format!("cannot read the model repository `{}`", bucket.remote.url()))?;
+        Ok(bucket)
     }
 
     pub fn sync(&self) -> Result<SyncReport> {

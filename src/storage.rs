@@ -404,34 +404,22 @@ fn store_for(scheme: &str, bucket: &str, url: &str) -> Result<Arc<dyn ObjectStor
     ];
     options.extend(s.options.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())));
     let root = format!("{scheme}://{bucket}");
-    let store: Arc<dyn ObjectStore> = match scheme {
-        "s3" | "s3a" => {
-            let mut b = object_store::aws::AmazonS3Builder::from_env().with_url(&root).with_retry(retry);
+    // The three providers' builders share their shape: environment, URL, retries, options.
+    macro_rules! build {
+        ($builder:ty, $what:literal) => {{
+            let mut b = <$builder>::from_env().with_url(&root).with_retry(retry);
             for (k, v) in &options {
                 if let Ok(key) = k.parse() {
                     b = b.with_config(key, v);
                 }
             }
-            Arc::new(b.build().with_context(|| format!("`{url}`: cannot set up the S3 client"))?)
-        }
-        "gs" => {
-            let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env().with_url(&root).with_retry(retry);
-            for (k, v) in &options {
-                if let Ok(key) = k.parse() {
-                    b = b.with_config(key, v);
-                }
-            }
-            Arc::new(b.build().with_context(|| format!("`{url}`: cannot set up the GCS client"))?)
-        }
-        _ => {
-            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env().with_url(&root).with_retry(retry);
-            for (k, v) in &options {
-                if let Ok(key) = k.parse() {
-                    b = b.with_config(key, v);
-                }
-            }
-            Arc::new(b.build().with_context(|| format!("`{url}`: cannot set up the Azure client"))?)
-        }
+            Arc::new(b.build().with_context(|| format!("`{url}`: cannot set up the {} client", $what))?) as Arc<dyn ObjectStore>
+        }};
+    }
+    let store = match scheme {
+        "s3" | "s3a" => build!(object_store::aws::AmazonS3Builder, "S3"),
+        "gs" => build!(object_store::gcp::GoogleCloudStorageBuilder, "GCS"),
+        _ => build!(object_store::azure::MicrosoftAzureBuilder, "Azure"),
     };
     stores.push((id, store.clone()));
     Ok(store)
@@ -464,6 +452,13 @@ where
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Index {
     files: BTreeMap<String, (u64, Option<String>)>,
+}
+
+fn write_index(path: &Path, index: &Index) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        crate::util::fs::create_dir_all(dir)?;
+    }
+    crate::util::fs::write_atomic(path, &serde_json::to_vec(index)?)
 }
 
 fn read_index(path: &Path) -> Index {
@@ -513,10 +508,7 @@ pub fn mirror(remote: &Remote, local: &Path) -> Result<MirrorReport> {
         index.files.remove(&rel);
         report.removed += 1;
     }
-    if let Some(dir) = index_path.parent() {
-        crate::util::fs::create_dir_all(dir)?;
-    }
-    crate::util::fs::write_atomic(&index_path, &serde_json::to_vec(&index)?)?;
+    write_index(&index_path, &index)?;
     Ok(report)
 }
 
@@ -547,10 +539,7 @@ pub fn localize(path: &Path) -> Result<PathBuf> {
                 let got = parent.download(&name, &local)?;
                 let mut index = Index::default();
                 index.files.insert(name, (got.size, got.e_tag));
-                if let Some(dir) = index_path.parent() {
-                    crate::util::fs::create_dir_all(dir)?;
-                }
-                crate::util::fs::write_atomic(&index_path, &serde_json::to_vec(&index)?)?;
+                write_index(&index_path, &index)?;
             }
         }
         None => {
@@ -587,10 +576,7 @@ pub fn upload_dir(local: &Path, remote: &Remote, last: &[&str]) -> Result<usize>
         }
     }
     let index_path = remote.index_path();
-    if let Some(dir) = index_path.parent() {
-        crate::util::fs::create_dir_all(dir)?;
-    }
-    crate::util::fs::write_atomic(&index_path, &serde_json::to_vec(&index)?)?;
+    write_index(&index_path, &index)?;
     log::info!("uploaded {uploaded} files to `{}`", remote.url());
     Ok(uploaded)
 }

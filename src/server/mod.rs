@@ -347,9 +347,7 @@ pub fn serve(options: &ServeOptions, on_listening: impl FnOnce(SocketAddr, Vec<r
     let mirrored;
     let options = match crate::storage::remote(&options.repository)? {
         Some(remote) => {
-            let bucket = crate::model_store::BucketRepository::new(remote);
-            crate::util::fs::create_dir_all(&bucket.local)?;
-            bucket.sync().with_context(|| format!("cannot read the model repository `{}`", bucket.remote.url()))?;
+            let bucket = crate::model_store::BucketRepository::open(remote)?;
             let local = bucket.local.clone();
             let every = Duration::from_millis(options.config.poll_interval_ms.max(50));
             std::thread::Builder::new()
