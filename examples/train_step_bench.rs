@@ -111,7 +111,7 @@ fn main() -> Result<()> {
 
 /// Times segctl's compiled inference plan (what `serve`, `predict` and `evaluate` run).
 fn plan_bench(state: &ModelState, args: &[String], arch: &str, batch: usize, size: usize, steps: usize, warmup: usize) -> Result<()> {
-    use segctl::model::kernels::plan::{Plan, PlanOptions, Session, WinogradPolicy};
+    use segctl::engine::{Plan, PlanOptions, Session, WinogradPolicy};
     let threads: usize = arg(args, "--threads", "1").parse()?;
     let mut options = PlanOptions::new(size, size);
     options.winograd = match arg(args, "--winograd", "auto").as_str() {
@@ -174,8 +174,8 @@ fn plan_bench(state: &ModelState, args: &[String], arch: &str, batch: usize, siz
     Ok(())
 }
 
-fn step_shape(step: &segctl::model::kernels::plan::Step) -> String {
-    use segctl::model::kernels::plan::StepKind;
+fn step_shape(step: &segctl::engine::plan::Step) -> String {
+    use segctl::engine::plan::StepKind;
     match &step.kind {
         StepKind::Direct(d) => format!("{}x{} {}->{} taps {}", d.input.h, d.input.w, d.cin, d.cout, d.phases[0].taps.len()),
         StepKind::Winograd(w) => format!("{}x{} {}->{} block {} phases {}", w.input.h, w.input.w, w.cin, w.cout, w.block, w.phases.len()),

@@ -10,7 +10,7 @@ use candle_core::Device;
 use serde::Serialize;
 
 use crate::model::inference::{InferenceModel, InferenceOptions, available_cores};
-use crate::model::kernels::PlanSummary;
+use crate::engine::PlanSummary;
 use crate::model::{ModelSpec, ModelState};
 use crate::model_store;
 use crate::util::rng::Rng;

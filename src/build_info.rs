@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::model::kernels::Isa;
+use crate::engine::Isa;
 
 /// The build and the machine, as `segctl --version --json` prints them.
 #[derive(Debug, Clone, Serialize)]

@@ -16,7 +16,7 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::config::is_valid_model_name;
-use crate::model::kernels::{Plan, PlanOptions, Session};
+use crate::engine::{Plan, PlanOptions, Session};
 use crate::model::{self, ModelState};
 use crate::model_store::{self, MANIFEST_FILE, ModelManifest, WEIGHTS_FILE};
 use crate::util::fs::FileLock;

@@ -9,6 +9,7 @@ pub mod build_info;
 pub(crate) mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod engine;
 pub mod evaluate;
 pub mod export;
 pub mod infer;

@@ -5,9 +5,9 @@
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 
-use super::kernels::batchnorm::BatchNorm;
-use super::graph::{ConvOp, GraphBuilder, NodeId};
-use super::kernels::ops;
+use super::ops::batchnorm::BatchNorm;
+use crate::engine::graph::{ConvOp, GraphBuilder, NodeId};
+use super::ops;
 
 /// BatchNorm epsilon (PyTorch/timm's value; timm checkpoints were trained with it).
 pub const BN_EPS: f64 = 1e-5;
@@ -30,30 +30,14 @@ pub enum BnMode {
     Folded,
 }
 
-/// Activation after a normalization.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Act {
-    Relu,
-    Relu6,
-    Identity,
-}
+pub use crate::engine::graph::{Act, ConvKind};
 
-impl Act {
-    /// The activation as a clamp `[min, max]`.
-    pub fn bounds(self) -> (f32, f32) {
-        match self {
-            Act::Relu => (0.0, f32::INFINITY),
-            Act::Relu6 => (0.0, 6.0),
-            Act::Identity => (f32::NEG_INFINITY, f32::INFINITY),
-        }
-    }
-
-    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Act::Relu => x.relu(),
-            Act::Relu6 => x.clamp(0f32, 6f32),
-            Act::Identity => Ok(x.clone()),
-        }
+/// Applies `act` to a tensor (the engine's activations on candle tensors).
+pub fn activate(act: Act, x: &Tensor) -> Result<Tensor> {
+    match act {
+        Act::Relu => x.relu(),
+        Act::Relu6 => x.clamp(0f32, 6f32),
+        Act::Identity => Ok(x.clone()),
     }
 }
 
@@ -72,12 +56,6 @@ pub struct Conv {
     pad: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConvKind {
-    Dense,
-    Depthwise,
-    Transposed,
-}
 
 impl Conv {
     /// `Dense`: weight `[cout, cin, k, k]`; `Depthwise`: `[cin, 1, k, k]` (cout = cin);
@@ -128,7 +106,7 @@ impl Conv {
     pub fn forward_inference(&self, x: &Tensor, act: Act) -> Result<Tensor> {
         let bias = match &self.bias {
             Some(bias) if x.device().is_cpu() => bias,
-            _ => return act.apply(&self.forward(x)?),
+            _ => return activate(act, &self.forward(x)?),
         };
         let (min, max) = act.bounds();
         let epilogue = ops::Epilogue { bias: bias.flatten_all()?.to_vec1::<f32>()?, min, max };
@@ -240,7 +218,7 @@ impl ModuleT for ConvBnAct {
             Some(bn) => bn.forward_act(&self.conv.forward(x)?, self.act, train),
             // Folded BatchNorm exists only in exported (inference) models.
             None if !train => self.conv.forward_inference(x, self.act),
-            None => self.act.apply(&self.conv.forward(x)?),
+            None => activate(self.act, &self.conv.forward(x)?),
         }
     }
 }

@@ -1,5 +1,5 @@
 //! A trained network made ready to run: on CPU its graph compiled once into a
-//! [`kernels::Plan`] (the candle model is dropped), elsewhere candle's eval forward. Used by
+//! [`engine::Plan`] (the candle model is dropped), elsewhere candle's eval forward. Used by
 //! `evaluate` of a saved model and, through `infer::Predictor`, by `predict` and `serve`.
 
 use std::sync::{Arc, Mutex};
@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, ensure};
 use candle_core::{Device, Tensor};
 
-use super::kernels::{self, Plan, PlanOptions, PlanSummary, Session};
+use crate::engine::{self, Plan, PlanOptions, PlanSummary, Session};
 use super::{ModelSpec, ModelState};
 
 /// How to prepare a model for inference.
@@ -184,5 +184,5 @@ pub fn argmax_classes(logits: &[f32], classes: usize, plane: usize) -> Vec<u8> {
 
 /// The instruction set the plan's kernels use on this machine.
 pub fn kernel_isa() -> Result<&'static str> {
-    Ok(kernels::Isa::active()?.name())
+    Ok(engine::Isa::active()?.name())
 }

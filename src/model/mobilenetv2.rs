@@ -8,7 +8,7 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::blocks::{Act, BnMode, Conv, ConvBnAct, ConvBnPair, ConvKind, ConvSpec, Pix2PixUp};
-use super::graph::{Graph, GraphBuilder, NodeId};
+use crate::engine::graph::{Graph, GraphBuilder, NodeId};
 
 /// Channels of the five taps: block_1/3/6/13 expand ReLU and block_16 project.
 pub const TAP_CHANNELS: [usize; 5] = [96, 144, 192, 576, 320];

@@ -3,9 +3,8 @@
 //! candle `VarMap`, deterministic initialisation, timm checkpoint loading, and BatchNorm folding.
 
 pub mod blocks;
-pub mod graph;
 pub mod inference;
-pub mod kernels;
+pub mod ops;
 pub mod mobilenetv2;
 pub mod onnx;
 pub mod unet;
@@ -146,7 +145,7 @@ impl SegModel {
 
     /// The network as a layout-free inference graph, BatchNorm folded (what the inference
     /// engine compiles).
-    pub fn lower(&self) -> candle_core::Result<graph::Graph> {
+    pub fn lower(&self) -> candle_core::Result<crate::engine::Graph> {
         match self {
             SegModel::Unet(m) => m.lower(),
             SegModel::MobileNetV2Unet(m) => m.lower(),
@@ -401,3 +400,5 @@ pub fn device_name(device: &Device) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod engine_tests;

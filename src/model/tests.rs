@@ -76,7 +76,7 @@ fn batchnorm_matches_hand_computed_values() {
     // One channel, values 1..4: batch mean 2.5, biased variance 1.25.
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let bn = super::kernels::batchnorm::BatchNorm::new(1, 0.0, blocks::BN_MOMENTUM, vb).unwrap();
+    let bn = super::ops::batchnorm::BatchNorm::new(1, 0.0, blocks::BN_MOMENTUM, vb).unwrap();
     let x = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu).unwrap().reshape((4, 1, 1, 1)).unwrap();
     let y = bn.forward_act(&x, blocks::Act::Identity, true).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
     let expect: Vec<f32> = [1f32, 2., 3., 4.].iter().map(|v| (v - 2.5) / 1.25f32.sqrt()).collect();

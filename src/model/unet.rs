@@ -6,8 +6,8 @@ use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::blocks::{Act, BnMode, Conv, ConvBnPair, ConvKind, DoubleConv, UpConv2x2};
-use super::graph::{Graph, GraphBuilder};
-use super::kernels::ops;
+use crate::engine::graph::{Graph, GraphBuilder};
+use super::ops;
 
 /// `unet` settings.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail, ensure};
 use prost::Message;
 
 use super::blocks::{Act, ConvKind};
-use super::graph::{ConvOp, Graph, Node, NodeId, Op};
+use crate::engine::graph::{ConvOp, Graph, Node, NodeId, Op};
 use proto::*;
 
 /// The opset segctl writes (and the newest it reads).

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::config::{Arch, Config};
-use crate::model::kernels::{Plan, PlanOptions, Session};
+use crate::engine::{Plan, PlanOptions, Session};
 use crate::model::{ModelSpec, ModelState};
 use crate::util::rng::Rng;
 

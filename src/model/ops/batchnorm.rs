@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Device,
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
-use crate::model::blocks::Act;
+use crate::model::blocks::{Act, activate};
 
 /// Parameters and statistics of one BatchNorm layer.
 #[derive(Debug, Clone)]
@@ -52,7 +52,7 @@ impl BatchNorm {
                 let var = stats.get(1)?;
                 let x = x.broadcast_sub(&per_channel(&mean)?)?;
                 let x = x.broadcast_div(&per_channel(&(var + self.eps)?.sqrt()?)?)?;
-                act.apply(&x.broadcast_mul(&per_channel(&self.weight)?)?.broadcast_add(&per_channel(&self.bias)?)?)
+                activate(act, &x.broadcast_mul(&per_channel(&self.weight)?)?.broadcast_add(&per_channel(&self.bias)?)?)
             }
         } else {
             let scale = (&self.weight / (self.running_var.as_detached_tensor() + self.eps)?.sqrt()?)?;
@@ -60,7 +60,7 @@ impl BatchNorm {
             if fused {
                 x.contiguous()?.apply_op2(&Tensor::stack(&[&scale, &shift], 0)?, BnAffine { act })
             } else {
-                act.apply(&x.broadcast_mul(&per_channel(&scale)?)?.broadcast_add(&per_channel(&shift)?)?)
+                activate(act, &x.broadcast_mul(&per_channel(&scale)?)?.broadcast_add(&per_channel(&shift)?)?)
             }
         }
     }
@@ -371,7 +371,7 @@ mod tests {
         let stats = generic_stats(x).unwrap();
         let x = x.broadcast_sub(&per_channel(&stats.get(0).unwrap()).unwrap()).unwrap();
         let x = x.broadcast_div(&per_channel(&(stats.get(1).unwrap() + 1e-5).unwrap().sqrt().unwrap()).unwrap()).unwrap();
-        act.apply(&x.broadcast_mul(&per_channel(&bn.weight).unwrap()).unwrap().broadcast_add(&per_channel(&bn.bias).unwrap()).unwrap())
+        activate(act, &x.broadcast_mul(&per_channel(&bn.weight).unwrap()).unwrap().broadcast_add(&per_channel(&bn.bias).unwrap()).unwrap())
             .unwrap()
     }
 

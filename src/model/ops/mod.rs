@@ -9,7 +9,8 @@ use std::cell::RefCell;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Device, InplaceOp1, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::direct;
+pub mod batchnorm;
+pub mod direct;
 
 /// Geometry shared by im2col and col2im: an image side `[N, C, H, W]` and a column side
 /// `[C·kh·kw, N·Ho·Wo]`.

@@ -1,12 +1,37 @@
 //! A network as a graph of inference operations, with no memory layout in it: what the
 //! models say about themselves (through [`GraphBuilder`], from their `lower` methods, which
-//! mirror `forward_t` in eval mode) and what the inference engine in [`super::kernels`]
-//! compiles into a plan. BatchNorm never appears: it is folded into the convolution before
+//! mirror `forward_t` in eval mode) and what [`super::compile`] compiles into a plan. BatchNorm never appears: it is folded into the convolution before
 //! it as the graph is built. Weights keep candle's layouts.
 
 use anyhow::{Result, bail};
 
-use super::blocks::{Act, ConvKind};
+
+/// The kinds of convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvKind {
+    Dense,
+    Depthwise,
+    Transposed,
+}
+
+/// Activation after a convolution (or a normalization).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    Relu,
+    Relu6,
+    Identity,
+}
+
+impl Act {
+    /// The activation as a clamp `[min, max]`.
+    pub fn bounds(self) -> (f32, f32) {
+        match self {
+            Act::Relu => (0.0, f32::INFINITY),
+            Act::Relu6 => (0.0, 6.0),
+            Act::Identity => (f32::NEG_INFINITY, f32::INFINITY),
+        }
+    }
+}
 
 /// Index of a node in its graph.
 pub type NodeId = usize;

@@ -1,12 +1,12 @@
-//! The plan against candle's eval forward of the same weights, for both architectures, every
+//! The engine's plans of the models against candle's eval forward of the same weights, for both architectures, every
 //! instruction set this CPU has, several batch sizes, thread counts and input shapes.
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::plan::{Plan, PlanOptions, Session, WinogradPolicy, kind_name};
-use super::Isa;
+use crate::engine::plan::{Plan, PlanOptions, WinogradPolicy, kind_name};
+use crate::engine::{Isa, Session};
 use crate::config::{Arch, Config};
 use crate::model::{ModelSpec, ModelState};
 use crate::util::rng::Rng;
@@ -143,9 +143,9 @@ fn mobilenetv2_unet_plan_matches_candle() {
 
 mod single {
     use super::*;
-    use crate::model::kernels::ops;
-    use crate::model::blocks::{Act, ConvKind};
-    use crate::model::graph::{ConvOp, Graph, GraphBuilder};
+    use crate::model::ops;
+    use crate::engine::graph::{Act, ConvKind};
+    use crate::engine::graph::{ConvOp, Graph, GraphBuilder};
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = Rng::new(seed);
@@ -176,7 +176,7 @@ mod single {
         }
         .unwrap();
         let y = y.broadcast_add(&tensor(&op.bias, &[1, op.cout, 1, 1])).unwrap();
-        op.act.apply(&y).unwrap()
+        crate::model::blocks::activate(op.act, &y).unwrap()
     }
 
     /// Runs `graph` on every instruction set, thread count and batch, and compares with

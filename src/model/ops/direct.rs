@@ -131,9 +131,9 @@ unsafe fn grad_weight_block_avx2(x: &[f32], dy: &[f32], s: Shape3x3, index: usiz
 }
 
 /// Whether the AVX2/FMA build of these kernels runs: the plan's dispatch rule
-/// ([`super::Isa::active`], so `SEGCTL_KERNELS=portable` selects the portable loops here too).
+/// ([`crate::engine::Isa::active`], so `SEGCTL_KERNELS=portable` selects the portable loops here too).
 fn has_avx2_fma() -> bool {
-    matches!(super::Isa::active(), Ok(super::Isa::Avx512 | super::Isa::Avx2))
+    matches!(crate::engine::Isa::active(), Ok(crate::engine::Isa::Avx512 | crate::engine::Isa::Avx2))
 }
 
 /// `y [N, Cout, H, W] = conv3x3(x [N, Cin, H, W], w [Cout, Cin, 3, 3])`, padding 1.

@@ -1,15 +1,17 @@
-//! The CPU kernel seam of the model layer: everything that knows a memory layout.
+//! The inference engine: a layout-free [`Graph`] compiled once into a [`Plan`] of fused
+//! steps over padded NHWC maps, run by a [`Session`] with a fixed team of threads, on
+//! register-tiled kernels per instruction set. It imports nothing of the application: the
+//! models lower themselves into a [`Graph`] through [`GraphBuilder`], and training's CPU ops
+//! (in `model::ops`) call the same kernels through [`kernels`].
 //!
-//! - [`Plan`] compiles a model's layout-free [`Graph`](super::graph::Graph) once into an
-//!   inference plan: weights pre-packed for the kernels, one fused step per layer
-//!   (convolution + bias + activation + residual in the epilogue, concatenations written in
-//!   place by their producers, up-sampling folded into the convolution's stores), and every
-//!   activation at an offset in one arena assigned at compile time. [`Session`] runs it with
-//!   a fixed set of threads and allocates nothing in steady state.
-//! - The training side: candle custom ops with their backward passes ([`ops`]: GEMM
-//!   convolutions, depthwise, pooling; [`direct`]: narrow 3×3 convolutions; [`batchnorm`]:
-//!   fused BatchNorm + activation). The models call these through candle tensors and never
-//!   see a layout; they follow the same dispatch rule.
+//! - [`graph`]: what a network is (convolutions with BatchNorm folded, pooling, concatenation,
+//!   residual sums, depth-to-space), weights in PyTorch's layouts.
+//! - [`compile`]: the graph into a [`Plan`] (weights pre-packed, one fused step per layer,
+//!   concatenations written in place, every activation at an offset in one arena).
+//! - [`session`] runs a plan; [`team`] is its thread team.
+//! - The kernels: [`gemm`] (the register tile every dense kernel is built on, with [`asm`]'s
+//!   hand-scheduled versions), [`conv`] (direct convolutions), [`winograd`], [`pool`]
+//!   (depthwise, pooling, element-wise, input and output steps), over [`simd`].
 //!
 //! **Dispatch rule.** [`Isa::active`] is the widest instruction set the CPU has (AVX-512F,
 //! then AVX2+FMA, then the portable Rust path), unless the `SEGCTL_KERNELS` environment
@@ -18,21 +20,24 @@
 
 #[cfg(target_arch = "x86_64")]
 pub mod asm;
-pub mod batchnorm;
+pub mod compile;
 pub mod conv;
-pub mod direct;
 pub mod gemm;
-pub mod ops;
+pub mod graph;
 pub mod plan;
 pub mod pool;
+pub mod session;
 pub mod simd;
+pub mod team;
 pub mod winograd;
 
 use std::sync::OnceLock;
 
 use anyhow::{Result, bail};
 
-pub use plan::{Plan, PlanOptions, PlanSummary, Session};
+pub use graph::{Act, ConvKind, ConvOp, Graph, GraphBuilder, NodeId, Op};
+pub use plan::{Plan, PlanOptions, PlanSummary, WinogradPolicy};
+pub use session::Session;
 
 /// An instruction set the kernels are compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -110,5 +115,3 @@ impl Isa {
     }
 }
 
-#[cfg(test)]
-mod tests;
