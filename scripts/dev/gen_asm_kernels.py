@@ -77,12 +77,68 @@ pub unsafe fn {name}(a: *const f32, lda: usize, offsets: &[isize], kc: usize, b:
 }}
 '''
 
+
+def outer_kernel(name, isa, vec, mr, nv, lanes, feature, embedded):
+    """The weight-gradient tile: rows broadcast from `a + r` (consecutive channels of one
+    pixel), vectors from `b + j·lanes`, both pointers advancing by their own pixel step."""
+    lines = ["2:"]
+    for j in range(nv):
+        lines.append(f"vmovups {{b{j}}}, [{{bp}} + {j * lanes * 4}]")
+    for r in range(mr):
+        addr = f"[{{ap}} + {r * 4}]"
+        if embedded and nv == 1:
+            bc = "{1to16}" if lanes == 16 else "{1to8}"
+            lines.append(f"vfmadd231ps {{c{r}_0}}, {{b0}}, dword ptr {addr}{bc}")
+        else:
+            t = f"{{t{r % 2}}}"
+            lines.append(f"vbroadcastss {t}, dword ptr {addr}")
+            for j in range(nv):
+                lines.append(f"vfmadd231ps {{c{r}_{j}}}, {{b{j}}}, {t}")
+    lines.append("add {ap}, {sa}")
+    lines.append("add {bp}, {sb}")
+    lines.append("dec {k}")
+    lines.append("jnz 2b")
+    body = ",\n                ".join('"' + l + '"' for l in lines)
+    body = body.replace("{1to16}", "{{1to16}}").replace("{1to8}", "{{1to8}}")
+    ops = ["ap = inout(reg) ap => _", "bp = inout(reg) bp => _", "sa = in(reg) a_step * 4", "sb = in(reg) b_step * 4", "k = inout(reg) kc => _"]
+    for j in range(nv):
+        ops.append(f"b{j} = out({vec}) _")
+    if not (embedded and nv == 1):
+        ops.append(f"t0 = out({vec}) _")
+        ops.append(f"t1 = out({vec}) _")
+    for r in range(mr):
+        for j in range(nv):
+            ops.append(f"c{r}_{j} = inout({vec}) acc[{r}][{j}]")
+    ops.append("options(nostack, readonly)")
+    opstr = ",\n                ".join(ops)
+    vty = "__m512" if lanes == 16 else "__m256"
+    return f'''
+/// `{mr}×{nv}` weight-gradient tile of {lanes}-float vectors ({isa}), accumulating into `acc`.
+///
+/// # Safety
+/// As [`super::gemm::outer_tile`]; the CPU must have {isa}.
+#[target_feature(enable = "{feature}")]
+pub unsafe fn {name}(acc: &mut [[{vty}; {nv}]; {mr}], segments: &[(*const f32, *const f32)], kc: usize, a_step: usize, b_step: usize) {{
+    if kc == 0 {{
+        return;
+    }}
+    for &(ap, bp) in segments {{
+        // SAFETY: the caller guarantees every address the segment steps through is readable.
+        asm!(
+                {body},
+                {opstr}
+        );
+    }}
+}}
+'''
+
 out = '''//! Hand-scheduled register tiles for [`super::gemm::tile`], as inline assembly: the
 //! compiler's own schedule of the generic tile hoists every broadcast ahead of the
 //! multiply-adds and spills accumulators (measured at a third of the FMA peak on AVX-512).
 //! Each loop step loads the `NV` weight vectors once, then per row broadcasts one input value
 //! and issues `NV` multiply-adds; rows are addressed as `base + {0, 1, 2}·lda` from one base
-//! register per three rows.
+//! register per three rows. The `outer_*` tiles are [`super::gemm::outer_tile`]'s (weight
+//! gradients): rows broadcast from consecutive floats, both operands stepping by a pixel.
 //!
 //! Written by `scripts/dev/gen_asm_kernels.py` (edit the script, not this file).
 
@@ -96,4 +152,8 @@ out += kernel("tile_avx512_24x1", "AVX-512F", "zmm_reg", 24, 1, 16, "avx512f", T
 out += kernel("tile_avx512_8x2", "AVX-512F", "zmm_reg", 8, 2, 16, "avx512f", False)
 out += kernel("tile_avx2_6x2", "AVX2 and FMA", "ymm_reg", 6, 2, 8, "avx2,fma", False)
 out += kernel("tile_avx2_12x1", "AVX2 and FMA", "ymm_reg", 12, 1, 8, "avx2,fma", False)
-import os; open(os.path.join(os.path.dirname(__file__), "../../src/model/kernels/asm.rs"), "w").write(out)
+out += outer_kernel("outer_avx512_12x2", "AVX-512F", "zmm_reg", 12, 2, 16, "avx512f", False)
+out += outer_kernel("outer_avx512_24x1", "AVX-512F", "zmm_reg", 24, 1, 16, "avx512f", True)
+out += outer_kernel("outer_avx2_6x2", "AVX2 and FMA", "ymm_reg", 6, 2, 8, "avx2,fma", False)
+out += outer_kernel("outer_avx2_12x1", "AVX2 and FMA", "ymm_reg", 12, 1, 8, "avx2,fma", False)
+import os; open(os.path.join(os.path.dirname(__file__), "../../src/engine/asm.rs"), "w").write(out)

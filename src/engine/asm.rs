@@ -3,7 +3,8 @@
 //! multiply-adds and spills accumulators (measured at a third of the FMA peak on AVX-512).
 //! Each loop step loads the `NV` weight vectors once, then per row broadcasts one input value
 //! and issues `NV` multiply-adds; rows are addressed as `base + {0, 1, 2}·lda` from one base
-//! register per three rows.
+//! register per three rows. The `outer_*` tiles are [`super::gemm::outer_tile`]'s (weight
+//! gradients): rows broadcast from consecutive floats, both operands stepping by a pixel.
 //!
 //! Written by `scripts/dev/gen_asm_kernels.py` (edit the script, not this file).
 
@@ -442,4 +443,304 @@ pub unsafe fn tile_avx2_12x1(a: *const f32, lda: usize, offsets: &[isize], kc: u
         );
     }
     acc
+}
+
+/// `12×2` weight-gradient tile of 16-float vectors (AVX-512F), accumulating into `acc`.
+///
+/// # Safety
+/// As [`super::gemm::outer_tile`]; the CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn outer_avx512_12x2(acc: &mut [[__m512; 2]; 12], segments: &[(*const f32, *const f32)], kc: usize, a_step: usize, b_step: usize) {
+    if kc == 0 {
+        return;
+    }
+    for &(ap, bp) in segments {
+        // SAFETY: the caller guarantees every address the segment steps through is readable.
+        asm!(
+                "2:",
+                "vmovups {b0}, [{bp} + 0]",
+                "vmovups {b1}, [{bp} + 64]",
+                "vbroadcastss {t0}, dword ptr [{ap} + 0]",
+                "vfmadd231ps {c0_0}, {b0}, {t0}",
+                "vfmadd231ps {c0_1}, {b1}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{ap} + 4]",
+                "vfmadd231ps {c1_0}, {b0}, {t1}",
+                "vfmadd231ps {c1_1}, {b1}, {t1}",
+                "vbroadcastss {t0}, dword ptr [{ap} + 8]",
+                "vfmadd231ps {c2_0}, {b0}, {t0}",
+                "vfmadd231ps {c2_1}, {b1}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{ap} + 12]",
+                "vfmadd231ps {c3_0}, {b0}, {t1}",
+                "vfmadd231ps {c3_1}, {b1}, {t1}",
+                "vbroadcastss {t0}, dword ptr [{ap} + 16]",
+                "vfmadd231ps {c4_0}, {b0}, {t0}",
+                "vfmadd231ps {c4_1}, {b1}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{ap} + 20]",
+                "vfmadd231ps {c5_0}, {b0}, {t1}",
+                "vfmadd231ps {c5_1}, {b1}, {t1}",
+                "vbroadcastss {t0}, dword ptr [{ap} + 24]",
+                "vfmadd231ps {c6_0}, {b0}, {t0}",
+                "vfmadd231ps {c6_1}, {b1}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{ap} + 28]",
+                "vfmadd231ps {c7_0}, {b0}, {t1}",
+                "vfmadd231ps {c7_1}, {b1}, {t1}",
+                "vbroadcastss {t0}, dword ptr [{ap} + 32]",
+                "vfmadd231ps {c8_0}, {b0}, {t0}",
+                "vfmadd231ps {c8_1}, {b1}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{ap} + 36]",
+                "vfmadd231ps {c9_0}, {b0}, {t1}",
+                "vfmadd231ps {c9_1}, {b1}, {t1}",
+                "vbroadcastss {t0}, dword ptr [{ap} + 40]",
+                "vfmadd231ps {c10_0}, {b0}, {t0}",
+                "vfmadd231ps {c10_1}, {b1}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{ap} + 44]",
+                "vfmadd231ps {c11_0}, {b0}, {t1}",
+                "vfmadd231ps {c11_1}, {b1}, {t1}",
+                "add {ap}, {sa}",
+                "add {bp}, {sb}",
+                "dec {k}",
+                "jnz 2b",
+                ap = inout(reg) ap => _,
+                bp = inout(reg) bp => _,
+                sa = in(reg) a_step * 4,
+                sb = in(reg) b_step * 4,
+                k = inout(reg) kc => _,
+                b0 = out(zmm_reg) _,
+                b1 = out(zmm_reg) _,
+                t0 = out(zmm_reg) _,
+                t1 = out(zmm_reg) _,
+                c0_0 = inout(zmm_reg) acc[0][0],
+                c0_1 = inout(zmm_reg) acc[0][1],
+                c1_0 = inout(zmm_reg) acc[1][0],
+                c1_1 = inout(zmm_reg) acc[1][1],
+                c2_0 = inout(zmm_reg) acc[2][0],
+                c2_1 = inout(zmm_reg) acc[2][1],
+                c3_0 = inout(zmm_reg) acc[3][0],
+                c3_1 = inout(zmm_reg) acc[3][1],
+                c4_0 = inout(zmm_reg) acc[4][0],
+                c4_1 = inout(zmm_reg) acc[4][1],
+                c5_0 = inout(zmm_reg) acc[5][0],
+                c5_1 = inout(zmm_reg) acc[5][1],
+                c6_0 = inout(zmm_reg) acc[6][0],
+                c6_1 = inout(zmm_reg) acc[6][1],
+                c7_0 = inout(zmm_reg) acc[7][0],
+                c7_1 = inout(zmm_reg) acc[7][1],
+                c8_0 = inout(zmm_reg) acc[8][0],
+                c8_1 = inout(zmm_reg) acc[8][1],
+                c9_0 = inout(zmm_reg) acc[9][0],
+                c9_1 = inout(zmm_reg) acc[9][1],
+                c10_0 = inout(zmm_reg) acc[10][0],
+                c10_1 = inout(zmm_reg) acc[10][1],
+                c11_0 = inout(zmm_reg) acc[11][0],
+                c11_1 = inout(zmm_reg) acc[11][1],
+                options(nostack, readonly)
+        );
+    }
+}
+
+/// `24×1` weight-gradient tile of 16-float vectors (AVX-512F), accumulating into `acc`.
+///
+/// # Safety
+/// As [`super::gemm::outer_tile`]; the CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn outer_avx512_24x1(acc: &mut [[__m512; 1]; 24], segments: &[(*const f32, *const f32)], kc: usize, a_step: usize, b_step: usize) {
+    if kc == 0 {
+        return;
+    }
+    for &(ap, bp) in segments {
+        // SAFETY: the caller guarantees every address the segment steps through is readable.
+        asm!(
+                "2:",
+                "vmovups {b0}, [{bp} + 0]",
+                "vfmadd231ps {c0_0}, {b0}, dword ptr [{ap} + 0]{{1to16}}",
+                "vfmadd231ps {c1_0}, {b0}, dword ptr [{ap} + 4]{{1to16}}",
+                "vfmadd231ps {c2_0}, {b0}, dword ptr [{ap} + 8]{{1to16}}",
+                "vfmadd231ps {c3_0}, {b0}, dword ptr [{ap} + 12]{{1to16}}",
+                "vfmadd231ps {c4_0}, {b0}, dword ptr [{ap} + 16]{{1to16}}",
+                "vfmadd231ps {c5_0}, {b0}, dword ptr [{ap} + 20]{{1to16}}",
+                "vfmadd231ps {c6_0}, {b0}, dword ptr [{ap} + 24]{{1to16}}",
+                "vfmadd231ps {c7_0}, {b0}, dword ptr [{ap} + 28]{{1to16}}",
+                "vfmadd231ps {c8_0}, {b0}, dword ptr [{ap} + 32]{{1to16}}",
+                "vfmadd231ps {c9_0}, {b0}, dword ptr [{ap} + 36]{{1to16}}",
+                "vfmadd231ps {c10_0}, {b0}, dword ptr [{ap} + 40]{{1to16}}",
+                "vfmadd231ps {c11_0}, {b0}, dword ptr [{ap} + 44]{{1to16}}",
+                "vfmadd231ps {c12_0}, {b0}, dword ptr [{ap} + 48]{{1to16}}",
+                "vfmadd231ps {c13_0}, {b0}, dword ptr [{ap} + 52]{{1to16}}",
+                "vfmadd231ps {c14_0}, {b0}, dword ptr [{ap} + 56]{{1to16}}",
+                "vfmadd231ps {c15_0}, {b0}, dword ptr [{ap} + 60]{{1to16}}",
+                "vfmadd231ps {c16_0}, {b0}, dword ptr [{ap} + 64]{{1to16}}",
+                "vfmadd231ps {c17_0}, {b0}, dword ptr [{ap} + 68]{{1to16}}",
+                "vfmadd231ps {c18_0}, {b0}, dword ptr [{ap} + 72]{{1to16}}",
+                "vfmadd231ps {c19_0}, {b0}, dword ptr [{ap} + 76]{{1to16}}",
+                "vfmadd231ps {c20_0}, {b0}, dword ptr [{ap} + 80]{{1to16}}",
+                "vfmadd231ps {c21_0}, {b0}, dword ptr [{ap} + 84]{{1to16}}",
+                "vfmadd231ps {c22_0}, {b0}, dword ptr [{ap} + 88]{{1to16}}",
+                "vfmadd231ps {c23_0}, {b0}, dword ptr [{ap} + 92]{{1to16}}",
+                "add {ap}, {sa}",
+                "add {bp}, {sb}",
+                "dec {k}",
+                "jnz 2b",
+                ap = inout(reg) ap => _,
+                bp = inout(reg) bp => _,
+                sa = in(reg) a_step * 4,
+                sb = in(reg) b_step * 4,
+                k = inout(reg) kc => _,
+                b0 = out(zmm_reg) _,
+                c0_0 = inout(zmm_reg) acc[0][0],
+                c1_0 = inout(zmm_reg) acc[1][0],
+                c2_0 = inout(zmm_reg) acc[2][0],
+                c3_0 = inout(zmm_reg) acc[3][0],
+                c4_0 = inout(zmm_reg) acc[4][0],
+                c5_0 = inout(zmm_reg) acc[5][0],
+                c6_0 = inout(zmm_reg) acc[6][0],
+                c7_0 = inout(zmm_reg) acc[7][0],
+                c8_0 = inout(zmm_reg) acc[8][0],
+                c9_0 = inout(zmm_reg) acc[9][0],
+                c10_0 = inout(zmm_reg) acc[10][0],
+                c11_0 = inout(zmm_reg) acc[11][0],
+                c12_0 = inout(zmm_reg) acc[12][0],
+                c13_0 = inout(zmm_reg) acc[13][0],
+                c14_0 = inout(zmm_reg) acc[14][0],
+                c15_0 = inout(zmm_reg) acc[15][0],
+                c16_0 = inout(zmm_reg) acc[16][0],
+                c17_0 = inout(zmm_reg) acc[17][0],
+                c18_0 = inout(zmm_reg) acc[18][0],
+                c19_0 = inout(zmm_reg) acc[19][0],
+                c20_0 = inout(zmm_reg) acc[20][0],
+                c21_0 = inout(zmm_reg) acc[21][0],
+                c22_0 = inout(zmm_reg) acc[22][0],
+                c23_0 = inout(zmm_reg) acc[23][0],
+                options(nostack, readonly)
+        );
+    }
+}
+
+/// `6×2` weight-gradient tile of 8-float vectors (AVX2 and FMA), accumulating into `acc`.
+///
+/// # Safety
+/// As [`super::gemm::outer_tile`]; the CPU must have AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn outer_avx2_6x2(acc: &mut [[__m256; 2]; 6], segments: &[(*const f32, *const f32)], kc: usize, a_step: usize, b_step: usize) {
+    if kc == 0 {
+        return;
+    }
+    for &(ap, bp) in segments {
+        // SAFETY: the caller guarantees every address the segment steps through is readable.
+        asm!(
+                "2:",
+                "vmovups {b0}, [{bp} + 0]",
+                "vmovups {b1}, [{bp} + 32]",
+                "vbroadcastss {t0}, dword ptr [{ap} + 0]",
+                "vfmadd231ps {c0_0}, {b0}, {t0}",
+                "vfmadd231ps {c0_1}, {b1}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{ap} + 4]",
+                "vfmadd231ps {c1_0}, {b0}, {t1}",
+                "vfmadd231ps {c1_1}, {b1}, {t1}",
+                "vbroadcastss {t0}, dword ptr [{ap} + 8]",
+                "vfmadd231ps {c2_0}, {b0}, {t0}",
+                "vfmadd231ps {c2_1}, {b1}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{ap} + 12]",
+                "vfmadd231ps {c3_0}, {b0}, {t1}",
+                "vfmadd231ps {c3_1}, {b1}, {t1}",
+                "vbroadcastss {t0}, dword ptr [{ap} + 16]",
+                "vfmadd231ps {c4_0}, {b0}, {t0}",
+                "vfmadd231ps {c4_1}, {b1}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{ap} + 20]",
+                "vfmadd231ps {c5_0}, {b0}, {t1}",
+                "vfmadd231ps {c5_1}, {b1}, {t1}",
+                "add {ap}, {sa}",
+                "add {bp}, {sb}",
+                "dec {k}",
+                "jnz 2b",
+                ap = inout(reg) ap => _,
+                bp = inout(reg) bp => _,
+                sa = in(reg) a_step * 4,
+                sb = in(reg) b_step * 4,
+                k = inout(reg) kc => _,
+                b0 = out(ymm_reg) _,
+                b1 = out(ymm_reg) _,
+                t0 = out(ymm_reg) _,
+                t1 = out(ymm_reg) _,
+                c0_0 = inout(ymm_reg) acc[0][0],
+                c0_1 = inout(ymm_reg) acc[0][1],
+                c1_0 = inout(ymm_reg) acc[1][0],
+                c1_1 = inout(ymm_reg) acc[1][1],
+                c2_0 = inout(ymm_reg) acc[2][0],
+                c2_1 = inout(ymm_reg) acc[2][1],
+                c3_0 = inout(ymm_reg) acc[3][0],
+                c3_1 = inout(ymm_reg) acc[3][1],
+                c4_0 = inout(ymm_reg) acc[4][0],
+                c4_1 = inout(ymm_reg) acc[4][1],
+                c5_0 = inout(ymm_reg) acc[5][0],
+                c5_1 = inout(ymm_reg) acc[5][1],
+                options(nostack, readonly)
+        );
+    }
+}
+
+/// `12×1` weight-gradient tile of 8-float vectors (AVX2 and FMA), accumulating into `acc`.
+///
+/// # Safety
+/// As [`super::gemm::outer_tile`]; the CPU must have AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn outer_avx2_12x1(acc: &mut [[__m256; 1]; 12], segments: &[(*const f32, *const f32)], kc: usize, a_step: usize, b_step: usize) {
+    if kc == 0 {
+        return;
+    }
+    for &(ap, bp) in segments {
+        // SAFETY: the caller guarantees every address the segment steps through is readable.
+        asm!(
+                "2:",
+                "vmovups {b0}, [{bp} + 0]",
+                "vbroadcastss {t0}, dword ptr [{ap} + 0]",
+                "vfmadd231ps {c0_0}, {b0}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{ap} + 4]",
+                "vfmadd231ps {c1_0}, {b0}, {t1}",
+                "vbroadcastss {t0}, dword ptr [{ap} + 8]",
+                "vfmadd231ps {c2_0}, {b0}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{ap} + 12]",
+                "vfmadd231ps {c3_0}, {b0}, {t1}",
+                "vbroadcastss {t0}, dword ptr [{ap} + 16]",
+                "vfmadd231ps {c4_0}, {b0}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{ap} + 20]",
+                "vfmadd231ps {c5_0}, {b0}, {t1}",
+                "vbroadcastss {t0}, dword ptr [{ap} + 24]",
+                "vfmadd231ps {c6_0}, {b0}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{ap} + 28]",
+                "vfmadd231ps {c7_0}, {b0}, {t1}",
+                "vbroadcastss {t0}, dword ptr [{ap} + 32]",
+                "vfmadd231ps {c8_0}, {b0}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{ap} + 36]",
+                "vfmadd231ps {c9_0}, {b0}, {t1}",
+                "vbroadcastss {t0}, dword ptr [{ap} + 40]",
+                "vfmadd231ps {c10_0}, {b0}, {t0}",
+                "vbroadcastss {t1}, dword ptr [{ap} + 44]",
+                "vfmadd231ps {c11_0}, {b0}, {t1}",
+                "add {ap}, {sa}",
+                "add {bp}, {sb}",
+                "dec {k}",
+                "jnz 2b",
+                ap = inout(reg) ap => _,
+                bp = inout(reg) bp => _,
+                sa = in(reg) a_step * 4,
+                sb = in(reg) b_step * 4,
+                k = inout(reg) kc => _,
+                b0 = out(ymm_reg) _,
+                t0 = out(ymm_reg) _,
+                t1 = out(ymm_reg) _,
+                c0_0 = inout(ymm_reg) acc[0][0],
+                c1_0 = inout(ymm_reg) acc[1][0],
+                c2_0 = inout(ymm_reg) acc[2][0],
+                c3_0 = inout(ymm_reg) acc[3][0],
+                c4_0 = inout(ymm_reg) acc[4][0],
+                c5_0 = inout(ymm_reg) acc[5][0],
+                c6_0 = inout(ymm_reg) acc[6][0],
+                c7_0 = inout(ymm_reg) acc[7][0],
+                c8_0 = inout(ymm_reg) acc[8][0],
+                c9_0 = inout(ymm_reg) acc[9][0],
+                c10_0 = inout(ymm_reg) acc[10][0],
+                c11_0 = inout(ymm_reg) acc[11][0],
+                options(nostack, readonly)
+        );
+    }
 }

@@ -92,8 +92,7 @@ impl Plan {
                 w: bw,
                 cs,
                 per_image: (positions * cs).div_ceil(16) * 16,
-                // Tiles of up to 24 pixels, two pixels apart when strided, plus two rows.
-                slack: (64 + 2 * (bw + 2)) * cs,
+                slack: super::plan::slack_floats(bw, cs),
                 offset: 0,
                 first: usize::MAX,
                 last: 0,

@@ -122,3 +122,51 @@ pub fn pack_panels(segments: usize, cin: usize, cout: usize, nr: usize, w: impl 
     }
     out
 }
+
+/// The weight-gradient tile: `acc[r][j] += Σ_s Σ_{k<kc} a_s[k·a_step + r] · b_s[k·b_step + j·L ..]`
+/// over segments `(a_s, b_s)`: `MR` consecutive channels of one map's pixel broadcast, `NV`
+/// vectors of consecutive channels of another map's pixel, each pointer stepping by its own
+/// pixel stride. A convolution's weight gradient is one such reduction per kernel tap, over
+/// the pixels that meet through that tap.
+///
+/// # Safety
+/// Every address named above must be readable; the instruction set of `S` must be present.
+#[inline(always)]
+pub unsafe fn outer_tile<S: Simd, const MR: usize, const NV: usize>(
+    acc: &mut [[S::V; NV]; MR],
+    segments: &[(*const f32, *const f32)],
+    kc: usize,
+    a_step: usize,
+    b_step: usize,
+) {
+    debug_assert!(MR <= 24 && NV <= 2);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::{Isa, asm};
+        // SAFETY (all of them): `S::ISA` says the CPU has the instructions; the tile types are
+        // the same `[[vector; NV]; MR]` arrays.
+        match (S::ISA, MR, NV) {
+            (Isa::Avx512, 12, 2) => return asm::outer_avx512_12x2(&mut *(acc as *mut _ as *mut _), segments, kc, a_step, b_step),
+            (Isa::Avx512, 24, 1) => return asm::outer_avx512_24x1(&mut *(acc as *mut _ as *mut _), segments, kc, a_step, b_step),
+            (Isa::Avx2, 6, 2) => return asm::outer_avx2_6x2(&mut *(acc as *mut _ as *mut _), segments, kc, a_step, b_step),
+            (Isa::Avx2, 12, 1) => return asm::outer_avx2_12x1(&mut *(acc as *mut _ as *mut _), segments, kc, a_step, b_step),
+            _ => {}
+        }
+    }
+    for &(a, b) in segments {
+        let (mut ap, mut bp) = (a, b);
+        for _ in 0..kc {
+            let b0 = S::load(bp);
+            let b1 = if NV > 1 { S::load(bp.add(S::LANES)) } else { b0 };
+            for (r, row) in acc.iter_mut().enumerate() {
+                let av = S::splat(*ap.add(r));
+                row[0] = S::fma(av, b0, row[0]);
+                if NV > 1 {
+                    row[NV - 1] = S::fma(av, b1, row[NV - 1]);
+                }
+            }
+            ap = ap.add(a_step);
+            bp = bp.add(b_step);
+        }
+    }
+}

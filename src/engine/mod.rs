@@ -23,7 +23,10 @@ pub mod asm;
 pub mod compile;
 pub mod conv;
 pub mod gemm;
+pub mod grad;
 pub mod graph;
+pub mod kernels;
+pub mod maps;
 pub mod plan;
 pub mod pool;
 pub mod session;
@@ -115,3 +118,44 @@ impl Isa {
     }
 }
 
+
+/// A piece of kernel work generic over the vector instruction set: [`dispatch`] runs it with
+/// the instructions of an [`Isa`], compiled for them. Implementations mark `run`
+/// `#[inline(always)]` so that their body is compiled inside the `#[target_feature]` entry
+/// point of each instruction set.
+pub trait SimdJob {
+    /// # Safety
+    /// Called only where the instruction set of `S` is available; the job's own pointers must
+    /// be valid for what it reads and writes.
+    unsafe fn run<S: simd::Simd>(&self);
+}
+
+/// Runs `job` with the kernels of `isa` (the one dispatch point of every kernel outside a
+/// plan; a plan's session dispatches the same way, once per step item).
+///
+/// # Safety
+/// `isa` must be supported by this CPU ([`Isa::supported`]); the job's pointers must be valid.
+#[inline]
+pub unsafe fn dispatch<J: SimdJob>(isa: Isa, job: &J) {
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => dispatch_avx512(job),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => dispatch_avx2(job),
+            _ => job.run::<simd::Portable>(),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn dispatch_avx512<J: SimdJob>(job: &J) {
+    unsafe { job.run::<simd::Avx512>() }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dispatch_avx2<J: SimdJob>(job: &J) {
+    unsafe { job.run::<simd::Avx2>() }
+}

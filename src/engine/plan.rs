@@ -26,6 +26,12 @@ pub struct View {
     pub c: usize,
 }
 
+/// Floats a kernel may read past the last image of a map `w` pixels wide with `cs` channels
+/// per pixel (tiles of up to 24 pixels, two pixels apart when strided, plus two rows).
+pub fn slack_floats(w: usize, cs: usize) -> usize {
+    (64 + 2 * (w + 2)) * cs
+}
+
 impl View {
     /// Padded pixels per image.
     pub fn positions(&self) -> usize {
@@ -194,6 +200,27 @@ pub fn kind_name(kind: &StepKind) -> &'static str {
 }
 
 impl StepKind {
+    /// Runs work item `item` of `split`.
+    ///
+    /// # Safety
+    /// `ctx` holds the step's buffers for a batch of `ctx.n`; `scratch` holds the step's
+    /// scratch floats; the instruction set of `S` is available.
+    #[inline(always)]
+    pub unsafe fn run_item<S: super::simd::Simd>(&self, ctx: &Ctx, split: Split, item: usize, scratch: *mut f32) {
+        unsafe {
+            match self {
+                StepKind::Input(s) => s.run(ctx, item),
+                StepKind::Output(s) => s.run(ctx, item),
+                StepKind::Direct(s) => s.run::<S>(ctx, split, item),
+                StepKind::SmallK(s) => s.run::<S>(ctx, split, item),
+                StepKind::Winograd(s) => s.run::<S>(ctx, split, item, scratch),
+                StepKind::Depthwise(s) => s.run::<S>(ctx, item),
+                StepKind::MaxPool(s) => s.run::<S>(ctx, item),
+                StepKind::Eltwise(s) => s.run::<S>(ctx, item),
+            }
+        }
+    }
+
     pub(super) fn split(&self, n: usize, threads: usize) -> Split {
         match self {
             StepKind::Direct(d) => d.split(n, threads),

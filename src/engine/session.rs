@@ -11,7 +11,7 @@ use anyhow::{Result, ensure};
 use super::Isa;
 use super::compile::max_scratch;
 use super::conv::Split;
-use super::plan::{Ctx, LARGE_BATCH, Plan, Step, StepKind, View};
+use super::plan::{Ctx, LARGE_BATCH, Plan, Step, View};
 use super::simd::Simd;
 use super::team::{SpinBarrier, Team};
 
@@ -25,18 +25,7 @@ unsafe fn run_item<S: Simd>(plan: &Plan, step: &Step, ctx: &Ctx, split: Split, i
         return;
     }
     let item = item - borders;
-    unsafe {
-        match step.for_batch(ctx.n) {
-            StepKind::Input(s) => s.run(ctx, item),
-            StepKind::Output(s) => s.run(ctx, item),
-            StepKind::Direct(s) => s.run::<S>(ctx, split, item),
-            StepKind::SmallK(s) => s.run::<S>(ctx, split, item),
-            StepKind::Winograd(s) => s.run::<S>(ctx, split, item, scratch),
-            StepKind::Depthwise(s) => s.run::<S>(ctx, item),
-            StepKind::MaxPool(s) => s.run::<S>(ctx, item),
-            StepKind::Eltwise(s) => s.run::<S>(ctx, item),
-        }
-    }
+    unsafe { step.for_batch(ctx.n).run_item::<S>(ctx, split, item, scratch) }
 }
 
 // The generic kernels are inlined into one function per instruction set, compiled for it.

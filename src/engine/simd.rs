@@ -42,6 +42,10 @@ pub unsafe trait Simd: Copy + Send + Sync + 'static {
     unsafe fn min(a: Self::V, b: Self::V) -> Self::V;
     /// Sum of the lanes.
     unsafe fn sum(v: Self::V) -> f32;
+    /// `x` in the lanes where `a == b`, `y` elsewhere.
+    unsafe fn select_eq(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V;
+    /// `x` in the lanes where `lo < z < hi`, zero elsewhere.
+    unsafe fn select_between(z: Self::V, lo: Self::V, hi: Self::V, x: Self::V) -> Self::V;
 
     /// `n` lanes from `p` (all when `n >= LANES`), zero in the rest.
     #[inline(always)]
@@ -125,6 +129,19 @@ unsafe impl Simd for Avx512 {
     unsafe fn sum(v: Self::V) -> f32 {
         unsafe { std::arch::x86_64::_mm512_reduce_add_ps(v) }
     }
+    #[inline(always)]
+    unsafe fn select_eq(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V {
+        use std::arch::x86_64::*;
+        unsafe { _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_EQ_OQ>(a, b), y, x) }
+    }
+    #[inline(always)]
+    unsafe fn select_between(z: Self::V, lo: Self::V, hi: Self::V, x: Self::V) -> Self::V {
+        use std::arch::x86_64::*;
+        unsafe {
+            let m = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(z, lo) & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(z, hi);
+            _mm512_maskz_mov_ps(m, x)
+        }
+    }
 }
 
 /// AVX2 with FMA: 8 lanes.
@@ -204,6 +221,16 @@ unsafe impl Simd for Avx2 {
             _mm_cvtss_f32(s)
         }
     }
+    #[inline(always)]
+    unsafe fn select_eq(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V {
+        use std::arch::x86_64::*;
+        unsafe { _mm256_blendv_ps(y, x, _mm256_cmp_ps::<_CMP_EQ_OQ>(a, b)) }
+    }
+    #[inline(always)]
+    unsafe fn select_between(z: Self::V, lo: Self::V, hi: Self::V, x: Self::V) -> Self::V {
+        use std::arch::x86_64::*;
+        unsafe { _mm256_and_ps(_mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(z, lo), _mm256_cmp_ps::<_CMP_LT_OQ>(z, hi)), x) }
+    }
 }
 
 /// Plain Rust on 8-float arrays (the compiler vectorizes what the target allows); the
@@ -273,5 +300,13 @@ unsafe impl Simd for Portable {
     #[inline(always)]
     unsafe fn sum(v: Self::V) -> f32 {
         v.iter().sum()
+    }
+    #[inline(always)]
+    unsafe fn select_eq(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V {
+        std::array::from_fn(|i| if a[i] == b[i] { x[i] } else { y[i] })
+    }
+    #[inline(always)]
+    unsafe fn select_between(z: Self::V, lo: Self::V, hi: Self::V, x: Self::V) -> Self::V {
+        std::array::from_fn(|i| if lo[i] < z[i] && z[i] < hi[i] { x[i] } else { 0.0 })
     }
 }

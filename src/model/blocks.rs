@@ -1,6 +1,7 @@
 //! Building blocks shared by the architectures, in candle-nn style (a struct holding its
-//! layers, `new(.., vb)`, `impl Module`/`ModuleT`): convolutions on the fast GEMM path,
-//! BatchNorm, Conv-BN-activation units, and the up-sampling units of the decoders.
+//! layers, `new(.., vb)`, `impl Module`/`ModuleT`): convolutions, BatchNorm,
+//! Conv-BN-activation units, and the up-sampling units of the decoders. Their tensors are the
+//! feature maps of [`super::ops`], whose functions they call for every operation.
 
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -84,41 +85,15 @@ impl Conv {
 
 impl Module for Conv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self.kind {
-            ConvKind::Dense => ops::conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.pad),
-            ConvKind::Transposed => {
-                ops::conv_transpose2d(x, &self.weight, self.bias.as_ref(), self.stride, self.pad)
-            }
-            ConvKind::Depthwise => {
-                let y = ops::depthwise_conv2d(x, &self.weight, self.stride, self.pad)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
-                    None => Ok(y),
-                }
-            }
-        }
+        ops::convolution(x, &self.weight, self.bias.as_ref(), self.kind, self.stride, self.pad, Act::Identity)
     }
 }
 
 impl Conv {
     /// Inference with BatchNorm folded into the bias: convolution, bias and activation in one
-    /// pass over the output on CPU (elsewhere, the plain ops).
+    /// pass over the output (no backward pass).
     pub fn forward_inference(&self, x: &Tensor, act: Act) -> Result<Tensor> {
-        let bias = match &self.bias {
-            Some(bias) if x.device().is_cpu() => bias,
-            _ => return activate(act, &self.forward(x)?),
-        };
-        let (min, max) = act.bounds();
-        let epilogue = ops::Epilogue { bias: bias.flatten_all()?.to_vec1::<f32>()?, min, max };
-        match self.kind {
-            ConvKind::Dense => ops::conv2d_inference(x, &self.weight, epilogue, self.stride, self.pad),
-            ConvKind::Transposed => {
-                ops::bias_clamp(ops::conv_transpose2d(x, &self.weight, None, self.stride, self.pad)?, &epilogue)
-            }
-            ConvKind::Depthwise => {
-                ops::bias_clamp(ops::depthwise_conv2d(x, &self.weight, self.stride, self.pad)?, &epilogue)
-            }
-        }
+        ops::convolution(x, &self.weight, self.bias.as_ref(), self.kind, self.stride, self.pad, act)
     }
 }
 
@@ -285,7 +260,7 @@ impl UpConv2x2 {
 
 impl ModuleT for UpConv2x2 {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        ops::pixel_shuffle(&self.unit.forward_t(x, train)?, 2)
+        ops::depth_to_space2(&self.unit.forward_t(x, train)?)
     }
 }
 

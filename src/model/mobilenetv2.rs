@@ -220,7 +220,7 @@ impl ModuleT for MobileNetV2Unet {
         let mut x = taps[4].clone();
         for (i, up) in self.up.iter().enumerate() {
             x = up.forward_t(&x, train)?;
-            x = Tensor::cat(&[&x, &taps[3 - i]], 1)?;
+            x = super::ops::concat_channels(&x, &taps[3 - i])?;
         }
         self.head.forward(&x)
     }

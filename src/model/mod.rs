@@ -164,11 +164,15 @@ impl SegModel {
 }
 
 impl ModuleT for SegModel {
+    /// Logits `[N, classes, S, S]` of a batch `[N, 3, S, S]` (the layers in between see the
+    /// feature maps of [`ops`]).
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        match self {
-            SegModel::Unet(m) => m.forward_t(x, train),
-            SegModel::MobileNetV2Unet(m) => m.forward_t(x, train),
-        }
+        let x = ops::to_features(x)?;
+        let y = match self {
+            SegModel::Unet(m) => m.forward_t(&x, train)?,
+            SegModel::MobileNetV2Unet(m) => m.forward_t(&x, train)?,
+        };
+        ops::from_features(&y)
     }
 }
 

@@ -78,7 +78,9 @@ fn batchnorm_matches_hand_computed_values() {
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let bn = super::ops::batchnorm::BatchNorm::new(1, 0.0, blocks::BN_MOMENTUM, vb).unwrap();
     let x = Tensor::new(&[1f32, 2., 3., 4.], &Device::Cpu).unwrap().reshape((4, 1, 1, 1)).unwrap();
-    let y = bn.forward_act(&x, blocks::Act::Identity, true).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let xm = super::ops::to_features(&x).unwrap();
+    let run = |act| super::ops::from_features(&bn.forward_act(&xm, act, true).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let y = run(blocks::Act::Identity);
     let expect: Vec<f32> = [1f32, 2., 3., 4.].iter().map(|v| (v - 2.5) / 1.25f32.sqrt()).collect();
     for (a, b) in y.iter().zip(&expect) {
         assert!((a - b).abs() < 1e-5, "{y:?} vs {expect:?}");
@@ -89,7 +91,7 @@ fn batchnorm_matches_hand_computed_values() {
     // Unbiased batch variance 5/3: 0.9·1 + 0.1·5/3.
     assert!((var - (0.9 + 0.1 * 5.0 / 3.0)).abs() < 1e-6, "got {var}");
     // ReLU fused in: negative normalized values clamp to zero.
-    let y = bn.forward_act(&x, blocks::Act::Relu, true).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let y = run(blocks::Act::Relu);
     assert_eq!(&y[..2], &[0.0, 0.0]);
 }
 
@@ -150,8 +152,10 @@ fn mobilenetv2_taps_match_timm() {
     let loaded = load_timm_encoder(&state, &path).unwrap();
     assert!(loaded > 200, "loaded {loaded} encoder tensors");
     let SegModel::MobileNetV2Unet(model) = &state.model else { unreachable!() };
-    let taps = model.encoder().taps(&fixture["input"], false).unwrap();
+    let input = super::ops::to_features(&fixture["input"]).unwrap();
+    let taps = model.encoder().taps(&input, false).unwrap();
     for (tap, name) in taps.iter().zip(mobilenetv2::TAP_NAMES) {
+        let tap = &super::ops::from_features(tap).unwrap();
         let expected = &fixture[&format!("tap.{name}")];
         assert_eq!(tap.dims(), expected.dims(), "{name}");
         let diff = max_abs_diff(tap, expected);

@@ -91,7 +91,7 @@ impl ModuleT for Unet {
         x = self.bottleneck.forward_t(&x, train)?;
         for level in (0..self.down.len()).rev() {
             let up = self.up[level].forward_t(&x, train)?;
-            x = Tensor::cat(&[&skips[level], &up], 1)?;
+            x = ops::concat_channels(&skips[level], &up)?;
             x = self.merge[level].forward_t(&x, train)?;
         }
         self.head.forward(&x)

@@ -1,13 +1,14 @@
 //! BatchNorm with its activation fused in, trainable: batch statistics with gradients in
 //! training (and running statistics updated, PyTorch momentum convention), running statistics
-//! at inference. On CPU the normalization, activation and their backward pass are single
-//! parallel kernels; candle's version runs a dozen separate tensor passes per layer. Other
-//! devices use the same formulas as tensor operations.
+//! at inference. On CPU feature maps the statistics, the normalization with its activation,
+//! and the backward pass are each one pass of the engine's kernels ([`crate::engine::maps`]);
+//! other devices use the same formulas as tensor operations on NCHW tensors.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Device, Layout, Result, Shape, Tensor, Var, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
-use rayon::prelude::*;
 
+use super::fmap::{self, alloc_map, data, map_of, on_cpu_path, par_items, row_grain, storage};
+use crate::engine::maps::{Affine, CPtr, MapShape, NormGradInput, NormGradSums, Ptr, RowStats, combine_stats};
 use crate::model::blocks::{Act, activate};
 
 /// Parameters and statistics of one BatchNorm layer.
@@ -38,12 +39,12 @@ impl BatchNorm {
         })
     }
 
-    /// Normalizes `x [N, C, H, W]` and applies `act`.
+    /// Normalizes `x` (a CPU feature map, or `[N, C, H, W]` elsewhere) and applies `act`.
     pub fn forward_act(&self, x: &Tensor, act: Act, train: bool) -> Result<Tensor> {
-        let fused = matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32;
+        let fused = on_cpu_path(x);
         if train {
-            let stats = if fused { x.contiguous()?.apply_op1_no_bwd(&ChannelStats)? } else { generic_stats(x)? };
-            self.update_running(&stats, x)?;
+            let stats = if fused { x.contiguous()?.apply_op1_no_bwd(&MapStats)? } else { generic_stats(x)? };
+            self.update_running(&stats, x, fused)?;
             if fused {
                 let affine = Tensor::stack(&[&self.weight, &self.bias], 0)?;
                 x.contiguous()?.apply_op3(&affine, &stats, BnTrain { eps: self.eps, act })
@@ -70,12 +71,17 @@ impl BatchNorm {
     pub fn inference_affine(&self) -> Result<(Vec<f32>, Vec<f32>)> {
         let scale = (&self.weight / (self.running_var.as_detached_tensor() + self.eps)?.sqrt()?)?;
         let shift = (&self.bias - (self.running_mean.as_detached_tensor() * &scale)?)?;
-        Ok((scale.to_device(&Device::Cpu)?.to_vec1()?, shift.to_device(&Device::Cpu)?.to_vec1()?))
+        Ok((scale.to_device(&candle_core::Device::Cpu)?.to_vec1()?, shift.to_device(&candle_core::Device::Cpu)?.to_vec1()?))
     }
 
-    fn update_running(&self, stats: &Tensor, x: &Tensor) -> Result<()> {
-        let (n, _, h, w) = x.dims4()?;
-        let count = (n * h * w) as f64;
+    fn update_running(&self, stats: &Tensor, x: &Tensor, map: bool) -> Result<()> {
+        let count = if map {
+            let (n, m) = fmap::tensor_map(x)?;
+            (n * m.h * m.w) as f64
+        } else {
+            let (n, _, h, w) = x.dims4()?;
+            (n * h * w) as f64
+        };
         let m = self.momentum;
         let mean = stats.get(0)?.detach();
         // Running variance uses the unbiased batch variance, as PyTorch does.
@@ -90,7 +96,7 @@ fn per_channel(t: &Tensor) -> Result<Tensor> {
     t.reshape((1, (), 1, 1))
 }
 
-/// Batch mean and biased variance per channel, `[2, C]`, as tensor operations.
+/// Batch mean and biased variance per channel of `[N, C, H, W]`, `[2, C]`, as tensor operations.
 fn generic_stats(x: &Tensor) -> Result<Tensor> {
     let c = x.dim(1)?;
     let flat = x.transpose(0, 1)?.reshape((c, ()))?;
@@ -99,68 +105,46 @@ fn generic_stats(x: &Tensor) -> Result<Tensor> {
     Tensor::stack(&[&mean, &var], 0)
 }
 
-impl Act {
-    /// Derivative of the activation, from its output.
-    #[inline]
-    fn grad_from_output(self, y: f32) -> f32 {
-        match self {
-            Act::Relu => (y > 0.0) as u8 as f32,
-            Act::Relu6 => (y > 0.0 && y < 6.0) as u8 as f32,
-            Act::Identity => 1.0,
-        }
-    }
-
-    #[inline]
-    fn scalar(self, v: f32) -> f32 {
-        match self {
-            Act::Relu => v.max(0.0),
-            Act::Relu6 => v.clamp(0.0, 6.0),
-            Act::Identity => v,
-        }
-    }
+/// A per-channel vector padded with zeros to whole vectors of the kernels.
+fn padded(values: impl IntoIterator<Item = f32>, c: usize) -> Result<Vec<f32>> {
+    let mut v: Vec<f32> = values.into_iter().collect();
+    v.resize(fmap::padded(c, fmap::isa()?), 0.0);
+    Ok(v)
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let data = match storage {
-        CpuStorage::F32(d) => d,
-        _ => bail!("{what}: only f32 is supported"),
-    };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => bail!("{what}: input must be contiguous"),
-    }
-}
+/// Per-channel mean and biased variance of a feature map → `[2, C]` (one pass of shifted
+/// sums per row, rows combined in f64).
+struct MapStats;
 
-fn dims4(layout: &Layout) -> Result<(usize, usize, usize)> {
-    let (n, c, h, w) = layout.shape().dims4()?;
-    Ok((n, c, h * w))
-}
-
-/// Per-channel mean and biased variance of `[N, C, H, W]` → `[2, C]` (two-pass, in f64).
-struct ChannelStats;
-
-impl CustomOp1 for ChannelStats {
+impl CustomOp1 for MapStats {
     fn name(&self) -> &'static str {
         "segctl-bn-stats"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(storage, layout, "batch-norm stats")?;
-        let (n, c, hw) = dims4(layout)?;
-        let count = (n * hw) as f64;
-        let stats: Vec<(f32, f32)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let planes = (0..n).map(|i| &x[(i * c + ch) * hw..][..hw]);
-                let mean = planes.clone().map(|p| p.iter().map(|v| *v as f64).sum::<f64>()).sum::<f64>() / count;
-                let var = planes.map(|p| p.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>()).sum::<f64>() / count;
-                (mean as f32, var as f32)
-            })
-            .collect();
-        let mut out: Vec<f32> = stats.iter().map(|s| s.0).collect();
-        out.extend(stats.iter().map(|s| s.1));
-        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, m) = map_of(l)?;
+        let x = data(s, l, "batch-norm statistics")?;
+        let items = n * m.h;
+        let mut rows = fmap::zeros(items * 3 * m.c);
+        par_items(fmap::isa()?, &RowStats { map: m, n, x: CPtr(x.as_ptr()), out: Ptr(rows.as_mut_ptr()) }, row_grain(m.w, m.c));
+        let (mean, var) = combine_stats(&rows, m.c, m.w);
+        let out: Vec<f32> = mean.iter().chain(&var).map(|v| *v as f32).collect();
+        Ok((storage(out), Shape::from((2, m.c))))
     }
+}
+
+/// `(scale, shift)` of training-mode normalization, padded.
+fn train_scale_shift(affine: &[f32], stats: &[f32], c: usize, eps: f64) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let mut scale = Vec::with_capacity(c);
+    let mut shift = Vec::with_capacity(c);
+    let mut invstd = Vec::with_capacity(c);
+    for ch in 0..c {
+        let inv = 1.0 / ((stats[c + ch] as f64 + eps).sqrt());
+        scale.push((affine[ch] as f64 * inv) as f32);
+        shift.push((affine[c + ch] as f64 - stats[ch] as f64 * affine[ch] as f64 * inv) as f32);
+        invstd.push(inv as f32);
+    }
+    Ok((padded(scale, c)?, padded(shift, c)?, padded(invstd, c)?))
 }
 
 /// Training-mode normalization + activation: `(x, [γ; β], [μ; σ²]) → act(γ·(x − μ)/√(σ² + ε) + β)`,
@@ -170,140 +154,129 @@ struct BnTrain {
     act: Act,
 }
 
+fn apply_affine(x: &[f32], n: usize, m: MapShape, scale: &[f32], shift: &[f32], act: Act) -> Result<Vec<f32>> {
+    let mut out = alloc_map(n, m);
+    let kernel = Affine { map: m, n, x: CPtr(x.as_ptr()), y: Ptr(out.as_mut_ptr()), scale: CPtr(scale.as_ptr()), shift: CPtr(shift.as_ptr()), act };
+    par_items(fmap::isa()?, &kernel, row_grain(m.w, m.c));
+    Ok(out)
+}
+
 impl CustomOp3 for BnTrain {
     fn name(&self) -> &'static str {
         "segctl-bn-train"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "batch-norm")?;
-        let affine = f32_slice(s2, l2, "batch-norm")?;
-        let stats = f32_slice(s3, l3, "batch-norm")?;
-        let (_, c, hw) = dims4(l1)?;
-        let (scale, shift) = train_scale_shift(affine, stats, c, self.eps);
-        let mut out = vec![0f32; x.len()];
-        let act = self.act;
-        out.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (dst, src))| {
-            let ch = plane % c;
-            let (a, b) = (scale[ch], shift[ch]);
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d = act.scalar(s * a + b);
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, m) = map_of(l1)?;
+        let x = data(s1, l1, "batch-norm")?;
+        let affine = data(s2, l2, "batch-norm")?;
+        let stats = data(s3, l3, "batch-norm")?;
+        let (scale, shift, _) = train_scale_shift(affine, stats, m.c, self.eps)?;
+        Ok((storage(apply_affine(x, n, m, &scale, &shift, self.act)?), l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        affine: &Tensor,
-        stats: &Tensor,
-        _y: &Tensor,
-        dy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, x: &Tensor, affine: &Tensor, stats: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let params = Tensor::cat(&[affine, stats], 0)?; // [γ; β; μ; σ²]
-        let grads = x.apply_op3_no_bwd(&dy.contiguous()?, &params, &BnTrainGrad { eps: self.eps, act: self.act })?;
-        // grads: [N·C·HW + 2·C] = dx then [dγ; dβ].
-        let numel = x.elem_count();
-        let c = affine.dim(1)?;
-        let dx = grads.narrow(0, 0, numel)?.reshape(x.shape())?;
-        let daffine = grads.narrow(0, numel, 2 * c)?.reshape((2, c))?;
-        Ok((Some(dx), Some(daffine), None))
+        let (n, m) = fmap::tensor_map(x)?;
+        let grads = x.contiguous()?.apply_op3_no_bwd(&dy.contiguous()?, &params, &NormGrad { eps: self.eps, act: self.act, batch_stats: true })?;
+        split_grads(&grads, n, m, x.shape())
     }
 }
 
-fn train_scale_shift(affine: &[f32], stats: &[f32], c: usize, eps: f64) -> (Vec<f32>, Vec<f32>) {
-    let mut scale = vec![0f32; c];
-    let mut shift = vec![0f32; c];
-    for ch in 0..c {
-        let invstd = 1.0 / ((stats[c + ch] as f64 + eps).sqrt());
-        scale[ch] = (affine[ch] as f64 * invstd) as f32;
-        shift[ch] = (affine[c + ch] as f64 - stats[ch] as f64 * affine[ch] as f64 * invstd) as f32;
-    }
-    (scale, shift)
+/// `[dx map | slack | d0 (C) | d1 (C)]` → `(dx, [d0; d1])`.
+fn split_grads(grads: &Tensor, n: usize, m: MapShape, shape: &Shape) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let numel = fmap::floats(n, m);
+    let slack = fmap::slack_of(m);
+    let dx = grads.narrow(0, 0, numel)?.reshape(shape)?;
+    let dparams = grads.narrow(0, numel + slack, 2 * m.c)?.reshape((2, m.c))?;
+    Ok((Some(dx), Some(dparams), None))
 }
 
-/// Backward of [`BnTrain`]: `(x, dy, [γ; β; μ; σ²]) → [dx…, dγ…, dβ…]`. The activation's
+/// Backward of the normalization: `(x, dy, params) → [dx map | slack | d0 | d1]`. With batch
+/// statistics, `params` is `[γ; β; μ; σ²]` and `(d0, d1) = (dγ, dβ)`; without (evaluation
+/// mode), `params` is `[scale; shift]` and `(d0, d1) = (dscale, dshift)`. The activation's
 /// derivative comes from the recomputed pre-activation, so the output is not needed.
-struct BnTrainGrad {
+struct NormGrad {
     eps: f64,
     act: Act,
+    batch_stats: bool,
 }
 
-impl CustomOp3 for BnTrainGrad {
+impl CustomOp3 for NormGrad {
     fn name(&self) -> &'static str {
-        "segctl-bn-train-grad"
+        "segctl-bn-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "batch-norm grad")?;
-        let dy = f32_slice(s2, l2, "batch-norm grad")?;
-        let params = f32_slice(s3, l3, "batch-norm grad")?;
-        let (n, c, hw) = dims4(l1)?;
-        let numel = n * c * hw;
-        let (scale, shift) = train_scale_shift(&params[..2 * c], &params[2 * c..], c, self.eps);
-        let (mean, var) = (&params[2 * c..3 * c], &params[3 * c..4 * c]);
-        let act = self.act;
-        let invstd: Vec<f32> = var.iter().map(|v| (1.0 / (*v as f64 + self.eps).sqrt()) as f32).collect();
-        // g = dy·act'(x·scale + shift); per channel Σg and Σg·(x − μ). Plane sums in f32,
-        // channel sums in f64.
-        let plane_sums: Vec<(f64, f64)> = x
-            .par_chunks(hw)
-            .zip(dy.par_chunks(hw))
-            .enumerate()
-            .map(|(plane, (xs, gs))| {
-                let ch = plane % c;
-                let (a, b, m) = (scale[ch], shift[ch], mean[ch]);
-                let (mut sg, mut sgx) = (0f32, 0f32);
-                for (xv, dv) in xs.iter().zip(gs) {
-                    let g = dv * act.grad_from_output(xv * a + b);
-                    sg += g;
-                    sgx += g * (xv - m);
-                }
-                (sg as f64, sgx as f64)
-            })
-            .collect();
-        let mut sums = vec![(0f64, 0f64); c];
-        for (plane, (sg, sgx)) in plane_sums.iter().enumerate() {
-            sums[plane % c].0 += sg;
-            sums[plane % c].1 += sgx;
-        }
-        let count = (n * hw) as f64;
-        let mut out = vec![0f32; numel + 2 * c];
-        let (dx, daffine) = out.split_at_mut(numel);
-        dx.par_chunks_mut(hw).zip(x.par_chunks(hw)).zip(dy.par_chunks(hw)).enumerate().for_each(|(plane, ((dst, xs), gs))| {
-            let ch = plane % c;
-            let (a, b, m, inv) = (scale[ch], shift[ch], mean[ch], invstd[ch]);
-            let k = a; // γ/σ
-            let mean_g = (sums[ch].0 / count) as f32;
-            let mean_gx = (sums[ch].1 / count) as f32 * inv;
-            for ((d, xv), dv) in dst.iter_mut().zip(xs).zip(gs) {
-                let g = dv * act.grad_from_output(xv * a + b);
-                let xhat = (xv - m) * inv;
-                *d = k * (g - mean_g - xhat * mean_gx);
-            }
-        });
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, m) = map_of(l1)?;
+        let c = m.c;
+        let x = data(s1, l1, "batch-norm gradient")?;
+        let dy = data(s2, l2, "batch-norm gradient")?;
+        let params = data(s3, l3, "batch-norm gradient")?;
+        let isa = fmap::isa()?;
+        let (scale, shift, mean, invstd) = if self.batch_stats {
+            let (scale, shift, invstd) = train_scale_shift(&params[..2 * c], &params[2 * c..], c, self.eps)?;
+            (scale, shift, padded(params[2 * c..3 * c].iter().copied(), c)?, invstd)
+        } else {
+            (padded(params[..c].iter().copied(), c)?, padded(params[c..2 * c].iter().copied(), c)?, padded(std::iter::repeat_n(0.0, c), c)?, Vec::new())
+        };
+        // Σg and Σg·(x − μ) per channel.
+        let items = n * m.h;
+        let mut rows = fmap::zeros(items * 2 * c);
+        let sums = NormGradSums {
+            map: m,
+            n,
+            x: CPtr(x.as_ptr()),
+            dy: CPtr(dy.as_ptr()),
+            scale: CPtr(scale.as_ptr()),
+            shift: CPtr(shift.as_ptr()),
+            mean: CPtr(mean.as_ptr()),
+            act: self.act,
+            out: Ptr(rows.as_mut_ptr()),
+        };
+        par_items(isa, &sums, row_grain(m.w, c));
+        let total = fmap::sum_rows(&rows, 2 * c);
+        let (sg, sgx) = total.split_at(c);
+        let numel = fmap::floats(n, m);
+        let slack = fmap::slack_of(m);
+        let count = (n * m.h * m.w) as f64;
+        let mut out = alloc_map(n, m);
+        out.resize(numel + slack + 2 * c, 0.0);
+        let (mean_g, q) = if self.batch_stats {
+            let mean_g: Vec<f32> = sg.iter().map(|v| (v / count) as f32).collect();
+            let q: Vec<f32> = (0..c).map(|ch| (sgx[ch] / count) as f32 * invstd[ch] * invstd[ch]).collect();
+            (padded(mean_g, c)?, padded(q, c)?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let dx = NormGradInput {
+            map: m,
+            n,
+            x: CPtr(x.as_ptr()),
+            dy: CPtr(dy.as_ptr()),
+            dx: Ptr(out.as_mut_ptr()),
+            scale: CPtr(scale.as_ptr()),
+            shift: CPtr(shift.as_ptr()),
+            mean: CPtr(mean.as_ptr()),
+            mean_g: CPtr(if self.batch_stats { mean_g.as_ptr() } else { scale.as_ptr() }),
+            q: CPtr(if self.batch_stats { q.as_ptr() } else { scale.as_ptr() }),
+            act: self.act,
+            batch_stats: self.batch_stats,
+        };
+        par_items(isa, &dx, row_grain(m.w, c));
+        let tail = &mut out[numel + slack..];
         for ch in 0..c {
-            daffine[ch] = (sums[ch].1 * invstd[ch] as f64) as f32;
-            daffine[c + ch] = sums[ch].0 as f32;
+            if self.batch_stats {
+                // dγ = Σ g·x̂ = Σ g·(x − μ)/σ, dβ = Σ g.
+                tail[ch] = (sgx[ch] * invstd[ch] as f64) as f32;
+            } else {
+                // dscale = Σ g·x, dshift = Σ g.
+                tail[ch] = sgx[ch] as f32;
+            }
+            tail[c + ch] = sg[ch] as f32;
         }
-        Ok((CpuStorage::F32(out), Shape::from(numel + 2 * c)))
+        let len = out.len();
+        Ok((storage(out), Shape::from(len)))
     }
 }
 
@@ -318,40 +291,29 @@ impl CustomOp2 for BnAffine {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s1, l1, "batch-norm")?;
-        let p = f32_slice(s2, l2, "batch-norm")?;
-        let (_, c, hw) = dims4(l1)?;
-        let act = self.act;
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(plane, (dst, src))| {
-            let ch = plane % c;
-            let (a, b) = (p[ch], p[c + ch]);
-            for (d, s) in dst.iter_mut().zip(src) {
-                *d = act.scalar(s * a + b);
-            }
-        });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let (n, m) = map_of(l1)?;
+        let x = data(s1, l1, "batch-norm")?;
+        let p = data(s2, l2, "batch-norm")?;
+        let c = m.c;
+        let (scale, shift) = (padded(p[..c].iter().copied(), c)?, padded(p[c..2 * c].iter().copied(), c)?);
+        Ok((storage(apply_affine(x, n, m, &scale, &shift, self.act)?), l1.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, params: &Tensor, y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let c = params.dim(1)?;
-        let mask = match self.act {
-            Act::Identity => dy.clone(),
-            Act::Relu => (dy * y.gt(0f32)?.to_dtype(DType::F32)?)?,
-            Act::Relu6 => (dy * (y.gt(0f32)?.to_dtype(DType::F32)? * y.lt(6f32)?.to_dtype(DType::F32)?)?)?,
-        };
-        let scale = params.get(0)?.reshape((1, c, 1, 1))?;
-        let dx = mask.broadcast_mul(&scale)?;
-        let dscale = (&mask * x)?.sum((0, 2, 3))?;
-        let dshift = mask.sum((0, 2, 3))?;
-        Ok((Some(dx), Some(Tensor::stack(&[&dscale, &dshift], 0)?)))
+    fn bwd(&self, x: &Tensor, params: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, m) = fmap::tensor_map(x)?;
+        let grads = x.contiguous()?.apply_op3_no_bwd(&dy.contiguous()?, &params.contiguous()?, &NormGrad { eps: 0.0, act: self.act, batch_stats: false })?;
+        let (dx, dp, _) = split_grads(&grads, n, m, x.shape())?;
+        Ok((dx, dp))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device};
     use candle_nn::VarMap;
+
+    use crate::model::ops::{from_features, to_features};
 
     fn layer(c: usize) -> (VarMap, BatchNorm) {
         let varmap = VarMap::new();
@@ -383,7 +345,7 @@ mod tests {
             let values: Vec<f32> = (0..2 * 3 * 5 * 4).map(|_| rng.normal() * 4.0 + 1.0).collect();
             let x = Var::from_vec(values, (2, 3, 5, 4), &Device::Cpu).unwrap();
             let probe = Tensor::randn(0f32, 1.0, (2, 3, 5, 4), &Device::Cpu).unwrap();
-            let ours = bn.forward_act(x.as_tensor(), act, true).unwrap();
+            let ours = from_features(&bn.forward_act(&to_features(x.as_tensor()).unwrap(), act, true).unwrap()).unwrap();
             let theirs = reference(&bn, x.as_tensor(), act);
             let diff = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-4, "{act:?} forward {diff}");
@@ -406,7 +368,8 @@ mod tests {
             data["running_var"].set(&Tensor::new(&[4f32, 0.25], &Device::Cpu).unwrap()).unwrap();
         }
         let x = Tensor::new(&[3f32, -1.5], &Device::Cpu).unwrap().reshape((1, 2, 1, 1)).unwrap();
-        let y = bn.forward_act(&x, Act::Identity, false).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = from_features(&bn.forward_act(&to_features(&x).unwrap(), Act::Identity, false).unwrap()).unwrap();
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // (3 − 1)/2·1.5 + 0.1 = 1.6; (−1.5 + 1)/0.5·0.5 − 0.3 = −0.8.
         assert!((y[0] - 1.6).abs() < 1e-4 && (y[1] + 0.8).abs() < 1e-4, "{y:?}");
     }

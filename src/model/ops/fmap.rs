@@ -1,0 +1,192 @@
+//! Feature maps on CPU: what a CPU f32 tensor between the layers of a model holds.
+//!
+//! A map of `n` images, `c` channels, `h × w` pixels is a candle tensor of shape
+//! `[n, h + 2, w + 2, c]`: padded NHWC, the one-pixel border zero, exactly the layout of the
+//! inference engine's maps, so training runs the engine's kernels on it. Every op here keeps
+//! the border zero in what it returns (outputs and gradients alike), so candle's own sums of
+//! gradients keep it too. Storages this module allocates carry
+//! [`slack_floats`](crate::engine::kernels::slack_floats) zero floats past the end, which the
+//! register tiles may read; an input without them (one candle made) is copied once.
+
+use std::borrow::Cow;
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Tensor, bail};
+use rayon::prelude::*;
+
+use crate::engine::Isa;
+use crate::engine::kernels::slack_floats;
+use crate::engine::maps::{MapShape, RowKernel, run_items};
+
+/// Whether `x` takes the CPU path (a padded NHWC feature map), not candle's own NCHW ops.
+pub fn on_cpu_path(x: &Tensor) -> bool {
+    matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32
+}
+
+thread_local! {
+    /// An instruction set forced on this thread (tests of every path).
+    static FORCED_ISA: std::cell::Cell<Option<Isa>> = const { std::cell::Cell::new(None) };
+}
+
+/// The instruction set of the CPU kernels: [`Isa::active`], or one forced on this thread by
+/// [`with_isa`].
+pub fn isa() -> Result<Isa> {
+    if let Some(isa) = FORCED_ISA.with(|f| f.get()) {
+        return Ok(isa);
+    }
+    Isa::active().map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
+
+/// Runs `f` with the ops on this thread using `isa`'s kernels (which the CPU must have).
+pub fn with_isa<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
+    let before = FORCED_ISA.with(|c| c.replace(Some(isa)));
+    let out = f();
+    FORCED_ISA.with(|c| c.set(before));
+    out
+}
+
+/// `(n, shape)` of a feature map's layout `[n, h + 2, w + 2, c]`.
+pub fn map_of(layout: &Layout) -> Result<(usize, MapShape)> {
+    let (n, hp, wp, c) = layout.shape().dims4()?;
+    if hp < 3 || wp < 3 {
+        bail!("not a padded feature map: shape {:?}", layout.shape().dims());
+    }
+    Ok((n, MapShape::new(hp - 2, wp - 2, c)))
+}
+
+/// `(n, shape)` of a feature-map tensor.
+pub fn tensor_map(x: &Tensor) -> Result<(usize, MapShape)> {
+    let (n, hp, wp, c) = x.dims4()?;
+    if hp < 3 || wp < 3 {
+        bail!("not a padded feature map: shape {:?}", x.dims());
+    }
+    Ok((n, MapShape::new(hp - 2, wp - 2, c)))
+}
+
+/// The candle shape of `n` maps of `m`.
+pub fn shape_of(n: usize, m: MapShape) -> (usize, usize, usize, usize) {
+    (n, m.h + 2, m.w + 2, m.c)
+}
+
+/// Floats of `n` maps of `m`, without slack.
+pub fn floats(n: usize, m: MapShape) -> usize {
+    n * m.image_floats()
+}
+
+/// The contiguous f32 data of a storage.
+pub fn data<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let all = match storage {
+        CpuStorage::F32(d) => d.as_slice(),
+        _ => bail!("{what}: only f32 is supported"),
+    };
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&all[a..b]),
+        None => bail!("{what}: the input must be contiguous"),
+    }
+}
+
+/// A map's data with at least `slack` readable floats past its end: in place when the storage
+/// has them (this module's allocations do), else a copy.
+pub fn with_slack<'a>(storage: &'a CpuStorage, layout: &Layout, slack: usize, what: &str) -> Result<Cow<'a, [f32]>> {
+    let all = match storage {
+        CpuStorage::F32(d) => d.as_slice(),
+        _ => bail!("{what}: only f32 is supported"),
+    };
+    let Some((a, b)) = layout.contiguous_offsets() else { bail!("{what}: the input must be contiguous") };
+    if all.len() >= b + slack {
+        Ok(Cow::Borrowed(&all[a..b + slack]))
+    } else {
+        let mut copy = Vec::with_capacity(b - a + slack);
+        copy.extend_from_slice(&all[a..b]);
+        copy.resize(b - a + slack, 0.0);
+        Ok(Cow::Owned(copy))
+    }
+}
+
+/// Slack of a map `m` (floats the tiles may read past its end).
+pub fn slack_of(m: MapShape) -> usize {
+    slack_floats(m.w, m.cs)
+}
+
+/// A buffer for `n` maps of `m` and their slack: every float of the maps is written by the
+/// caller before it is read (kernels that write the whole map, borders included); the slack is
+/// zero.
+#[allow(clippy::uninit_vec)]
+pub fn alloc_map(n: usize, m: MapShape) -> Vec<f32> {
+    let len = floats(n, m);
+    let slack = slack_of(m);
+    let mut buffer = Vec::with_capacity(len + slack);
+    // SAFETY: f32 has no invalid bit patterns; callers overwrite `..len` before reading, and
+    // the slack is zeroed here.
+    unsafe { buffer.set_len(len + slack) };
+    buffer[len..].fill(0.0);
+    buffer
+}
+
+/// Zeroed floats (gradient accumulators and the like).
+pub fn zeros(len: usize) -> Vec<f32> {
+    vec![0f32; len]
+}
+
+/// Runs every item of `kernel` on the current rayon pool, in chunks of about `grain` items.
+pub fn par_items<K: RowKernel>(isa: Isa, kernel: &K, grain: usize) {
+    let items = kernel.items();
+    let threads = rayon::current_num_threads();
+    if threads <= 1 || items <= 1 {
+        // SAFETY: the caller built the kernel over valid buffers; `isa` is supported.
+        unsafe { run_items(isa, kernel, 0..items) };
+        return;
+    }
+    let grain = grain.max(1).min(items.div_ceil(threads));
+    (0..items.div_ceil(grain)).into_par_iter().for_each(|chunk| {
+        let lo = chunk * grain;
+        // SAFETY: items write disjoint memory.
+        unsafe { run_items(isa, kernel, lo..(lo + grain).min(items)) };
+    });
+}
+
+/// Items per parallel chunk for a kernel over rows of `w` pixels of `c` channels: about
+/// 64 KiB of data each.
+pub fn row_grain(w: usize, c: usize) -> usize {
+    ((16 << 10) / (w * c).max(1)).max(1)
+}
+
+thread_local! {
+    /// Each thread's scratch, kept between calls.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's scratch of `len` floats (or a fresh buffer when the thread's
+/// is in use: a rayon task stolen while this thread waits).
+pub fn with_scratch<R>(len: usize, f: impl FnOnce(*mut f32) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buffer) => {
+            if buffer.len() < len {
+                *buffer = vec![0f32; len];
+            }
+            f(buffer.as_mut_ptr())
+        }
+        Err(_) => f(vec![0f32; len.max(1)].as_mut_ptr()),
+    })
+}
+
+/// Sums rows of `width` floats (per-item partial results) into one row, in f64.
+pub fn sum_rows(rows: &[f32], width: usize) -> Vec<f64> {
+    let mut out = vec![0f64; width];
+    for row in rows.chunks_exact(width) {
+        for (o, v) in out.iter_mut().zip(row) {
+            *o += *v as f64;
+        }
+    }
+    out
+}
+
+/// `CpuStorage` of a buffer.
+pub fn storage(buffer: Vec<f32>) -> CpuStorage {
+    CpuStorage::F32(buffer)
+}
+
+/// Rounds `c` up to whole vectors of `isa`.
+pub fn padded(c: usize, isa: Isa) -> usize {
+    c.div_ceil(isa.lanes()) * isa.lanes()
+}
