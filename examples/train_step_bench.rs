@@ -16,7 +16,7 @@ use segctl::optim::AdamW;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: segctl::util::alloc::CachingAllocator = segctl::util::alloc::CachingAllocator;
 
 fn arg(args: &[String], name: &str, default: &str) -> String {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())
@@ -25,9 +25,10 @@ fn arg(args: &[String], name: &str, default: &str) -> String {
 fn main() -> Result<()> {
     // As in the segctl binary: keep freed pages for reuse.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    segctl::util::alloc::set_cache_limit(segctl::util::alloc::training_cache_limit());
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: train_step_bench [--arch unet|mobilenetv2_unet] [--batch 32] [--size 128] [--steps 10] [--warmup 3] [--base-width 32] [--depth 4] [--widths 8,24,48,96] [--frozen-encoder] [--inference [--folded]] [--plan [--threads N] [--winograd auto|never|always] [--profile]]");
+        println!("usage: train_step_bench [--arch unet|mobilenetv2_unet] [--batch 32] [--size 128] [--steps 10] [--warmup 3] [--base-width 32] [--depth 4] [--widths 8,24,48,96] [--frozen-encoder] [--profile] [--inference [--folded]] [--plan [--threads N] [--winograd auto|never|always] [--profile]]");
         return Ok(());
     }
     let arch = arg(&args, "--arch", "unet");
@@ -75,7 +76,12 @@ fn main() -> Result<()> {
     let x = Tensor::randn(0f32, 1f32, (batch, 3, size, size), &device)?;
     let y = Tensor::rand(0f32, 3f32, (batch, size, size), &device)?.floor()?.to_dtype(DType::U32)?;
     let mut times = Vec::new();
+    let op_profile = args.iter().any(|a| a == "--profile");
+    let (mut fwd, mut bwd, mut optim) = (0f64, 0f64, 0f64);
     for i in 0..warmup + steps {
+        if op_profile && i == warmup {
+            segctl::model::ops::fmap::profile::set_profiling(true);
+        }
         let t0 = Instant::now();
         if inference {
             state.forward(&x, false)?.sum_all()?.to_scalar::<f32>()?;
@@ -92,10 +98,26 @@ fn main() -> Result<()> {
         opt.step(&grads, 1e-3)?;
         l.to_scalar::<f32>()?;
         if std::env::var("BENCH_VERBOSE").is_ok() {
-            eprintln!("forward {:.3}s backward {:.3}s optimizer {:.3}s", (t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), t2.elapsed().as_secs_f64());
+            let faults = std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().nth(7).map(String::from))).unwrap_or_default();
+            eprintln!("forward {:.3}s backward {:.3}s optimizer {:.3}s (minor faults so far: {faults})", (t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64(), t2.elapsed().as_secs_f64());
         }
         if i >= warmup {
             times.push(t0.elapsed().as_secs_f64());
+            fwd += (t1 - t0).as_secs_f64();
+            bwd += (t2 - t1).as_secs_f64();
+            optim += t2.elapsed().as_secs_f64();
+        }
+    }
+    if op_profile && !inference {
+        // Where one step's time goes: per op, per step (the ops' wall time on the calling
+        // thread, parallel parts included).
+        let per = steps as f64;
+        eprintln!("per step: forward + loss {:.1} ms, backward {:.1} ms, optimizer {:.1} ms", 1e3 * fwd / per, 1e3 * bwd / per, 1e3 * optim / per);
+        let report = segctl::model::ops::fmap::profile::report();
+        let total: f64 = report.iter().map(|r| r.2).sum();
+        eprintln!("custom ops {:.1} ms per step; the rest is candle's own ops (gradient sums, loss, element-wise)", 1e3 * total / per);
+        for (name, calls, secs) in report {
+            eprintln!("{:8.2} ms {:5.1}% {:4} calls  {name}", 1e3 * secs / per, 100.0 * secs / (fwd + bwd + optim), calls / steps as u64);
         }
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());

@@ -13,13 +13,15 @@ use clap::Parser;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: segctl::util::alloc::CachingAllocator = segctl::util::alloc::CachingAllocator;
 
 /// Keeps freed pages mapped for reuse instead of returning them to the kernel, which would
 /// fault and zero them again on the next step (about half of a training step's CPU time).
 fn keep_freed_memory() {
     // SAFETY: sets a process-wide allocator option; no memory is touched.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    // And large tensors go back to a step that asks for the same size (no fresh pages).
+    segctl::util::alloc::set_cache_limit(segctl::util::alloc::training_cache_limit());
 }
 
 /// Returns freed pages to the kernel at once: a server's request stages run on pool threads

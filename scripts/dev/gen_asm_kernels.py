@@ -80,8 +80,9 @@ pub unsafe fn {name}(a: *const f32, lda: usize, offsets: &[isize], kc: usize, b:
 
 def outer_kernel(name, isa, vec, mr, nv, lanes, feature, embedded):
     """The weight-gradient tile: rows broadcast from `a + r` (consecutive channels of one
-    pixel), vectors from `b + j·lanes`, both pointers advancing by their own pixel step."""
-    lines = ["2:"]
+    pixel), vectors from `b + j·lanes`, both pointers advancing by their own pixel step; the
+    loop over segments runs inside, so the accumulators stay in registers throughout."""
+    lines = ["3:", "mov {ap}, [{sp}]", "mov {bp}, [{sp} + 8]", "mov {k}, {kc}", "2:"]
     for j in range(nv):
         lines.append(f"vmovups {{b{j}}}, [{{bp}} + {j * lanes * 4}]")
     for r in range(mr):
@@ -94,13 +95,11 @@ def outer_kernel(name, isa, vec, mr, nv, lanes, feature, embedded):
             lines.append(f"vbroadcastss {t}, dword ptr {addr}")
             for j in range(nv):
                 lines.append(f"vfmadd231ps {{c{r}_{j}}}, {{b{j}}}, {t}")
-    lines.append("add {ap}, {sa}")
-    lines.append("add {bp}, {sb}")
-    lines.append("dec {k}")
-    lines.append("jnz 2b")
+    lines += ["add {ap}, {sa}", "add {bp}, {sb}", "dec {k}", "jnz 2b", "add {sp}, 16", "dec {ns}", "jnz 3b"]
     body = ",\n                ".join('"' + l + '"' for l in lines)
     body = body.replace("{1to16}", "{{1to16}}").replace("{1to8}", "{{1to8}}")
-    ops = ["ap = inout(reg) ap => _", "bp = inout(reg) bp => _", "sa = in(reg) a_step * 4", "sb = in(reg) b_step * 4", "k = inout(reg) kc => _"]
+    ops = ["sp = inout(reg) segments.as_ptr() => _", "ns = inout(reg) segments.len() => _", "ap = out(reg) _", "bp = out(reg) _",
+           "kc = in(reg) kc", "sa = in(reg) a_step * 4", "sb = in(reg) b_step * 4", "k = out(reg) _"]
     for j in range(nv):
         ops.append(f"b{j} = out({vec}) _")
     if not (embedded and nv == 1):
@@ -112,23 +111,24 @@ def outer_kernel(name, isa, vec, mr, nv, lanes, feature, embedded):
     ops.append("options(nostack, readonly)")
     opstr = ",\n                ".join(ops)
     vty = "__m512" if lanes == 16 else "__m256"
+    zero = "_mm512_setzero_ps()" if lanes == 16 else "_mm256_setzero_ps()"
     return f'''
-/// `{mr}×{nv}` weight-gradient tile of {lanes}-float vectors ({isa}), accumulating into `acc`.
+/// `{mr}×{nv}` weight-gradient tile of {lanes}-float vectors ({isa}).
 ///
 /// # Safety
 /// As [`super::gemm::outer_tile`]; the CPU must have {isa}.
 #[target_feature(enable = "{feature}")]
-pub unsafe fn {name}(acc: &mut [[{vty}; {nv}]; {mr}], segments: &[(*const f32, *const f32)], kc: usize, a_step: usize, b_step: usize) {{
-    if kc == 0 {{
-        return;
+pub unsafe fn {name}(segments: &[(*const f32, *const f32)], kc: usize, a_step: usize, b_step: usize) -> [[{vty}; {nv}]; {mr}] {{
+    let mut acc = [[{zero}; {nv}]; {mr}];
+    if kc == 0 || segments.is_empty() {{
+        return acc;
     }}
-    for &(ap, bp) in segments {{
-        // SAFETY: the caller guarantees every address the segment steps through is readable.
-        asm!(
-                {body},
-                {opstr}
-        );
-    }}
+    // SAFETY: the caller guarantees every address the segments step through is readable.
+    asm!(
+            {body},
+            {opstr}
+    );
+    acc
 }}
 '''
 

@@ -445,18 +445,22 @@ pub unsafe fn tile_avx2_12x1(a: *const f32, lda: usize, offsets: &[isize], kc: u
     acc
 }
 
-/// `12×2` weight-gradient tile of 16-float vectors (AVX-512F), accumulating into `acc`.
+/// `12×2` weight-gradient tile of 16-float vectors (AVX-512F).
 ///
 /// # Safety
 /// As [`super::gemm::outer_tile`]; the CPU must have AVX-512F.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn outer_avx512_12x2(acc: &mut [[__m512; 2]; 12], segments: &[(*const f32, *const f32)], kc: usize, a_step: usize, b_step: usize) {
-    if kc == 0 {
-        return;
+pub unsafe fn outer_avx512_12x2(segments: &[(*const f32, *const f32)], kc: usize, a_step: usize, b_step: usize) -> [[__m512; 2]; 12] {
+    let mut acc = [[_mm512_setzero_ps(); 2]; 12];
+    if kc == 0 || segments.is_empty() {
+        return acc;
     }
-    for &(ap, bp) in segments {
-        // SAFETY: the caller guarantees every address the segment steps through is readable.
-        asm!(
+    // SAFETY: the caller guarantees every address the segments step through is readable.
+    asm!(
+            "3:",
+                "mov {ap}, [{sp}]",
+                "mov {bp}, [{sp} + 8]",
+                "mov {k}, {kc}",
                 "2:",
                 "vmovups {b0}, [{bp} + 0]",
                 "vmovups {b1}, [{bp} + 64]",
@@ -500,11 +504,17 @@ pub unsafe fn outer_avx512_12x2(acc: &mut [[__m512; 2]; 12], segments: &[(*const
                 "add {bp}, {sb}",
                 "dec {k}",
                 "jnz 2b",
-                ap = inout(reg) ap => _,
-                bp = inout(reg) bp => _,
+                "add {sp}, 16",
+                "dec {ns}",
+                "jnz 3b",
+            sp = inout(reg) segments.as_ptr() => _,
+                ns = inout(reg) segments.len() => _,
+                ap = out(reg) _,
+                bp = out(reg) _,
+                kc = in(reg) kc,
                 sa = in(reg) a_step * 4,
                 sb = in(reg) b_step * 4,
-                k = inout(reg) kc => _,
+                k = out(reg) _,
                 b0 = out(zmm_reg) _,
                 b1 = out(zmm_reg) _,
                 t0 = out(zmm_reg) _,
@@ -534,22 +544,26 @@ pub unsafe fn outer_avx512_12x2(acc: &mut [[__m512; 2]; 12], segments: &[(*const
                 c11_0 = inout(zmm_reg) acc[11][0],
                 c11_1 = inout(zmm_reg) acc[11][1],
                 options(nostack, readonly)
-        );
-    }
+    );
+    acc
 }
 
-/// `24×1` weight-gradient tile of 16-float vectors (AVX-512F), accumulating into `acc`.
+/// `24×1` weight-gradient tile of 16-float vectors (AVX-512F).
 ///
 /// # Safety
 /// As [`super::gemm::outer_tile`]; the CPU must have AVX-512F.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn outer_avx512_24x1(acc: &mut [[__m512; 1]; 24], segments: &[(*const f32, *const f32)], kc: usize, a_step: usize, b_step: usize) {
-    if kc == 0 {
-        return;
+pub unsafe fn outer_avx512_24x1(segments: &[(*const f32, *const f32)], kc: usize, a_step: usize, b_step: usize) -> [[__m512; 1]; 24] {
+    let mut acc = [[_mm512_setzero_ps(); 1]; 24];
+    if kc == 0 || segments.is_empty() {
+        return acc;
     }
-    for &(ap, bp) in segments {
-        // SAFETY: the caller guarantees every address the segment steps through is readable.
-        asm!(
+    // SAFETY: the caller guarantees every address the segments step through is readable.
+    asm!(
+            "3:",
+                "mov {ap}, [{sp}]",
+                "mov {bp}, [{sp} + 8]",
+                "mov {k}, {kc}",
                 "2:",
                 "vmovups {b0}, [{bp} + 0]",
                 "vfmadd231ps {c0_0}, {b0}, dword ptr [{ap} + 0]{{1to16}}",
@@ -580,11 +594,17 @@ pub unsafe fn outer_avx512_24x1(acc: &mut [[__m512; 1]; 24], segments: &[(*const
                 "add {bp}, {sb}",
                 "dec {k}",
                 "jnz 2b",
-                ap = inout(reg) ap => _,
-                bp = inout(reg) bp => _,
+                "add {sp}, 16",
+                "dec {ns}",
+                "jnz 3b",
+            sp = inout(reg) segments.as_ptr() => _,
+                ns = inout(reg) segments.len() => _,
+                ap = out(reg) _,
+                bp = out(reg) _,
+                kc = in(reg) kc,
                 sa = in(reg) a_step * 4,
                 sb = in(reg) b_step * 4,
-                k = inout(reg) kc => _,
+                k = out(reg) _,
                 b0 = out(zmm_reg) _,
                 c0_0 = inout(zmm_reg) acc[0][0],
                 c1_0 = inout(zmm_reg) acc[1][0],
@@ -611,22 +631,26 @@ pub unsafe fn outer_avx512_24x1(acc: &mut [[__m512; 1]; 24], segments: &[(*const
                 c22_0 = inout(zmm_reg) acc[22][0],
                 c23_0 = inout(zmm_reg) acc[23][0],
                 options(nostack, readonly)
-        );
-    }
+    );
+    acc
 }
 
-/// `6×2` weight-gradient tile of 8-float vectors (AVX2 and FMA), accumulating into `acc`.
+/// `6×2` weight-gradient tile of 8-float vectors (AVX2 and FMA).
 ///
 /// # Safety
 /// As [`super::gemm::outer_tile`]; the CPU must have AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn outer_avx2_6x2(acc: &mut [[__m256; 2]; 6], segments: &[(*const f32, *const f32)], kc: usize, a_step: usize, b_step: usize) {
-    if kc == 0 {
-        return;
+pub unsafe fn outer_avx2_6x2(segments: &[(*const f32, *const f32)], kc: usize, a_step: usize, b_step: usize) -> [[__m256; 2]; 6] {
+    let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+    if kc == 0 || segments.is_empty() {
+        return acc;
     }
-    for &(ap, bp) in segments {
-        // SAFETY: the caller guarantees every address the segment steps through is readable.
-        asm!(
+    // SAFETY: the caller guarantees every address the segments step through is readable.
+    asm!(
+            "3:",
+                "mov {ap}, [{sp}]",
+                "mov {bp}, [{sp} + 8]",
+                "mov {k}, {kc}",
                 "2:",
                 "vmovups {b0}, [{bp} + 0]",
                 "vmovups {b1}, [{bp} + 32]",
@@ -652,11 +676,17 @@ pub unsafe fn outer_avx2_6x2(acc: &mut [[__m256; 2]; 6], segments: &[(*const f32
                 "add {bp}, {sb}",
                 "dec {k}",
                 "jnz 2b",
-                ap = inout(reg) ap => _,
-                bp = inout(reg) bp => _,
+                "add {sp}, 16",
+                "dec {ns}",
+                "jnz 3b",
+            sp = inout(reg) segments.as_ptr() => _,
+                ns = inout(reg) segments.len() => _,
+                ap = out(reg) _,
+                bp = out(reg) _,
+                kc = in(reg) kc,
                 sa = in(reg) a_step * 4,
                 sb = in(reg) b_step * 4,
-                k = inout(reg) kc => _,
+                k = out(reg) _,
                 b0 = out(ymm_reg) _,
                 b1 = out(ymm_reg) _,
                 t0 = out(ymm_reg) _,
@@ -674,22 +704,26 @@ pub unsafe fn outer_avx2_6x2(acc: &mut [[__m256; 2]; 6], segments: &[(*const f32
                 c5_0 = inout(ymm_reg) acc[5][0],
                 c5_1 = inout(ymm_reg) acc[5][1],
                 options(nostack, readonly)
-        );
-    }
+    );
+    acc
 }
 
-/// `12×1` weight-gradient tile of 8-float vectors (AVX2 and FMA), accumulating into `acc`.
+/// `12×1` weight-gradient tile of 8-float vectors (AVX2 and FMA).
 ///
 /// # Safety
 /// As [`super::gemm::outer_tile`]; the CPU must have AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
-pub unsafe fn outer_avx2_12x1(acc: &mut [[__m256; 1]; 12], segments: &[(*const f32, *const f32)], kc: usize, a_step: usize, b_step: usize) {
-    if kc == 0 {
-        return;
+pub unsafe fn outer_avx2_12x1(segments: &[(*const f32, *const f32)], kc: usize, a_step: usize, b_step: usize) -> [[__m256; 1]; 12] {
+    let mut acc = [[_mm256_setzero_ps(); 1]; 12];
+    if kc == 0 || segments.is_empty() {
+        return acc;
     }
-    for &(ap, bp) in segments {
-        // SAFETY: the caller guarantees every address the segment steps through is readable.
-        asm!(
+    // SAFETY: the caller guarantees every address the segments step through is readable.
+    asm!(
+            "3:",
+                "mov {ap}, [{sp}]",
+                "mov {bp}, [{sp} + 8]",
+                "mov {k}, {kc}",
                 "2:",
                 "vmovups {b0}, [{bp} + 0]",
                 "vbroadcastss {t0}, dword ptr [{ap} + 0]",
@@ -720,11 +754,17 @@ pub unsafe fn outer_avx2_12x1(acc: &mut [[__m256; 1]; 12], segments: &[(*const f
                 "add {bp}, {sb}",
                 "dec {k}",
                 "jnz 2b",
-                ap = inout(reg) ap => _,
-                bp = inout(reg) bp => _,
+                "add {sp}, 16",
+                "dec {ns}",
+                "jnz 3b",
+            sp = inout(reg) segments.as_ptr() => _,
+                ns = inout(reg) segments.len() => _,
+                ap = out(reg) _,
+                bp = out(reg) _,
+                kc = in(reg) kc,
                 sa = in(reg) a_step * 4,
                 sb = in(reg) b_step * 4,
-                k = inout(reg) kc => _,
+                k = out(reg) _,
                 b0 = out(ymm_reg) _,
                 t0 = out(ymm_reg) _,
                 t1 = out(ymm_reg) _,
@@ -741,6 +781,6 @@ pub unsafe fn outer_avx2_12x1(acc: &mut [[__m256; 1]; 12], segments: &[(*const f
                 c10_0 = inout(ymm_reg) acc[10][0],
                 c11_0 = inout(ymm_reg) acc[11][0],
                 options(nostack, readonly)
-        );
-    }
+    );
+    acc
 }

@@ -439,7 +439,7 @@ pub(super) fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Opt
                 let block = ((budget / per_tile) / mr).clamp(1, tiles.div_ceil(mr).max(1)) * mr;
                 let (wphases, u) = if dense3 {
                     let phase = winograd::WinogradPhase { origin: (-1, -1), sub: (0, 0) };
-                    (vec![phase], winograd::pack(&transform, cin, cout, nr, |o, c| conv.weight[(o * cin + c) * 9..][..9].to_vec()))
+                    (vec![phase], winograd::pack(&transform, cin, cout, nr, |o, c, g| g.copy_from_slice(&conv.weight[(o * cin + c) * 9..][..9])))
                 } else {
                     // Phase (a, b) correlates 2×2 inputs from offset (a − 1, b − 1) with kernel
                     // taps [3, 1] (a = 0) or [2, 0] (a = 1) of the 4×4 transposed kernel.
@@ -449,14 +449,12 @@ pub(super) fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Opt
                     for a in 0..2 {
                         for b in 0..2 {
                             wphases.push(winograd::WinogradPhase { origin: (a as isize - 1, b as isize - 1), sub: (a, b) });
-                            u.extend(winograd::pack(&transform, cin, cout, nr, |o, c| {
-                                let mut g = Vec::with_capacity(4);
-                                for ty in taps(a) {
-                                    for tx in taps(b) {
-                                        g.push(conv.weight[((c * cout + o) * 4 + ty) * 4 + tx]);
+                            u.extend(winograd::pack(&transform, cin, cout, nr, |o, c, g| {
+                                for (i, ty) in taps(a).into_iter().enumerate() {
+                                    for (j, tx) in taps(b).into_iter().enumerate() {
+                                        g[i * 2 + j] = conv.weight[((c * cout + o) * 4 + ty) * 4 + tx];
                                     }
                                 }
-                                g
                             }));
                         }
                     }
@@ -471,8 +469,13 @@ pub(super) fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Opt
                 other => other,
             };
             let mut packed = Vec::new();
-            for (phase, f) in &phases {
-                packed.extend(gemm::pack_panels(phase.taps.len(), cin, cout, nr, f));
+            if conv.kind == ConvKind::Dense && up == 1 {
+                // One phase of every tap, weights `[cout][cin][k·k]`: without the per-value call.
+                packed = gemm::pack_dense(&conv.weight, k * k, cin, cout, nr);
+            } else {
+                for (phase, f) in &phases {
+                    packed.extend(gemm::pack_panels(phase.taps.len(), cin, cout, nr, f));
+                }
             }
             let phases = phases.into_iter().map(|(p, _)| p).collect();
             Ok(StepKind::Direct(DirectConv { input, output, residual, positions, phases, cin, cout, nv, lanes, packed, bias, min, max }))
@@ -511,13 +514,29 @@ fn choose_winograd(h: usize, w: usize, cin: usize, cout: usize, phases: usize, r
         let blocks = (tiles / 48.0).ceil();
         (1.25 * macs / macs_per_cycle + transforms).max(traffic(p * alpha * alpha * c * k * 4.0, blocks))
     };
-    let best = candidates.iter().copied().filter(|&m| h >= m && w >= m).min_by(|&a, &b| winograd(a).total_cmp(&winograd(b)))?;
+    // Weights packed on every call (training) cost as much again: on one thread of `threads`
+    // while the convolution runs on all, at about PACK_CYCLES per packed float.
+    let pack = |floats: f64, per: f64| match policy {
+        WinogradPolicy::AutoRepacked { threads } => floats * per * threads.max(1) as f64,
+        _ => 0.0,
+    };
+    let winograd_total = |m: usize| {
+        let alpha = (m + r - 1) as f64;
+        winograd(m) + pack(p * alpha * alpha * c * k, WINOGRAD_PACK_CYCLES)
+    };
+    let best = candidates.iter().copied().filter(|&m| h >= m && w >= m).min_by(|&a, &b| winograd_total(a).total_cmp(&winograd_total(b)))?;
+    let direct_total = direct + pack(p * (r * r) as f64 * c * k, DIRECT_PACK_CYCLES);
     match policy {
         WinogradPolicy::Never => None,
         WinogradPolicy::Always => Some(best),
-        WinogradPolicy::Auto => (cin >= WINOGRAD_MIN_CHANNELS && winograd(best) < direct).then_some(best),
+        WinogradPolicy::Auto | WinogradPolicy::AutoRepacked { .. } => (cin >= WINOGRAD_MIN_CHANNELS && winograd_total(best) < direct_total).then_some(best),
     }
 }
+
+/// Cycles per float of packing Winograd weights (`U = G g Gᵀ`, scattered stores) and direct
+/// weights (a copy into panels), measured on AVX-512 for training's per-call packing.
+const WINOGRAD_PACK_CYCLES: f64 = 6.0;
+const DIRECT_PACK_CYCLES: f64 = 2.0;
 
 /// This machine's per-core L2 size (Linux sysfs), 1 MiB when unknown.
 pub fn l2_bytes() -> usize {

@@ -123,7 +123,23 @@ pub fn pack_panels(segments: usize, cin: usize, cout: usize, nr: usize, w: impl 
     out
 }
 
-/// The weight-gradient tile: `acc[r][j] += Σ_s Σ_{k<kc} a_s[k·a_step + r] · b_s[k·b_step + j·L ..]`
+/// [`pack_panels`] of a dense convolution's weights `[cout][cin][taps]` (segment = tap).
+pub fn pack_dense(weight: &[f32], taps: usize, cin: usize, cout: usize, nr: usize) -> Vec<f32> {
+    let panels = cout.div_ceil(nr);
+    let mut out = vec![0f32; panels * taps * cin * nr];
+    for k in 0..cout {
+        let (p, j) = (k / nr, k % nr);
+        for c in 0..cin {
+            let src = &weight[(k * cin + c) * taps..][..taps];
+            for (s, v) in src.iter().enumerate() {
+                out[((p * taps + s) * cin + c) * nr + j] = *v;
+            }
+        }
+    }
+    out
+}
+
+/// The weight-gradient tile: `acc[r][j] = Σ_s Σ_{k<kc} a_s[k·a_step + r] · b_s[k·b_step + j·L ..]`
 /// over segments `(a_s, b_s)`: `MR` consecutive channels of one map's pixel broadcast, `NV`
 /// vectors of consecutive channels of another map's pixel, each pointer stepping by its own
 /// pixel stride. A convolution's weight gradient is one such reduction per kernel tap, over
@@ -133,12 +149,11 @@ pub fn pack_panels(segments: usize, cin: usize, cout: usize, nr: usize, w: impl 
 /// Every address named above must be readable; the instruction set of `S` must be present.
 #[inline(always)]
 pub unsafe fn outer_tile<S: Simd, const MR: usize, const NV: usize>(
-    acc: &mut [[S::V; NV]; MR],
     segments: &[(*const f32, *const f32)],
     kc: usize,
     a_step: usize,
     b_step: usize,
-) {
+) -> [[S::V; NV]; MR] {
     debug_assert!(MR <= 24 && NV <= 2);
     #[cfg(target_arch = "x86_64")]
     {
@@ -146,13 +161,14 @@ pub unsafe fn outer_tile<S: Simd, const MR: usize, const NV: usize>(
         // SAFETY (all of them): `S::ISA` says the CPU has the instructions; the tile types are
         // the same `[[vector; NV]; MR]` arrays.
         match (S::ISA, MR, NV) {
-            (Isa::Avx512, 12, 2) => return asm::outer_avx512_12x2(&mut *(acc as *mut _ as *mut _), segments, kc, a_step, b_step),
-            (Isa::Avx512, 24, 1) => return asm::outer_avx512_24x1(&mut *(acc as *mut _ as *mut _), segments, kc, a_step, b_step),
-            (Isa::Avx2, 6, 2) => return asm::outer_avx2_6x2(&mut *(acc as *mut _ as *mut _), segments, kc, a_step, b_step),
-            (Isa::Avx2, 12, 1) => return asm::outer_avx2_12x1(&mut *(acc as *mut _ as *mut _), segments, kc, a_step, b_step),
+            (Isa::Avx512, 12, 2) => return std::mem::transmute_copy(&asm::outer_avx512_12x2(segments, kc, a_step, b_step)),
+            (Isa::Avx512, 24, 1) => return std::mem::transmute_copy(&asm::outer_avx512_24x1(segments, kc, a_step, b_step)),
+            (Isa::Avx2, 6, 2) => return std::mem::transmute_copy(&asm::outer_avx2_6x2(segments, kc, a_step, b_step)),
+            (Isa::Avx2, 12, 1) => return std::mem::transmute_copy(&asm::outer_avx2_12x1(segments, kc, a_step, b_step)),
             _ => {}
         }
     }
+    let mut acc = [[S::zero(); NV]; MR];
     for &(a, b) in segments {
         let (mut ap, mut bp) = (a, b);
         for _ in 0..kc {
@@ -169,4 +185,5 @@ pub unsafe fn outer_tile<S: Simd, const MR: usize, const NV: usize>(
             bp = bp.add(b_step);
         }
     }
+    acc
 }

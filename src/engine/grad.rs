@@ -51,19 +51,24 @@ pub struct WeightGrad {
     pub k: usize,
     pub stride: usize,
     pub pad: usize,
+    pub n: usize,
     /// The broadcast side is `B` (else `A`).
     rows_from_b: bool,
     /// Vectors per tile (1 or 2).
     nv: usize,
-    /// Rows of `A` per work item.
-    rows_per_item: usize,
+    /// Rows of `A` (over the whole batch, crossing images) per block of the reduction.
+    rows_per_block: usize,
+    /// Items are blocks of rows, each adding into a buffer of its own (else items are
+    /// `(tap, row tile)` pairs over every pixel, writing their own part of one buffer).
+    split_pixels: bool,
 }
 
-/// Rows of `A` per item: about this many pixels (both maps' blocks stay in L2).
-const ITEM_PIXELS: usize = 512;
+/// Pixels of `A` per block of rows (both maps' blocks stay in L2).
+const BLOCK_PIXELS: usize = 512;
 
 impl WeightGrad {
-    pub fn new(a: MapShape, b: MapShape, k: usize, stride: usize, pad: usize, isa: Isa) -> Result<WeightGrad> {
+    /// The weight gradient over a batch of `n` on `threads` threads.
+    pub fn new(a: MapShape, b: MapShape, k: usize, stride: usize, pad: usize, n: usize, threads: usize, isa: Isa) -> Result<WeightGrad> {
         ensure!(isa.supported(), "this CPU cannot run the {} kernels", isa.name());
         ensure!(pad <= 1 && stride >= 1 && k >= 1, "weight gradients support padding 0 or 1 (got k {k}, stride {stride}, padding {pad})");
         // Every paired pixel lies in B's padded map (its border is zero).
@@ -91,8 +96,13 @@ impl WeightGrad {
                 }
             }
         }
-        let rows_per_item = (ITEM_PIXELS / a.w.max(1)).clamp(1, a.h);
-        Ok(WeightGrad { isa, a, b, k, stride, pad, rows_from_b: best.1, nv: best.2, rows_per_item })
+        let rows_per_block = (BLOCK_PIXELS / a.w.max(1)).clamp(1, n * a.h);
+        // Split the pixels (partial sums per item, added by the caller) where the maps
+        // outweigh the gradient; else split the gradient among items.
+        let pixels = n * a.h * a.w;
+        let grad = a.c * b.c * k * k;
+        let split_pixels = pixels * (a.c + b.c) >= 8 * grad && (n * a.h).div_ceil(rows_per_block) >= 2 * threads.min(2);
+        Ok(WeightGrad { isa, a, b, k, stride, pad, n, rows_from_b: best.1, nv: best.2, rows_per_block, split_pixels })
     }
 
     /// Floats of the gradient `[a.c][b.c][k·k]`.
@@ -104,18 +114,35 @@ impl WeightGrad {
         self.len() == 0
     }
 
-    /// Work items for a batch of `n`.
-    pub fn items(&self, n: usize) -> usize {
-        n * self.a.h.div_ceil(self.rows_per_item)
+    /// Whether items add into buffers of their own (which the caller then sums), or each
+    /// writes its own part of one buffer.
+    pub fn splits_pixels(&self) -> bool {
+        self.split_pixels
     }
 
-    /// Adds item `item`'s share of the gradient into `grad` (`[a.c][b.c][k·k]`).
+    fn row_tile(&self) -> usize {
+        super::gemm::tile_rows(self.isa.lanes(), self.nv)
+    }
+
+    /// Work items.
+    pub fn items(&self) -> usize {
+        if self.split_pixels {
+            (self.n * self.a.h).div_ceil(self.rows_per_block)
+        } else {
+            let r_c = if self.rows_from_b { self.b.c } else { self.a.c };
+            self.k * self.k * r_c.div_ceil(self.row_tile())
+        }
+    }
+
+    /// Adds item `item`'s share of the gradient into `grad` (`[a.c][b.c][k·k]`, zeroed by the
+    /// caller before the first item).
     ///
     /// # Safety
     /// `a` and `b` hold `n` padded images of their shapes, followed by [`super::kernels::slack_floats`]
-    /// readable floats; `grad` holds [`Self::len`] floats no other thread writes meanwhile.
-    pub unsafe fn run(&self, a: *const f32, b: *const f32, n: usize, item: usize, grad: *mut f32) {
-        debug_assert!(item < self.items(n));
+    /// readable floats; `grad` holds [`Self::len`] floats; with [`Self::splits_pixels`] no
+    /// other thread writes the same `grad` meanwhile.
+    pub unsafe fn run(&self, a: *const f32, b: *const f32, item: usize, grad: *mut f32) {
+        debug_assert!(item < self.items());
         struct Job<'a> {
             g: &'a WeightGrad,
             a: *const f32,
@@ -143,55 +170,100 @@ impl WeightGrad {
     #[inline(always)]
     unsafe fn run_shape<S: Simd, const MR: usize, const NV: usize>(&self, a: *const f32, b: *const f32, item: usize, grad: *mut f32) {
         let (am, bm) = (self.a, self.b);
-        let blocks = am.h.div_ceil(self.rows_per_item);
-        let (img, block) = (item / blocks, item % blocks);
-        let y0 = block * self.rows_per_item;
-        let y1 = (y0 + self.rows_per_item).min(am.h);
-        let (awp, bwp) = (am.w + 2, bm.w + 2);
-        let a_img = unsafe { a.add(img * am.image_floats()) };
-        let b_img = unsafe { b.add(img * bm.image_floats()) };
-        let (s, p) = (self.stride, self.pad);
+        let rows = self.n * am.h;
         let taps = self.k * self.k;
-        // Tile roles: rows (broadcast) from `r`, vectors from `v`.
         let (r_c, v_c) = if self.rows_from_b { (bm.c, am.c) } else { (am.c, bm.c) };
         let nr = NV * S::LANES;
-        let mut segments: Vec<(*const f32, *const f32)> = Vec::with_capacity(y1 - y0);
-        for t in 0..taps {
-            let (ty, tx) = (t / self.k, t % self.k);
-            // Row starts of this tap: A's pixel (y, 0) and B's pixel (y·s + ty − p, tx − p),
-            // in padded coordinates (+1).
-            let starts: Vec<(*const f32, *const f32)> = (y0..y1)
-                .map(|y| unsafe {
-                    let ap = a_img.add(((y + 1) * awp + 1) * am.cs);
-                    let bp = b_img.add(((y * s + ty + 1 - p) * bwp + tx + 1 - p) * bm.cs);
+        let r_tiles = r_c.div_ceil(MR);
+        // This item's rows, taps and row tiles.
+        let (row_range, tap_range, r_range) = if self.split_pixels {
+            let lo = item * self.rows_per_block;
+            (lo..(lo + self.rows_per_block).min(rows), 0..taps, 0..r_tiles)
+        } else {
+            let (t, rt) = (item / r_tiles, item % r_tiles);
+            (0..rows, t..t + 1, rt..rt + 1)
+        };
+        let (awp, bwp) = (am.w + 2, bm.w + 2);
+        let (s, p) = (self.stride, self.pad);
+        let (r_step, v_step) = if self.rows_from_b { (s * bm.cs, am.cs) } else { (am.cs, s * bm.cs) };
+        let mut segments: Vec<(*const f32, *const f32)> = Vec::with_capacity(self.rows_per_block);
+        let mut starts: Vec<(*const f32, *const f32, usize)> = Vec::with_capacity(self.rows_per_block);
+        let mut lengths: Vec<usize> = Vec::with_capacity(4);
+        let mut lanes = [0f32; 16];
+        // Stride 1 and same-size maps: rows chain into flat runs.
+        let flat = s == 1 && am.w == bm.w && am.h == bm.h && am.cs == am.c;
+        for block in row_range.clone().step_by(self.rows_per_block) {
+            let block = block..(block + self.rows_per_block).min(row_range.end);
+            for t in tap_range.clone() {
+                let (ty, tx) = (t / self.k, t % self.k);
+                // Row starts of this tap: A's pixel (y, 0) and B's pixel (y·s + ty − p, tx − p),
+                // in padded coordinates (+1).
+                starts.clear();
+                let start = |row: usize| unsafe {
+                    let (img, y) = (row / am.h, row % am.h);
+                    let ap = a.add(img * am.image_floats() + ((y + 1) * awp + 1) * am.cs);
+                    let bp = b.add(img * bm.image_floats() + ((y * s + ty + 1 - p) * bwp + tx + 1 - p) * bm.cs);
                     (ap, bp)
-                })
-                .collect();
-            let (r_step, v_step) = if self.rows_from_b { (s * bm.cs, am.cs) } else { (am.cs, s * bm.cs) };
-            for r0 in (0..r_c).step_by(MR) {
-                for v0 in (0..v_c).step_by(nr) {
-                    segments.clear();
-                    segments.extend(starts.iter().map(|&(ap, bp)| unsafe {
-                        if self.rows_from_b { (bp.add(r0), ap.add(v0)) } else { (ap.add(r0), bp.add(v0)) }
+                };
+                // Segments as (pointers, length), grouped by length below.
+                if flat {
+                    // Stride 1 on maps of one size: a run of rows of one image is one segment
+                    // over the padded positions between them (A's border pixels are zero).
+                    let mut row = block.start;
+                    while row < block.end {
+                        let end = block.end.min((row / am.h + 1) * am.h);
+                        let (ap, bp) = start(row);
+                        starts.push((ap, bp, (end - row) * awp - 2));
+                        row = end;
+                    }
+                } else {
+                    starts.extend(block.clone().map(|row| {
+                        let (ap, bp) = start(row);
+                        (ap, bp, am.w)
                     }));
-                    let mut acc = [[unsafe { S::zero() }; NV]; MR];
-                    unsafe { outer_tile::<S, MR, NV>(&mut acc, &segments, am.w, r_step, v_step) };
-                    // Store: acc[r][j] lane l is (rows channel r0 + r, vector channel v0 + j·L + l).
-                    let mut lanes = [0f32; 16];
-                    for (r, row) in acc.iter().enumerate() {
-                        let rc = r0 + r;
-                        if rc >= r_c {
-                            break;
-                        }
-                        for (j, v) in row.iter().enumerate() {
-                            unsafe { S::store(lanes.as_mut_ptr(), *v) };
-                            for (l, value) in lanes.iter().enumerate().take(S::LANES) {
-                                let vc = v0 + j * S::LANES + l;
-                                if vc >= v_c {
-                                    break;
+                }
+                lengths.clear();
+                for &(_, _, kc) in &starts {
+                    if !lengths.contains(&kc) {
+                        lengths.push(kc);
+                    }
+                }
+                for rt in r_range.clone() {
+                    let r0 = rt * MR;
+                    for v0 in (0..v_c).step_by(nr) {
+                        let mut acc = [[unsafe { S::zero() }; NV]; MR];
+                        for &kc in &lengths {
+                            segments.clear();
+                            segments.extend(starts.iter().filter(|s| s.2 == kc).map(|&(ap, bp, _)| unsafe {
+                                if self.rows_from_b { (bp.add(r0), ap.add(v0)) } else { (ap.add(r0), bp.add(v0)) }
+                            }));
+                            let part = unsafe { outer_tile::<S, MR, NV>(&segments, kc, r_step, v_step) };
+                            if lengths.len() == 1 {
+                                acc = part;
+                            } else {
+                                for (row, prow) in acc.iter_mut().zip(&part) {
+                                    for (v, pv) in row.iter_mut().zip(prow) {
+                                        *v = unsafe { S::add(*v, *pv) };
+                                    }
                                 }
-                                let (ca, cb) = if self.rows_from_b { (vc, rc) } else { (rc, vc) };
-                                unsafe { *grad.add((ca * bm.c + cb) * taps + t) += *value };
+                            }
+                        }
+                        // acc[r][j] lane l is (rows channel r0 + r, vector channel v0 + j·L + l).
+                        for (r, row) in acc.iter().enumerate() {
+                            let rc = r0 + r;
+                            if rc >= r_c {
+                                break;
+                            }
+                            for (j, v) in row.iter().enumerate() {
+                                unsafe { S::store(lanes.as_mut_ptr(), *v) };
+                                for (l, value) in lanes.iter().enumerate().take(S::LANES) {
+                                    let vc = v0 + j * S::LANES + l;
+                                    if vc >= v_c {
+                                        break;
+                                    }
+                                    let (ca, cb) = if self.rows_from_b { (vc, rc) } else { (rc, vc) };
+                                    unsafe { *grad.add((ca * bm.c + cb) * taps + t) += *value };
+                                }
                             }
                         }
                     }

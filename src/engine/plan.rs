@@ -252,6 +252,9 @@ pub enum WinogradPolicy {
     Never,
     /// Every 3×3 stride-1 layer it can run.
     Always,
+    /// As `Auto`, for weights packed anew on every call (training, whose weights change every
+    /// step): the packing counts too, on one of `threads` threads.
+    AutoRepacked { threads: usize },
 }
 
 /// How to compile.

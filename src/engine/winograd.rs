@@ -537,16 +537,61 @@ impl WinogradConv {
 }
 
 /// Transforms and packs one phase's weights for [`WinogradConv`], `[ξ][panel][cin][nr]`:
-/// `g(k, c)` is the r×r kernel (row-major) of output channel `k` and input channel `c`.
-pub fn pack(transform: &Transform, cin: usize, cout: usize, nr: usize, g: impl Fn(usize, usize) -> Vec<f32>) -> Vec<f32> {
-    let xi_count = transform.alpha * transform.alpha;
+/// `g(k, c, out)` writes the r×r kernel (row-major) of output channel `k` and input channel
+/// `c`. The transform `U = G g Gᵀ` runs a panel of output channels at a time (vectorized
+/// along them), in f32.
+pub fn pack(transform: &Transform, cin: usize, cout: usize, nr: usize, g: impl Fn(usize, usize, &mut [f32])) -> Vec<f32> {
+    let (a, r) = (transform.alpha, transform.r);
+    let xi_count = a * a;
     let panels = cout.div_ceil(nr);
+    let gm: Vec<f32> = transform.g.iter().map(|v| *v as f32).collect();
     let mut out = vec![0f32; xi_count * panels * cin * nr];
-    for k in 0..cout {
-        let (p, j) = (k / nr, k % nr);
+    let mut one = [0f32; 9];
+    // [i][j][lane], [x][j][lane], [x][y][lane].
+    let mut kern = vec![0f32; r * r * nr];
+    let mut tmp = vec![0f32; a * r * nr];
+    let mut u = vec![0f32; a * a * nr];
+    for p in 0..panels {
         for c in 0..cin {
-            for (xi, v) in transform.kernel(&g(k, c)).into_iter().enumerate() {
-                out[((xi * panels + p) * cin + c) * nr + j] = v;
+            for lane in 0..nr {
+                let k = p * nr + lane;
+                if k < cout {
+                    g(k, c, &mut one[..r * r]);
+                } else {
+                    one[..r * r].fill(0.0);
+                }
+                for q in 0..r * r {
+                    kern[q * nr + lane] = one[q];
+                }
+            }
+            tmp.fill(0.0);
+            for x in 0..a {
+                for i in 0..r {
+                    let coef = gm[x * r + i];
+                    if coef == 0.0 {
+                        continue;
+                    }
+                    for jj in 0..r {
+                        let (dst, src) = (&mut tmp[(x * r + jj) * nr..][..nr], &kern[(i * r + jj) * nr..][..nr]);
+                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += coef * s);
+                    }
+                }
+            }
+            u.fill(0.0);
+            for x in 0..a {
+                for y in 0..a {
+                    for jj in 0..r {
+                        let coef = gm[y * r + jj];
+                        if coef == 0.0 {
+                            continue;
+                        }
+                        let (dst, src) = (&mut u[(x * a + y) * nr..][..nr], &tmp[(x * r + jj) * nr..][..nr]);
+                        dst.iter_mut().zip(src).for_each(|(d, s)| *d += coef * s);
+                    }
+                }
+            }
+            for xi in 0..xi_count {
+                out[((xi * panels + p) * cin + c) * nr..][..nr].copy_from_slice(&u[xi * nr..][..nr]);
             }
         }
     }

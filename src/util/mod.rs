@@ -1,5 +1,6 @@
 //! Small shared helpers: file-system calls with context, a serializable RNG, digests, formatting.
 
+pub mod alloc;
 pub mod fs;
 pub mod rng;
 

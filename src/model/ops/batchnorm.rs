@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
-use super::fmap::{self, alloc_map, data, map_of, on_cpu_path, par_items, row_grain, storage};
+use super::fmap::{self, alloc_map, profile, data, map_of, on_cpu_path, par_items, row_grain, storage};
 use crate::engine::maps::{Affine, CPtr, MapShape, NormGradInput, NormGradSums, Ptr, RowStats, combine_stats};
 use crate::model::blocks::{Act, activate};
 
@@ -122,6 +122,12 @@ impl CustomOp1 for MapStats {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        profile::timed(|| "bn stats".to_string(), || self.compute(s, l))
+    }
+}
+
+impl MapStats {
+    fn compute(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, m) = map_of(l)?;
         let x = data(s, l, "batch-norm statistics")?;
         let items = n * m.h;
@@ -167,12 +173,7 @@ impl CustomOp3 for BnTrain {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, m) = map_of(l1)?;
-        let x = data(s1, l1, "batch-norm")?;
-        let affine = data(s2, l2, "batch-norm")?;
-        let stats = data(s3, l3, "batch-norm")?;
-        let (scale, shift, _) = train_scale_shift(affine, stats, m.c, self.eps)?;
-        Ok((storage(apply_affine(x, n, m, &scale, &shift, self.act)?), l1.shape().clone()))
+        profile::timed(|| "bn train fwd".to_string(), || self.compute(s1, l1, s2, l2, s3, l3))
     }
 
     fn bwd(&self, x: &Tensor, affine: &Tensor, stats: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -180,6 +181,17 @@ impl CustomOp3 for BnTrain {
         let (n, m) = fmap::tensor_map(x)?;
         let grads = x.contiguous()?.apply_op3_no_bwd(&dy.contiguous()?, &params, &NormGrad { eps: self.eps, act: self.act, batch_stats: true })?;
         split_grads(&grads, n, m, x.shape())
+    }
+}
+
+impl BnTrain {
+    fn compute(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, m) = map_of(l1)?;
+        let x = data(s1, l1, "batch-norm")?;
+        let affine = data(s2, l2, "batch-norm")?;
+        let stats = data(s3, l3, "batch-norm")?;
+        let (scale, shift, _) = train_scale_shift(affine, stats, m.c, self.eps)?;
+        Ok((storage(apply_affine(x, n, m, &scale, &shift, self.act)?), l1.shape().clone()))
     }
 }
 
@@ -208,6 +220,12 @@ impl CustomOp3 for NormGrad {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
+        profile::timed(|| format!("bn grad batch_stats={}", self.batch_stats), || self.compute(s1, l1, s2, l2, s3, l3))
+    }
+}
+
+impl NormGrad {
+    fn compute(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, m) = map_of(l1)?;
         let c = m.c;
         let x = data(s1, l1, "batch-norm gradient")?;
@@ -291,12 +309,7 @@ impl CustomOp2 for BnAffine {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, m) = map_of(l1)?;
-        let x = data(s1, l1, "batch-norm")?;
-        let p = data(s2, l2, "batch-norm")?;
-        let c = m.c;
-        let (scale, shift) = (padded(p[..c].iter().copied(), c)?, padded(p[c..2 * c].iter().copied(), c)?);
-        Ok((storage(apply_affine(x, n, m, &scale, &shift, self.act)?), l1.shape().clone()))
+        profile::timed(|| "bn eval fwd".to_string(), || self.compute(s1, l1, s2, l2))
     }
 
     fn bwd(&self, x: &Tensor, params: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
@@ -304,6 +317,17 @@ impl CustomOp2 for BnAffine {
         let grads = x.contiguous()?.apply_op3_no_bwd(&dy.contiguous()?, &params.contiguous()?, &NormGrad { eps: 0.0, act: self.act, batch_stats: false })?;
         let (dx, dp, _) = split_grads(&grads, n, m, x.shape())?;
         Ok((dx, dp))
+    }
+}
+
+impl BnAffine {
+    fn compute(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, m) = map_of(l1)?;
+        let x = data(s1, l1, "batch-norm")?;
+        let p = data(s2, l2, "batch-norm")?;
+        let c = m.c;
+        let (scale, shift) = (padded(p[..c].iter().copied(), c)?, padded(p[c..2 * c].iter().copied(), c)?);
+        Ok((storage(apply_affine(x, n, m, &scale, &shift, self.act)?), l1.shape().clone()))
     }
 }
 

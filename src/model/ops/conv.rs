@@ -15,7 +15,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
-use super::fmap::{self, alloc_map, data, map_of, par_items, row_grain, shape_of, storage, sum_rows, with_scratch, with_slack};
+use super::fmap::{self, alloc_map, profile, data, map_of, par_items, row_grain, shape_of, storage, sum_rows, with_scratch, with_slack};
 use crate::engine::graph::{Act, ConvKind, ConvOp};
 use crate::engine::grad::WeightGrad;
 use crate::engine::kernels::{Kernel, KernelOptions, zero_borders};
@@ -92,10 +92,13 @@ fn forward(g: ConvGeometry, x: &[f32], n: usize, xm: MapShape, w: &[f32], cin: u
         bias: bias.map_or_else(|| vec![0.0; cout], |b| b.to_vec()),
         act,
     };
-    let options = KernelOptions { isa, winograd: WinogradPolicy::Auto, batch: n };
-    let kernel = Kernel::conv(&op, xm.h, xm.w, &options).map_err(|e| candle_core::Error::Msg(format!("convolution: {e:#}")))?;
+    let options = KernelOptions { isa, winograd: WinogradPolicy::AutoRepacked { threads: rayon::current_num_threads() }, batch: n };
+    let what = || format!("{:?} k{} s{} {cin}→{cout} {}×{}", g.kind, g.k, g.stride, xm.h, xm.w);
+    let kernel = profile::timed(|| format!("pack {}", what()), || Kernel::conv(&op, xm.h, xm.w, &options))
+        .map_err(|e| candle_core::Error::Msg(format!("convolution: {e:#}")))?;
     let (oh, ow, oc) = kernel.output_shape();
-    Ok((run_kernel(&kernel, x, n), MapShape::new(oh, ow, oc)))
+    let out = profile::timed(|| format!("run  {} [{}]", what(), kernel.name()), || run_kernel(&kernel, x, n));
+    Ok((out, MapShape::new(oh, ow, oc)))
 }
 
 /// Dense convolution weights `[cout][cin][k][k]` of the input gradient of a stride-1 'same'
@@ -203,7 +206,7 @@ impl CustomOp2 for GradInput {
                 let flipped = ConvGeometry { pad: g.k - 1 - g.pad, ..g };
                 forward(flipped, &dy, n, om, &wt, cout, cin, None, Act::Identity, isa)?.0
             }
-            ConvKind::Dense => {
+            ConvKind::Dense => profile::timed(|| format!("grad-input strided k{} s{} {cout}→{cin} {}×{}", g.k, g.stride, om.h, om.w), || -> Result<Vec<f32>> {
                 let dy = data(s1, l1, "convolution gradient")?;
                 let pc = fmap::padded(cin, isa);
                 let kk = g.k * g.k;
@@ -230,8 +233,8 @@ impl CustomOp2 for GradInput {
                     padded_c: pc,
                 };
                 par_items(isa, &kernel, 1);
-                out
-            }
+                Ok(out)
+            })?,
             ConvKind::Transposed => {
                 // dx[i] = Σ_t dy[2i + t − 1] · w[ci][co][t]: a stride-2 convolution of dy whose
                 // weights [out = ci][in = co][t] are the transposed kernel as it is.
@@ -245,7 +248,7 @@ impl CustomOp2 for GradInput {
                 let flipped: Vec<f32> = (0..cin * kk).map(|i| w[(i / kk) * kk + kk - 1 - i % kk]).collect();
                 forward(ConvGeometry { pad: g.k - 1 - g.pad, ..g }, &dy, n, om, &flipped, cin, cin, None, Act::Identity, isa)?.0
             }
-            ConvKind::Depthwise => {
+            ConvKind::Depthwise => profile::timed(|| format!("grad-input depthwise s2 c{cin} {}×{}", om.h, om.w), || -> Result<Vec<f32>> {
                 if g.k != 3 || g.pad != 1 || g.stride != 2 {
                     bail!("depthwise convolution gradients need 3×3 kernels, padding 1, stride 1 or 2");
                 }
@@ -260,8 +263,8 @@ impl CustomOp2 for GradInput {
                 let mut out = alloc_map(n, xm);
                 let kernel = DepthwiseGradInputS2 { map: xm, out: om, n, dy: CPtr(dy.as_ptr()), dx: Ptr(out.as_mut_ptr()), weights: CPtr(packed.as_ptr()), padded_c: pc };
                 par_items(isa, &kernel, 1);
-                out
-            }
+                Ok(out)
+            })?,
         };
         Ok((storage(out), Shape::from(shape_of(n, xm))))
     }
@@ -279,6 +282,15 @@ impl CustomOp2 for GradWeight {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.geometry;
+        let (_, xm) = map_of(l1)?;
+        let what = || format!("grad-weight {:?} k{} s{} {:?} {}×{}", g.kind, g.k, g.stride, self.w_dims, xm.h, xm.w);
+        profile::timed(what, || self.compute(s1, l1, s2, l2))
+    }
+}
+
+impl GradWeight {
+    fn compute(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry;
         let (n, xm) = map_of(l1)?;
         let (_, om) = map_of(l2)?;
@@ -307,25 +319,37 @@ impl CustomOp2 for GradWeight {
             let (a, am, b, bm, st1, st2) = if g.kind == ConvKind::Transposed { (s1, xm, s2, om, l1, l2) } else { (s2, om, s1, xm, l2, l1) };
             let a = with_slack(a, st1, fmap::slack_of(am), "convolution gradient")?;
             let b = with_slack(b, st2, fmap::slack_of(bm), "convolution gradient")?;
-            let wg = WeightGrad::new(am, bm, g.k, g.stride, g.pad, isa).map_err(|e| candle_core::Error::Msg(format!("convolution gradient: {e:#}")))?;
-            let items = wg.items(n);
+            let wg = WeightGrad::new(am, bm, g.k, g.stride, g.pad, n, threads, isa).map_err(|e| candle_core::Error::Msg(format!("convolution gradient: {e:#}")))?;
+            let items = wg.items();
             let len = wg.len();
             let (ap, bp) = (CPtr(a.as_ptr()), CPtr(b.as_ptr()));
-            let chunks = (2 * threads).min(items).max(1);
-            let run = |chunk: usize| {
+            if wg.splits_pixels() {
+                // Partial sums per chunk of items, added at the end.
+                let chunks = (2 * threads).min(items).max(1);
+                let run = |chunk: usize| {
+                    let mut grad = fmap::zeros(len);
+                    let (ap, bp) = (&ap, &bp);
+                    for item in chunk * items / chunks..(chunk + 1) * items / chunks {
+                        // SAFETY: both maps hold n images and their slack; `grad` is this chunk's.
+                        unsafe { wg.run(ap.0, bp.0, item, grad.as_mut_ptr()) };
+                    }
+                    grad
+                };
+                let add = |mut a: Vec<f32>, b: Vec<f32>| {
+                    a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                    a
+                };
+                if chunks == 1 { run(0) } else { (0..chunks).into_par_iter().map(run).reduce_with(add).unwrap_or_else(|| fmap::zeros(len)) }
+            } else {
                 let mut grad = fmap::zeros(len);
-                let (ap, bp) = (&ap, &bp);
-                for item in chunk * items / chunks..(chunk + 1) * items / chunks {
-                    // SAFETY: both maps hold n images and their slack; `grad` is this chunk's.
-                    unsafe { wg.run(ap.0, bp.0, n, item, grad.as_mut_ptr()) };
-                }
+                let gp = Ptr(grad.as_mut_ptr());
+                (0..items).into_par_iter().for_each(|item| {
+                    let (ap, bp, gp) = (&ap, &bp, &gp);
+                    // SAFETY: as above; items write disjoint parts of `grad`.
+                    unsafe { wg.run(ap.0, bp.0, item, gp.0) };
+                });
                 grad
-            };
-            let add = |mut a: Vec<f32>, b: Vec<f32>| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            };
-            if chunks == 1 { run(0) } else { (0..chunks).into_par_iter().map(run).reduce_with(add).unwrap_or_else(|| fmap::zeros(len)) }
+            }
         };
         Ok((storage(out), Shape::from(self.w_dims.clone())))
     }
@@ -340,6 +364,12 @@ impl candle_core::CustomOp1 for BiasGrad {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        profile::timed(|| "grad-bias".to_string(), || self.compute(s, l))
+    }
+}
+
+impl BiasGrad {
+    fn compute(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, m) = map_of(l)?;
         let dy = data(s, l, "bias gradient")?;
         let items = n * m.h;

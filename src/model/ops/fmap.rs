@@ -190,3 +190,46 @@ pub fn storage(buffer: Vec<f32>) -> CpuStorage {
 pub fn padded(c: usize, isa: Isa) -> usize {
     c.div_ceil(isa.lanes()) * isa.lanes()
 }
+
+/// Wall time per op, when profiling is on ([`set_profiling`]): what `train_step_bench
+/// --profile` prints to say where a training step's time goes.
+pub mod profile {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    static ON: AtomicBool = AtomicBool::new(false);
+    static TIMES: Mutex<BTreeMap<String, (u64, f64)>> = Mutex::new(BTreeMap::new());
+
+    /// Turns the per-op clock on or off (and clears it when turning it on).
+    pub fn set_profiling(on: bool) {
+        if on {
+            TIMES.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+        ON.store(on, Ordering::Relaxed);
+    }
+
+    /// `(op, calls, seconds)` since profiling was turned on, longest first.
+    pub fn report() -> Vec<(String, u64, f64)> {
+        let times = TIMES.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(String, u64, f64)> = times.iter().map(|(k, (n, s))| (k.clone(), *n, *s)).collect();
+        out.sort_by(|a, b| b.2.total_cmp(&a.2));
+        out
+    }
+
+    /// Runs `f`, charging its time to `name()` when profiling.
+    pub fn timed<R>(name: impl FnOnce() -> String, f: impl FnOnce() -> R) -> R {
+        if !ON.load(Ordering::Relaxed) {
+            return f();
+        }
+        let start = Instant::now();
+        let out = f();
+        let dt = start.elapsed().as_secs_f64();
+        let mut times = TIMES.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = times.entry(name()).or_insert((0, 0.0));
+        entry.0 += 1;
+        entry.1 += dt;
+        out
+    }
+}

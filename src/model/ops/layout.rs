@@ -4,7 +4,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, bail};
 
-use super::fmap::{self, alloc_map, data, map_of, par_items, row_grain, shape_of, storage, with_slack};
+use super::fmap::{self, alloc_map, profile, data, map_of, par_items, row_grain, shape_of, storage, with_slack};
 use crate::engine::kernels::{Kernel, zero_borders};
 use crate::engine::maps::{CPtr, CopyChannels, DepthToSpace, FromPadded, MapShape, MaxPoolGrad, Ptr, ToPadded};
 
@@ -17,16 +17,22 @@ impl CustomOp1 for ToMap {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        profile::timed(|| "to-map".to_string(), || self.compute(s, l))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(dy.contiguous()?.apply_op1(FromMap)?))
+    }
+}
+
+impl ToMap {
+    fn compute(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l.shape().dims4()?;
         let x = data(s, l, "feature map")?;
         let m = MapShape::new(h, w, c);
         let mut out = alloc_map(n, m);
         par_items(fmap::isa()?, &ToPadded { map: m, n, src: CPtr(x.as_ptr()), dst: Ptr(out.as_mut_ptr()) }, row_grain(w, c));
         Ok((storage(out), Shape::from(shape_of(n, m))))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(dy.contiguous()?.apply_op1(FromMap)?))
     }
 }
 
@@ -39,15 +45,21 @@ impl CustomOp1 for FromMap {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        profile::timed(|| "from-map".to_string(), || self.compute(s, l))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(dy.contiguous()?.apply_op1(ToMap)?))
+    }
+}
+
+impl FromMap {
+    fn compute(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, m) = map_of(l)?;
         let x = data(s, l, "feature map")?;
         let mut out = vec![0f32; n * m.c * m.h * m.w];
         par_items(fmap::isa()?, &FromPadded { map: m, n, src: CPtr(x.as_ptr()), dst: Ptr(out.as_mut_ptr()) }, row_grain(m.w, m.c));
         Ok((storage(out), Shape::from((n, m.c, m.h, m.w))))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(dy.contiguous()?.apply_op1(ToMap)?))
     }
 }
 
@@ -70,6 +82,16 @@ impl CustomOp1 for MaxPool {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        profile::timed(|| "maxpool".to_string(), || self.compute(s, l))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &MaxPoolBackward)?))
+    }
+}
+
+impl MaxPool {
+    fn compute(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, m) = map_of(l)?;
         let x = with_slack(s, l, fmap::slack_of(m), "max pooling")?;
         let kernel = Kernel::max_pool(m.h, m.w, m.c, fmap::isa()?).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
@@ -91,10 +113,6 @@ impl CustomOp1 for MaxPool {
         (0..work.items.div_ceil(grain)).into_par_iter().for_each(run);
         Ok((storage(out), Shape::from(shape_of(n, o))))
     }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &MaxPoolBackward)?))
-    }
 }
 
 struct MaxPoolBackward;
@@ -105,6 +123,12 @@ impl CustomOp2 for MaxPoolBackward {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        profile::timed(|| "maxpool-grad".to_string(), || self.compute(s1, l1, s2, l2))
+    }
+}
+
+impl MaxPoolBackward {
+    fn compute(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, m) = map_of(l1)?;
         let x = data(s1, l1, "max pooling gradient")?;
         let dy = data(s2, l2, "max pooling gradient")?;
@@ -131,6 +155,16 @@ impl CustomOp1 for Shuffle {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        profile::timed(|| format!("depth-to-space inverse={}", self.inverse), || self.compute(s, l))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(dy.contiguous()?.apply_op1(Shuffle { inverse: !self.inverse })?))
+    }
+}
+
+impl Shuffle {
+    fn compute(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, m) = map_of(l)?;
         let x = data(s, l, "depth-to-space")?;
         let (small, large) = if self.inverse {
@@ -149,10 +183,6 @@ impl CustomOp1 for Shuffle {
         let kernel = DepthToSpace { map: small, n, src: CPtr(x.as_ptr()), dst: Ptr(out.as_mut_ptr()), inverse: self.inverse };
         par_items(fmap::isa()?, &kernel, row_grain(small.w, small.c));
         Ok((storage(out), Shape::from(shape_of(n, target))))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(dy.contiguous()?.apply_op1(Shuffle { inverse: !self.inverse })?))
     }
 }
 
@@ -188,6 +218,21 @@ impl CustomOp2 for Concat {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        profile::timed(|| "concat".to_string(), || self.compute(s1, l1, s2, l2))
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (_, am) = fmap::tensor_map(a)?;
+        let (_, bm) = fmap::tensor_map(b)?;
+        let da = a.track_op().then(|| dy.apply_op1_no_bwd(&Split { c0: 0, c: am.c })).transpose()?;
+        let db = b.track_op().then(|| dy.apply_op1_no_bwd(&Split { c0: am.c, c: bm.c })).transpose()?;
+        Ok((da, db))
+    }
+}
+
+impl Concat {
+    fn compute(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, a) = map_of(l1)?;
         let (n2, b) = map_of(l2)?;
         if n != n2 || a.h != b.h || a.w != b.w {
@@ -198,15 +243,6 @@ impl CustomOp2 for Concat {
         copy_channels(data(s1, l1, "concatenation")?, a, 0, &mut out, o, 0, a.c, n, true)?;
         copy_channels(data(s2, l2, "concatenation")?, b, 0, &mut out, o, a.c, b.c, n, false)?;
         Ok((storage(out), Shape::from(shape_of(n, o))))
-    }
-
-    fn bwd(&self, a: &Tensor, b: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let (_, am) = fmap::tensor_map(a)?;
-        let (_, bm) = fmap::tensor_map(b)?;
-        let da = a.track_op().then(|| dy.apply_op1_no_bwd(&Split { c0: 0, c: am.c })).transpose()?;
-        let db = b.track_op().then(|| dy.apply_op1_no_bwd(&Split { c0: am.c, c: bm.c })).transpose()?;
-        Ok((da, db))
     }
 }
 
@@ -222,6 +258,12 @@ impl CustomOp1 for Split {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        profile::timed(|| "concat-grad (split)".to_string(), || self.compute(s, l))
+    }
+}
+
+impl Split {
+    fn compute(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, m) = map_of(l)?;
         let o = MapShape::new(m.h, m.w, self.c);
         let mut out = alloc_map(n, o);
