@@ -48,21 +48,23 @@ impl WeightAverage {
     }
 }
 
-/// AdamW over named variables.
+/// AdamW over named variables. Each variable's two moments live in one `[2, numel]` tensor
+/// (rows `m` and `v`); on CPU a step is two fused passes per variable, in place (the moments,
+/// then the weights), instead of a dozen tensor operations each allocating its result.
 pub struct AdamW {
     vars: Vec<(String, Var)>,
-    first_moment: Vec<Tensor>,
-    second_moment: Vec<Tensor>,
+    moments: Vec<Tensor>,
     step: u64,
     config: OptimizerConfig,
 }
 
 impl AdamW {
     pub fn new(vars: Vec<(String, Var)>, config: OptimizerConfig) -> Result<Self> {
-        let zeros = |v: &Var| v.as_tensor().zeros_like();
-        let first_moment = vars.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<Vec<_>>>()?;
-        let second_moment = vars.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { vars, first_moment, second_moment, step: 0, config })
+        let moments = vars
+            .iter()
+            .map(|(_, v)| Tensor::zeros((2, v.elem_count()), v.dtype(), v.device()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { vars, moments, step: 0, config })
     }
 
     /// Optimizer steps taken.
@@ -79,13 +81,22 @@ impl AdamW {
         let scale_v = 1.0 / (1.0 - c.beta2.powi(t));
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else { continue };
-            let m = ((&self.first_moment[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            let v = ((&self.second_moment[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let fused = var.device().is_cpu() && var.dtype() == candle_core::DType::F32 && var.is_contiguous();
+            if fused {
+                let g = g.contiguous()?;
+                self.moments[i].inplace_op2(&g, &fused::Moments { beta1: c.beta1, beta2: c.beta2 })?;
+                let apply = fused::Apply { lr, weight_decay: c.weight_decay, scale_m, scale_v, eps: c.eps };
+                var.as_tensor().inplace_op2(&self.moments[i], &apply)?;
+                continue;
+            }
+            let shape = var.shape();
+            let (m0, v0) = (self.moments[i].get(0)?.reshape(shape)?, self.moments[i].get(1)?.reshape(shape)?);
+            let m = ((m0 * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            let v = ((v0 * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&m * scale_m)? / ((&v * scale_v)?.sqrt()? + c.eps)?)?;
             let decayed = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
             var.set(&(decayed - (update * lr)?)?)?;
-            self.first_moment[i] = m;
-            self.second_moment[i] = v;
+            self.moments[i] = Tensor::stack(&[m.flatten_all()?, v.flatten_all()?], 0)?;
         }
         Ok(())
     }
@@ -93,9 +104,12 @@ impl AdamW {
     /// State tensors (`m.<name>`, `v.<name>`) for a checkpoint.
     pub fn state_tensors(&self) -> HashMap<String, Tensor> {
         let mut out = HashMap::new();
-        for (i, (name, _)) in self.vars.iter().enumerate() {
-            out.insert(format!("m.{name}"), self.first_moment[i].clone());
-            out.insert(format!("v.{name}"), self.second_moment[i].clone());
+        for (i, (name, var)) in self.vars.iter().enumerate() {
+            for (row, prefix) in ["m", "v"].into_iter().enumerate() {
+                if let Ok(t) = self.moments[i].get(row).and_then(|t| t.reshape(var.shape())) {
+                    out.insert(format!("{prefix}.{name}"), t);
+                }
+            }
         }
         out
     }
@@ -103,18 +117,106 @@ impl AdamW {
     /// Restores [`AdamW::state_tensors`] and the step count.
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         for (i, (name, var)) in self.vars.iter().enumerate() {
-            for (prefix, slot) in [("m", &mut self.first_moment[i]), ("v", &mut self.second_moment[i])] {
+            let mut rows = Vec::with_capacity(2);
+            for prefix in ["m", "v"] {
                 let t = tensors
                     .get(&format!("{prefix}.{name}"))
                     .with_context(|| format!("checkpoint has no optimizer state for `{name}`"))?;
                 if t.dims() != var.dims() {
                     bail!("optimizer state for `{name}` has shape {:?}, expected {:?}", t.dims(), var.dims());
                 }
-                *slot = t.to_device(var.device())?;
+                rows.push(t.to_device(var.device())?.to_dtype(var.dtype())?.flatten_all()?);
             }
+            self.moments[i] = Tensor::stack(&rows, 0)?;
         }
         self.step = step;
         Ok(())
+    }
+}
+
+/// The CPU passes of [`AdamW::step`].
+mod fused {
+    use candle_core::{CpuStorage, InplaceOp2, Layout, Result, bail};
+    use rayon::prelude::*;
+
+    /// Elements per parallel chunk.
+    const CHUNK: usize = 1 << 15;
+
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
+            _ => bail!("{what}: expected contiguous f32"),
+        }
+    }
+
+    fn slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
+        match (s, l.contiguous_offsets()) {
+            (CpuStorage::F32(d), Some((a, b))) => Ok(&mut d[a..b]),
+            _ => bail!("{what}: expected contiguous f32"),
+        }
+    }
+
+    /// `m ← β1·m + (1 − β1)·g`, `v ← β2·v + (1 − β2)·g²` on `[m; v]`.
+    pub struct Moments {
+        pub beta1: f64,
+        pub beta2: f64,
+    }
+
+    impl InplaceOp2 for Moments {
+        fn name(&self) -> &'static str {
+            "segctl-adamw-moments"
+        }
+
+        fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+            let g = slice(s2, l2, "AdamW")?;
+            let mv = slice_mut(s1, l1, "AdamW")?;
+            if mv.len() != 2 * g.len() {
+                bail!("AdamW: moments of {} values for a gradient of {}", mv.len(), g.len());
+            }
+            let (m, v) = mv.split_at_mut(g.len());
+            let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
+            let (c1, c2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
+            m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)).zip(g.par_chunks(CHUNK)).for_each(|((m, v), g)| {
+                for ((m, v), g) in m.iter_mut().zip(v.iter_mut()).zip(g) {
+                    *m = *m * b1 + *g * c1;
+                    *v = *v * b2 + *g * *g * c2;
+                }
+            });
+            Ok(())
+        }
+    }
+
+    /// `w ← w·(1 − lr·wd) − lr·(m·scale_m)/(√(v·scale_v) + ε)`.
+    pub struct Apply {
+        pub lr: f64,
+        pub weight_decay: f64,
+        pub scale_m: f64,
+        pub scale_v: f64,
+        pub eps: f64,
+    }
+
+    impl InplaceOp2 for Apply {
+        fn name(&self) -> &'static str {
+            "segctl-adamw-apply"
+        }
+
+        fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
+            let mv = slice(s2, l2, "AdamW")?;
+            let w = slice_mut(s1, l1, "AdamW")?;
+            if mv.len() != 2 * w.len() {
+                bail!("AdamW: moments of {} values for {} weights", mv.len(), w.len());
+            }
+            let (m, v) = mv.split_at(w.len());
+            let decay = (1.0 - self.lr * self.weight_decay) as f32;
+            let (lr, sm, sv, eps) = (self.lr as f32, self.scale_m as f32, self.scale_v as f32, self.eps as f32);
+            w.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK)).zip(v.par_chunks(CHUNK)).for_each(|((w, m), v)| {
+                for ((w, m), v) in w.iter_mut().zip(m).zip(v) {
+                    let update = (*m * sm) / ((*v * sv).sqrt() + eps);
+                    *w = *w * decay - update * lr;
+                }
+            });
+            Ok(())
+        }
     }
 }
 

@@ -127,12 +127,17 @@ pub fn pack_panels(segments: usize, cin: usize, cout: usize, nr: usize, w: impl 
 pub fn pack_dense(weight: &[f32], taps: usize, cin: usize, cout: usize, nr: usize) -> Vec<f32> {
     let panels = cout.div_ceil(nr);
     let mut out = vec![0f32; panels * taps * cin * nr];
-    for k in 0..cout {
-        let (p, j) = (k / nr, k % nr);
+    // Panel by panel: its `nr` weight rows are read together, the panel written in order.
+    for p in 0..panels {
         for c in 0..cin {
-            let src = &weight[(k * cin + c) * taps..][..taps];
-            for (s, v) in src.iter().enumerate() {
-                out[((p * taps + s) * cin + c) * nr + j] = *v;
+            for s in 0..taps {
+                let dst = &mut out[((p * taps + s) * cin + c) * nr..][..nr];
+                for (j, d) in dst.iter_mut().enumerate() {
+                    let k = p * nr + j;
+                    if k < cout {
+                        *d = weight[(k * cin + c) * taps + s];
+                    }
+                }
             }
         }
     }

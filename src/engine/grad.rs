@@ -13,8 +13,10 @@
 //! the reduction (both operands step by a pixel, `B` by `s` pixels), and the channels of
 //! whichever map has more of them are the tile's vectors.
 //!
-//! Work items are blocks of rows of `A`; each adds its share into a gradient buffer of its
-//! own (the caller sums them), so items never write the same memory.
+//! Items are blocks of rows of `A`, each adding into a buffer of its own that the caller sums
+//! (where the maps outweigh the gradient), or `(tap, row tile)` pairs over every pixel, each
+//! writing its own part of one buffer. Tiles add into a `[tap][rows][vectors]` buffer with
+//! vector stores; [`WeightGrad::finish`] transposes it into the weight layout.
 
 use anyhow::{Result, ensure};
 
@@ -134,8 +136,32 @@ impl WeightGrad {
         }
     }
 
-    /// Adds item `item`'s share of the gradient into `grad` (`[a.c][b.c][k·k]`, zeroed by the
-    /// caller before the first item).
+    /// Floats of the buffer [`Self::run`] adds into: `[tap][rows][vectors]` (rows and vectors
+    /// being `A`'s and `B`'s channels in the order the tiles use); [`Self::finish`] turns it
+    /// into the weight layout.
+    pub fn buffer_len(&self) -> usize {
+        self.len()
+    }
+
+    /// Writes weight-layout rows `a_range` (`[a][b][tap]`, candle's layout) of `out` (which
+    /// holds just those rows) from a buffer [`Self::run`] filled.
+    pub fn finish(&self, buffer: &[f32], a_range: std::ops::Range<usize>, out: &mut [f32]) {
+        let taps = self.k * self.k;
+        let (ca, cb) = (self.a.c, self.b.c);
+        let (r_c, v_c) = if self.rows_from_b { (cb, ca) } else { (ca, cb) };
+        for (ia, a) in a_range.enumerate() {
+            for b in 0..cb {
+                let dst = &mut out[(ia * cb + b) * taps..][..taps];
+                let (r, v) = if self.rows_from_b { (b, a) } else { (a, b) };
+                for (t, d) in dst.iter_mut().enumerate() {
+                    *d = buffer[(t * r_c + r) * v_c + v];
+                }
+            }
+        }
+    }
+
+    /// Adds item `item`'s share of the gradient into `grad` (see [`Self::buffer_len`]; zeroed
+    /// by the caller before the first item).
     ///
     /// # Safety
     /// `a` and `b` hold `n` padded images of their shapes, followed by [`super::kernels::slack_floats`]
@@ -189,7 +215,6 @@ impl WeightGrad {
         let mut segments: Vec<(*const f32, *const f32)> = Vec::with_capacity(self.rows_per_block);
         let mut starts: Vec<(*const f32, *const f32, usize)> = Vec::with_capacity(self.rows_per_block);
         let mut lengths: Vec<usize> = Vec::with_capacity(4);
-        let mut lanes = [0f32; 16];
         // Stride 1 and same-size maps: rows chain into flat runs.
         let flat = s == 1 && am.w == bm.w && am.h == bm.h && am.cs == am.c;
         for block in row_range.clone().step_by(self.rows_per_block) {
@@ -248,22 +273,21 @@ impl WeightGrad {
                                 }
                             }
                         }
-                        // acc[r][j] lane l is (rows channel r0 + r, vector channel v0 + j·L + l).
+                        // acc[r][j] is (rows channel r0 + r, vector channels v0 + j·L ..): added
+                        // into the [tap][rows][vectors] buffer with vector stores.
                         for (r, row) in acc.iter().enumerate() {
                             let rc = r0 + r;
                             if rc >= r_c {
                                 break;
                             }
+                            let dst = unsafe { grad.add((t * r_c + rc) * v_c) };
                             for (j, v) in row.iter().enumerate() {
-                                unsafe { S::store(lanes.as_mut_ptr(), *v) };
-                                for (l, value) in lanes.iter().enumerate().take(S::LANES) {
-                                    let vc = v0 + j * S::LANES + l;
-                                    if vc >= v_c {
-                                        break;
-                                    }
-                                    let (ca, cb) = if self.rows_from_b { (vc, rc) } else { (rc, vc) };
-                                    unsafe { *grad.add((ca * bm.c + cb) * taps + t) += *value };
+                                let vc = v0 + j * S::LANES;
+                                if vc >= v_c {
+                                    break;
                                 }
+                                let valid = v_c - vc;
+                                unsafe { S::store_n(dst.add(vc), S::add(S::load_n(dst.add(vc), valid), *v), valid) };
                             }
                         }
                     }

@@ -321,9 +321,9 @@ impl GradWeight {
             let b = with_slack(b, st2, fmap::slack_of(bm), "convolution gradient")?;
             let wg = WeightGrad::new(am, bm, g.k, g.stride, g.pad, n, threads, isa).map_err(|e| candle_core::Error::Msg(format!("convolution gradient: {e:#}")))?;
             let items = wg.items();
-            let len = wg.len();
+            let len = wg.buffer_len();
             let (ap, bp) = (CPtr(a.as_ptr()), CPtr(b.as_ptr()));
-            if wg.splits_pixels() {
+            let buffer = if wg.splits_pixels() {
                 // Partial sums per chunk of items, added at the end.
                 let chunks = (2 * threads).min(items).max(1);
                 let run = |chunk: usize| {
@@ -349,7 +349,16 @@ impl GradWeight {
                     unsafe { wg.run(ap.0, bp.0, item, gp.0) };
                 });
                 grad
-            }
+            };
+            // Into the weight layout, rows of A in parallel.
+            let per_a = bm.c * g.k * g.k;
+            let mut out = vec![0f32; am.c * per_a];
+            let rows_per_chunk = am.c.div_ceil(2 * threads).max(1);
+            out.par_chunks_mut(rows_per_chunk * per_a).enumerate().for_each(|(i, chunk)| {
+                let lo = i * rows_per_chunk;
+                wg.finish(&buffer, lo..lo + chunk.len() / per_a, chunk);
+            });
+            out
         };
         Ok((storage(out), Shape::from(self.w_dims.clone())))
     }
