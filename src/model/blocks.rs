@@ -190,6 +190,12 @@ fn join(prefix: &str, name: &str) -> String {
 impl ModuleT for ConvBnAct {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match &self.bn {
+            // Training on CPU: convolution, BatchNorm and activation as one op.
+            Some(bn) if train && ops::on_cpu_path(x) && self.conv.bias.is_none() => {
+                let c = &self.conv;
+                let geometry = ops::ConvGeometry { kind: c.kind, k: c.weight.dim(3)?, stride: c.stride, pad: c.pad };
+                bn.forward_conv_act(x, &c.weight, geometry, self.act)
+            }
             Some(bn) => bn.forward_act(&self.conv.forward(x)?, self.act, train),
             // Folded BatchNorm exists only in exported (inference) models.
             None if !train => self.conv.forward_inference(x, self.act),

@@ -66,6 +66,15 @@ impl BatchNorm {
         }
     }
 
+    /// Training on a CPU feature map: `act(BN(conv(x, weight)))` as one op
+    /// ([`super::unit`]), the running statistics updated as [`Self::forward_act`] does.
+    pub fn forward_conv_act(&self, x: &Tensor, weight: &Tensor, geometry: super::ConvGeometry, act: Act) -> Result<Tensor> {
+        let affine = Tensor::stack(&[&self.weight, &self.bias], 0)?;
+        let (y, stats) = super::unit::conv_bn_act(x, weight, &affine, geometry, self.eps, act)?;
+        self.update_running(&stats, &y, true)?;
+        Ok(y)
+    }
+
     /// The inference-mode normalization as a per-channel `(scale, shift)`:
     /// `y = x·scale + shift` with `scale = γ/√(σ²+ε)`, `shift = β − μ·scale`.
     pub fn inference_affine(&self) -> Result<(Vec<f32>, Vec<f32>)> {
@@ -130,17 +139,24 @@ impl MapStats {
     fn compute(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, m) = map_of(l)?;
         let x = data(s, l, "batch-norm statistics")?;
+        Ok((storage(batch_stats(x, n, m)?), Shape::from((2, m.c))))
+    }
+}
+
+/// `[mean; biased variance]` per channel of `n` maps of `m`.
+pub(super) fn batch_stats(x: &[f32], n: usize, m: MapShape) -> Result<Vec<f32>> {
+    {
         let items = n * m.h;
         let mut rows = fmap::zeros(items * 3 * m.c);
         par_items(fmap::isa()?, &RowStats { map: m, n, x: CPtr(x.as_ptr()), out: Ptr(rows.as_mut_ptr()) }, row_grain(m.w, m.c));
         let (mean, var) = combine_stats(&rows, m.c, m.w);
         let out: Vec<f32> = mean.iter().chain(&var).map(|v| *v as f32).collect();
-        Ok((storage(out), Shape::from((2, m.c))))
+        Ok(out)
     }
 }
 
 /// `(scale, shift)` of training-mode normalization, padded.
-fn train_scale_shift(affine: &[f32], stats: &[f32], c: usize, eps: f64) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+pub(super) fn train_scale_shift(affine: &[f32], stats: &[f32], c: usize, eps: f64) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
     let mut scale = Vec::with_capacity(c);
     let mut shift = Vec::with_capacity(c);
     let mut invstd = Vec::with_capacity(c);
@@ -160,7 +176,7 @@ struct BnTrain {
     act: Act,
 }
 
-fn apply_affine(x: &[f32], n: usize, m: MapShape, scale: &[f32], shift: &[f32], act: Act) -> Result<Vec<f32>> {
+pub(super) fn apply_affine(x: &[f32], n: usize, m: MapShape, scale: &[f32], shift: &[f32], act: Act) -> Result<Vec<f32>> {
     let mut out = alloc_map(n, m);
     let kernel = Affine { map: m, n, x: CPtr(x.as_ptr()), y: Ptr(out.as_mut_ptr()), scale: CPtr(scale.as_ptr()), shift: CPtr(shift.as_ptr()), act };
     par_items(fmap::isa()?, &kernel, row_grain(m.w, m.c));
@@ -227,13 +243,22 @@ impl CustomOp3 for NormGrad {
 impl NormGrad {
     fn compute(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, m) = map_of(l1)?;
-        let c = m.c;
         let x = data(s1, l1, "batch-norm gradient")?;
         let dy = data(s2, l2, "batch-norm gradient")?;
         let params = data(s3, l3, "batch-norm gradient")?;
-        let isa = fmap::isa()?;
-        let (scale, shift, mean, invstd) = if self.batch_stats {
-            let (scale, shift, invstd) = train_scale_shift(&params[..2 * c], &params[2 * c..], c, self.eps)?;
+        let out = norm_grad(x, dy, n, m, params, self.eps, self.act, self.batch_stats, fmap::isa()?)?;
+        let len = out.len();
+        Ok((storage(out), Shape::from(len)))
+    }
+}
+
+/// [`NormGrad`] on slices: `[dx map | slack | d0 (C) | d1 (C)]`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn norm_grad(x: &[f32], dy: &[f32], n: usize, m: MapShape, params: &[f32], eps: f64, act: Act, batch_stats: bool, isa: crate::engine::Isa) -> Result<Vec<f32>> {
+    let c = m.c;
+    {
+        let (scale, shift, mean, invstd) = if batch_stats {
+            let (scale, shift, invstd) = train_scale_shift(&params[..2 * c], &params[2 * c..], c, eps)?;
             (scale, shift, padded(params[2 * c..3 * c].iter().copied(), c)?, invstd)
         } else {
             (padded(params[..c].iter().copied(), c)?, padded(params[c..2 * c].iter().copied(), c)?, padded(std::iter::repeat_n(0.0, c), c)?, Vec::new())
@@ -249,7 +274,7 @@ impl NormGrad {
             scale: CPtr(scale.as_ptr()),
             shift: CPtr(shift.as_ptr()),
             mean: CPtr(mean.as_ptr()),
-            act: self.act,
+            act: act,
             out: Ptr(rows.as_mut_ptr()),
         };
         par_items(isa, &sums, row_grain(m.w, c));
@@ -260,7 +285,7 @@ impl NormGrad {
         let count = (n * m.h * m.w) as f64;
         let mut out = alloc_map(n, m);
         out.resize(numel + slack + 2 * c, 0.0);
-        let (mean_g, q) = if self.batch_stats {
+        let (mean_g, q) = if batch_stats {
             let mean_g: Vec<f32> = sg.iter().map(|v| (v / count) as f32).collect();
             let q: Vec<f32> = (0..c).map(|ch| (sgx[ch] / count) as f32 * invstd[ch] * invstd[ch]).collect();
             (padded(mean_g, c)?, padded(q, c)?)
@@ -276,15 +301,15 @@ impl NormGrad {
             scale: CPtr(scale.as_ptr()),
             shift: CPtr(shift.as_ptr()),
             mean: CPtr(mean.as_ptr()),
-            mean_g: CPtr(if self.batch_stats { mean_g.as_ptr() } else { scale.as_ptr() }),
-            q: CPtr(if self.batch_stats { q.as_ptr() } else { scale.as_ptr() }),
-            act: self.act,
-            batch_stats: self.batch_stats,
+            mean_g: CPtr(if batch_stats { mean_g.as_ptr() } else { scale.as_ptr() }),
+            q: CPtr(if batch_stats { q.as_ptr() } else { scale.as_ptr() }),
+            act: act,
+            batch_stats: batch_stats,
         };
         par_items(isa, &dx, row_grain(m.w, c));
         let tail = &mut out[numel + slack..];
         for ch in 0..c {
-            if self.batch_stats {
+            if batch_stats {
                 // dγ = Σ g·x̂ = Σ g·(x − μ)/σ, dβ = Σ g.
                 tail[ch] = (sgx[ch] * invstd[ch] as f64) as f32;
             } else {
@@ -293,8 +318,7 @@ impl NormGrad {
             }
             tail[c + ch] = sg[ch] as f32;
         }
-        let len = out.len();
-        Ok((storage(out), Shape::from(len)))
+        Ok(out)
     }
 }
 

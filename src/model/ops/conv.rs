@@ -34,7 +34,7 @@ pub struct ConvGeometry {
 impl ConvGeometry {
     /// `(cin, cout)` from a weight's dims (`Dense [cout, cin, k, k]`, `Depthwise [c, 1, k, k]`,
     /// `Transposed [cin, cout, k, k]`), checking the kernel size.
-    fn channels(&self, w: &[usize]) -> Result<(usize, usize)> {
+    pub(super) fn channels(&self, w: &[usize]) -> Result<(usize, usize)> {
         let [a, b, kh, kw] = w else { bail!("convolution weights must be 4-D, not {w:?}") };
         if *kh != self.k || *kw != self.k {
             bail!("convolution weights {w:?} are not {}×{}", self.k, self.k);
@@ -77,7 +77,7 @@ fn run_kernel(kernel: &Kernel, x: &[f32], n: usize) -> Vec<f32> {
 /// The forward pass: `x` (with slack) of `n` maps of `xm` through the layer with weights `w`
 /// (candle's layout), optional bias and activation.
 #[allow(clippy::too_many_arguments)]
-fn forward(g: ConvGeometry, x: &[f32], n: usize, xm: MapShape, w: &[f32], cin: usize, cout: usize, bias: Option<&[f32]>, act: Act, isa: Isa) -> Result<(Vec<f32>, MapShape)> {
+pub(super) fn forward(g: ConvGeometry, x: &[f32], n: usize, xm: MapShape, w: &[f32], cin: usize, cout: usize, bias: Option<&[f32]>, act: Act, isa: Isa) -> Result<(Vec<f32>, MapShape)> {
     if xm.c != cin {
         bail!("convolution: the input has {} channels, the weights expect {cin}", xm.c);
     }
@@ -192,82 +192,84 @@ impl CustomOp2 for GradInput {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.geometry;
         let (n, om) = map_of(l1)?;
         let w = data(s2, l2, "convolution gradient")?;
-        let (cin, cout) = g.channels(l2.shape().dims())?;
-        let [_, hp, wp, _] = self.x_dims[..] else { bail!("convolution gradient: bad input shape {:?}", self.x_dims) };
-        let xm = MapShape::new(hp - 2, wp - 2, cin);
-        let isa = fmap::isa()?;
-        let out = match g.kind {
-            ConvKind::Dense if g.stride == 1 => {
-                let dy = with_slack(s1, l1, fmap::slack_of(om), "convolution gradient")?;
-                let wt = flipped_transposed(w, cin, cout, g.k);
-                let flipped = ConvGeometry { pad: g.k - 1 - g.pad, ..g };
-                forward(flipped, &dy, n, om, &wt, cout, cin, None, Act::Identity, isa)?.0
-            }
-            ConvKind::Dense => profile::timed(|| format!("grad-input strided k{} s{} {cout}→{cin} {}×{}", g.k, g.stride, om.h, om.w), || -> Result<Vec<f32>> {
-                let dy = data(s1, l1, "convolution gradient")?;
-                let pc = fmap::padded(cin, isa);
-                let kk = g.k * g.k;
-                // [tap][cout][cin rounded up].
-                let mut packed = vec![0f32; kk * cout * pc];
-                for co in 0..cout {
-                    for ci in 0..cin {
-                        for t in 0..kk {
-                            packed[(t * cout + co) * pc + ci] = w[(co * cin + ci) * kk + t];
-                        }
-                    }
-                }
-                let mut out = alloc_map(n, xm);
-                let kernel = StridedGradInput {
-                    map: xm,
-                    out: om,
-                    n,
-                    k: g.k,
-                    stride: g.stride,
-                    pad: g.pad,
-                    dy: CPtr(dy.as_ptr()),
-                    dx: Ptr(out.as_mut_ptr()),
-                    weights: CPtr(packed.as_ptr()),
-                    padded_c: pc,
-                };
-                par_items(isa, &kernel, 1);
-                Ok(out)
-            })?,
-            ConvKind::Transposed => {
-                // dx[i] = Σ_t dy[2i + t − 1] · w[ci][co][t]: a stride-2 convolution of dy whose
-                // weights [out = ci][in = co][t] are the transposed kernel as it is.
-                let dy = with_slack(s1, l1, fmap::slack_of(om), "convolution gradient")?;
-                let conv = ConvGeometry { kind: ConvKind::Dense, ..g };
-                forward(conv, &dy, n, om, w, cout, cin, None, Act::Identity, isa)?.0
-            }
-            ConvKind::Depthwise if g.stride == 1 => {
-                let dy = with_slack(s1, l1, fmap::slack_of(om), "convolution gradient")?;
-                let kk = g.k * g.k;
-                let flipped: Vec<f32> = (0..cin * kk).map(|i| w[(i / kk) * kk + kk - 1 - i % kk]).collect();
-                forward(ConvGeometry { pad: g.k - 1 - g.pad, ..g }, &dy, n, om, &flipped, cin, cin, None, Act::Identity, isa)?.0
-            }
-            ConvKind::Depthwise => profile::timed(|| format!("grad-input depthwise s2 c{cin} {}×{}", om.h, om.w), || -> Result<Vec<f32>> {
-                if g.k != 3 || g.pad != 1 || g.stride != 2 {
-                    bail!("depthwise convolution gradients need 3×3 kernels, padding 1, stride 1 or 2");
-                }
-                let dy = data(s1, l1, "convolution gradient")?;
-                let pc = fmap::padded(cin, isa);
-                let mut packed = vec![0f32; 9 * pc];
-                for c in 0..cin {
-                    for t in 0..9 {
-                        packed[t * pc + c] = w[c * 9 + t];
-                    }
-                }
-                let mut out = alloc_map(n, xm);
-                let kernel = DepthwiseGradInputS2 { map: xm, out: om, n, dy: CPtr(dy.as_ptr()), dx: Ptr(out.as_mut_ptr()), weights: CPtr(packed.as_ptr()), padded_c: pc };
-                par_items(isa, &kernel, 1);
-                Ok(out)
-            })?,
-        };
+        let dy = with_slack(s1, l1, fmap::slack_of(om), "convolution gradient")?;
+        let (out, xm) = grad_input(self.geometry, &dy, n, om, w, l2.shape().dims(), &self.x_dims, fmap::isa()?)?;
         Ok((storage(out), Shape::from(shape_of(n, xm))))
     }
+}
+
+/// A convolution's input gradient from the output gradient `dy` (`n` maps of `om`, with
+/// slack) and the weights `w` (dims `w_dims`); the input's candle dims are `x_dims`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn grad_input(g: ConvGeometry, dy: &[f32], n: usize, om: MapShape, w: &[f32], w_dims: &[usize], x_dims: &[usize], isa: Isa) -> Result<(Vec<f32>, MapShape)> {
+    let (cin, cout) = g.channels(w_dims)?;
+    let [_, hp, wp, _] = x_dims[..] else { bail!("convolution gradient: bad input shape {x_dims:?}") };
+    let xm = MapShape::new(hp - 2, wp - 2, cin);
+let out = match g.kind {
+        ConvKind::Dense if g.stride == 1 => {
+            let wt = flipped_transposed(w, cin, cout, g.k);
+            let flipped = ConvGeometry { pad: g.k - 1 - g.pad, ..g };
+            forward(flipped, &dy, n, om, &wt, cout, cin, None, Act::Identity, isa)?.0
+        }
+        ConvKind::Dense => profile::timed(|| format!("grad-input strided k{} s{} {cout}→{cin} {}×{}", g.k, g.stride, om.h, om.w), || -> Result<Vec<f32>> {
+            let pc = fmap::padded(cin, isa);
+            let kk = g.k * g.k;
+            // [tap][cout][cin rounded up].
+            let mut packed = vec![0f32; kk * cout * pc];
+            for co in 0..cout {
+                for ci in 0..cin {
+                    for t in 0..kk {
+                        packed[(t * cout + co) * pc + ci] = w[(co * cin + ci) * kk + t];
+                    }
+                }
+            }
+            let mut out = alloc_map(n, xm);
+            let kernel = StridedGradInput {
+                map: xm,
+                out: om,
+                n,
+                k: g.k,
+                stride: g.stride,
+                pad: g.pad,
+                dy: CPtr(dy.as_ptr()),
+                dx: Ptr(out.as_mut_ptr()),
+                weights: CPtr(packed.as_ptr()),
+                padded_c: pc,
+            };
+            par_items(isa, &kernel, 1);
+            Ok(out)
+        })?,
+        ConvKind::Transposed => {
+            // dx[i] = Σ_t dy[2i + t − 1] · w[ci][co][t]: a stride-2 convolution of dy whose
+            // weights [out = ci][in = co][t] are the transposed kernel as it is.
+            let conv = ConvGeometry { kind: ConvKind::Dense, ..g };
+            forward(conv, &dy, n, om, w, cout, cin, None, Act::Identity, isa)?.0
+        }
+        ConvKind::Depthwise if g.stride == 1 => {
+            let kk = g.k * g.k;
+            let flipped: Vec<f32> = (0..cin * kk).map(|i| w[(i / kk) * kk + kk - 1 - i % kk]).collect();
+            forward(ConvGeometry { pad: g.k - 1 - g.pad, ..g }, &dy, n, om, &flipped, cin, cin, None, Act::Identity, isa)?.0
+        }
+        ConvKind::Depthwise => profile::timed(|| format!("grad-input depthwise s2 c{cin} {}×{}", om.h, om.w), || -> Result<Vec<f32>> {
+            if g.k != 3 || g.pad != 1 || g.stride != 2 {
+                bail!("depthwise convolution gradients need 3×3 kernels, padding 1, stride 1 or 2");
+            }
+            let pc = fmap::padded(cin, isa);
+            let mut packed = vec![0f32; 9 * pc];
+            for c in 0..cin {
+                for t in 0..9 {
+                    packed[t * pc + c] = w[c * 9 + t];
+                }
+            }
+            let mut out = alloc_map(n, xm);
+            let kernel = DepthwiseGradInputS2 { map: xm, out: om, n, dy: CPtr(dy.as_ptr()), dx: Ptr(out.as_mut_ptr()), weights: CPtr(packed.as_ptr()), padded_c: pc };
+            par_items(isa, &kernel, 1);
+            Ok(out)
+        })?,
+    };
+    Ok((out, xm))
 }
 
 /// `(x, dy) → dw` in the weight's layout.
@@ -291,14 +293,20 @@ impl CustomOp2 for GradWeight {
 
 impl GradWeight {
     fn compute(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = self.geometry;
         let (n, xm) = map_of(l1)?;
         let (_, om) = map_of(l2)?;
-        let isa = fmap::isa()?;
+        let x = with_slack(s1, l1, fmap::slack_of(xm), "convolution gradient")?;
+        let dy = with_slack(s2, l2, fmap::slack_of(om), "convolution gradient")?;
+        let out = grad_weight(self.geometry, &x, xm, &dy, om, n, fmap::isa()?)?;
+        Ok((storage(out), Shape::from(self.w_dims.clone())))
+    }
+}
+
+/// A convolution's weight gradient, in the weight's layout, from its input `x` (`n` maps of
+/// `xm`) and output gradient `dy` (`n` maps of `om`), both with slack.
+pub(super) fn grad_weight(g: ConvGeometry, x: &[f32], xm: MapShape, dy: &[f32], om: MapShape, n: usize, isa: Isa) -> Result<Vec<f32>> {
         let threads = rayon::current_num_threads();
         let out = if g.kind == ConvKind::Depthwise {
-            let x = data(s1, l1, "convolution gradient")?;
-            let dy = data(s2, l2, "convolution gradient")?;
             let c = xm.c;
             let pc = fmap::padded(c, isa);
             let kernel = DepthwiseGradWeight { map: xm, out: om, n, stride: g.stride, x: CPtr(x.as_ptr()), dy: CPtr(dy.as_ptr()), sums: Ptr(std::ptr::null_mut()), padded_c: pc };
@@ -316,9 +324,7 @@ impl GradWeight {
             out
         } else {
             // A: the small-side map (output gradient of a convolution, input of a transposed one).
-            let (a, am, b, bm, st1, st2) = if g.kind == ConvKind::Transposed { (s1, xm, s2, om, l1, l2) } else { (s2, om, s1, xm, l2, l1) };
-            let a = with_slack(a, st1, fmap::slack_of(am), "convolution gradient")?;
-            let b = with_slack(b, st2, fmap::slack_of(bm), "convolution gradient")?;
+            let (a, am, b, bm) = if g.kind == ConvKind::Transposed { (x, xm, dy, om) } else { (dy, om, x, xm) };
             let wg = WeightGrad::new(am, bm, g.k, g.stride, g.pad, n, threads, isa).map_err(|e| candle_core::Error::Msg(format!("convolution gradient: {e:#}")))?;
             let items = wg.items();
             let len = wg.buffer_len();
@@ -360,8 +366,7 @@ impl GradWeight {
             });
             out
         };
-        Ok((storage(out), Shape::from(self.w_dims.clone())))
-    }
+        Ok(out)
 }
 
 /// `dy → db`: the sum of each channel over every pixel.

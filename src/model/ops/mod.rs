@@ -14,6 +14,7 @@ pub mod batchnorm;
 pub mod conv;
 pub mod fmap;
 pub mod layout;
+pub mod unit;
 
 use candle_core::{Result, Tensor};
 

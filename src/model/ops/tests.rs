@@ -233,3 +233,40 @@ fn feature_maps_keep_zero_borders_and_slack() {
         }
     }
 }
+
+#[test]
+fn fused_conv_bn_act_matches_the_separate_ops() {
+    use crate::model::ops::batchnorm::BatchNorm;
+    use candle_nn::{VarBuilder, VarMap};
+    everywhere(|isa| {
+        for (kind, cin, cout, k, stride, pad, wdims) in [
+            (ConvKind::Dense, 6, 20, 3, 1, 1, [20usize, 6, 3, 3]),
+            (ConvKind::Dense, 3, 16, 3, 2, 1, [16, 3, 3, 3]),
+            (ConvKind::Depthwise, 12, 12, 3, 2, 1, [12, 1, 3, 3]),
+            (ConvKind::Transposed, 10, 8, 4, 2, 1, [10, 8, 4, 4]),
+        ] {
+            for act in [Act::Relu, Act::Relu6, Act::Identity] {
+                let varmap = VarMap::new();
+                let vb = VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &Device::Cpu);
+                let bn = BatchNorm::new(cout, 1e-5, 0.1, vb).unwrap();
+                let x = Var::from_tensor(&rand(&[2, cin, 8, 8], 11)).unwrap();
+                let w = Var::from_tensor(&rand(&wdims, 12)).unwrap();
+                let geometry = ConvGeometry { kind, k, stride, pad };
+                let xm = to_features(x.as_tensor()).unwrap();
+                let fused = from_features(&bn.forward_conv_act(&xm, w.as_tensor(), geometry, act).unwrap()).unwrap();
+                let separate = from_features(&bn.forward_act(&convolution(&xm, w.as_tensor(), None, kind, stride, pad, Act::Identity).unwrap(), act, true).unwrap()).unwrap();
+                let what = format!("{isa:?} {kind:?} {act:?}");
+                assert!(max_diff(&fused, &separate) < 1e-4, "{what}: forward");
+                let probe = rand(fused.dims(), 13);
+                let ga = (&fused * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let gb = (&separate * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let gamma = varmap.data().lock().unwrap()["weight"].clone();
+                for (name, t) in [("x", x.as_tensor()), ("w", w.as_tensor()), ("gamma", gamma.as_tensor())] {
+                    let (a, b) = (ga.get(t).unwrap(), gb.get(t).unwrap());
+                    let d = max_diff(a, b);
+                    assert!(d <= 1e-3 * max_abs(b).max(1.0), "{what}: d{name} differs by {d}");
+                }
+            }
+        }
+    });
+}
