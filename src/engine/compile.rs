@@ -478,24 +478,22 @@ pub(super) fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Opt
                 let taps_1d = |a: usize| if a == 0 { [1usize, 3] } else { [0, 2] };
                 let panels = cout.div_ceil(nr);
                 packed = vec![0f32; 4 * panels * 4 * cin * nr];
-                for a in 0..2 {
-                    for b in 0..2 {
-                        let phase = a * 2 + b;
-                        for p in 0..panels {
-                            for (t, (ty, tx)) in taps_1d(a).into_iter().flat_map(|ty| taps_1d(b).map(move |tx| (ty, tx))).enumerate() {
-                                for c in 0..cin {
-                                    let dst = &mut packed[(((phase * panels + p) * 4 + t) * cin + c) * nr..][..nr];
-                                    for (j, d) in dst.iter_mut().enumerate() {
-                                        let o = p * nr + j;
-                                        if o < cout {
-                                            *d = conv.weight[((c * cout + o) * 4 + ty) * 4 + tx];
-                                        }
-                                    }
+                let weight = &conv.weight;
+                gemm::for_chunks(&mut packed, 4 * cin * nr, &|chunk, dst| {
+                    let (phase, p) = (chunk / panels, chunk % panels);
+                    let (a, b) = (phase / 2, phase % 2);
+                    for (t, (ty, tx)) in taps_1d(a).into_iter().flat_map(|ty| taps_1d(b).map(move |tx| (ty, tx))).enumerate() {
+                        for c in 0..cin {
+                            let dst = &mut dst[(t * cin + c) * nr..][..nr];
+                            for (j, d) in dst.iter_mut().enumerate() {
+                                let o = p * nr + j;
+                                if o < cout {
+                                    *d = weight[((c * cout + o) * 4 + ty) * 4 + tx];
                                 }
                             }
                         }
                     }
-                }
+                });
             } else {
                 for (phase, f) in &phases {
                     packed.extend(gemm::pack_panels(phase.taps.len(), cin, cout, nr, f));

@@ -116,8 +116,16 @@ impl DirectConv {
     pub fn mr(&self) -> usize {
         match self.positions {
             Positions::Rows { .. } => ROW_TILE,
+            _ if self.narrow_strided() => ROW_TILE,
             _ => tile_rows(self.lanes, self.nv),
         }
+    }
+
+    /// A strided convolution with output rows of at most [`ROW_TILE`] pixels on AVX-512 with
+    /// two-vector panels: 8-pixel tiles (a 12-pixel tile would spend a third of its rows past
+    /// the row's end).
+    fn narrow_strided(&self) -> bool {
+        matches!(self.positions, Positions::Strided { .. }) && self.lanes == 16 && self.nv == 2 && self.output.w <= ROW_TILE
     }
 
     pub fn split(&self, n: usize, threads: usize) -> Split {
@@ -147,7 +155,7 @@ impl DirectConv {
     /// `ctx` must point at an arena laid out for this plan and batch; `S` must be available.
     #[inline(always)]
     pub unsafe fn run<S: Simd>(&self, ctx: &Ctx, split: Split, item: usize) {
-        if let Positions::Rows { .. } = self.positions {
+        if matches!(self.positions, Positions::Rows { .. }) || (self.narrow_strided() && S::LANES == 16) {
             // Chosen only for 16 lanes and two-vector panels (see the compiler).
             return self.run_shape::<S, ROW_TILE, 2>(ctx, split, item);
         }

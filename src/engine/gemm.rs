@@ -126,12 +126,13 @@ pub fn pack_panels(segments: usize, cin: usize, cout: usize, nr: usize, w: impl 
 /// [`pack_panels`] of a dense convolution's weights `[cout][cin][taps]` (segment = tap).
 pub fn pack_dense(weight: &[f32], taps: usize, cin: usize, cout: usize, nr: usize) -> Vec<f32> {
     let panels = cout.div_ceil(nr);
-    let mut out = vec![0f32; panels * taps * cin * nr];
+    let per_panel = taps * cin * nr;
+    let mut out = vec![0f32; panels * per_panel];
     // Panel by panel: its `nr` weight rows are read together, the panel written in order.
-    for p in 0..panels {
+    let pack = |p: usize, dst: &mut [f32]| {
         for c in 0..cin {
             for s in 0..taps {
-                let dst = &mut out[((p * taps + s) * cin + c) * nr..][..nr];
+                let dst = &mut dst[(s * cin + c) * nr..][..nr];
                 for (j, d) in dst.iter_mut().enumerate() {
                     let k = p * nr + j;
                     if k < cout {
@@ -140,8 +141,27 @@ pub fn pack_dense(weight: &[f32], taps: usize, cin: usize, cout: usize, nr: usiz
                 }
             }
         }
-    }
+    };
+    for_chunks(&mut out, per_panel, &pack);
     out
+}
+
+/// Runs `f(i, chunk)` over the `len`-float chunks of `out`, on up to four threads when there
+/// is enough of it to pay for starting them (weights packed on every training step).
+pub fn for_chunks(out: &mut [f32], len: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    const PER_THREAD: usize = 1 << 19;
+    let chunks = out.len() / len.max(1);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4).min(out.len() / PER_THREAD).min(chunks).max(1);
+    if threads == 1 {
+        out.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
+        return;
+    }
+    let per = chunks.div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (t, part) in out.chunks_mut(per * len).enumerate() {
+            scope.spawn(move || part.chunks_mut(len).enumerate().for_each(|(i, c)| f(t * per + i, c)));
+        }
+    });
 }
 
 /// The weight-gradient tile: `acc[r][j] = Σ_s Σ_{k<kc} a_s[k·a_step + r] · b_s[k·b_step + j·L ..]`

@@ -283,8 +283,7 @@ pub(super) fn norm_grad(x: &[f32], dy: &[f32], n: usize, m: MapShape, params: &[
         let numel = fmap::floats(n, m);
         let slack = fmap::slack_of(m);
         let count = (n * m.h * m.w) as f64;
-        let mut out = alloc_map(n, m);
-        out.resize(numel + slack + 2 * c, 0.0);
+        let mut out = fmap::alloc_map_extra(n, m, 2 * c);
         let (mean_g, q) = if batch_stats {
             let mean_g: Vec<f32> = sg.iter().map(|v| (v / count) as f32).collect();
             let q: Vec<f32> = (0..c).map(|ch| (sgx[ch] / count) as f32 * invstd[ch] * invstd[ch]).collect();

@@ -123,6 +123,19 @@ pub fn alloc_map(n: usize, m: MapShape) -> Vec<f32> {
     buffer
 }
 
+/// [`alloc_map`] followed by `extra` more zero floats after the slack (a map and a few
+/// per-channel results in one storage), allocated once.
+#[allow(clippy::uninit_vec)]
+pub fn alloc_map_extra(n: usize, m: MapShape, extra: usize) -> Vec<f32> {
+    let len = floats(n, m);
+    let total = len + slack_of(m) + extra;
+    let mut buffer = Vec::with_capacity(total);
+    // SAFETY: as in `alloc_map`; everything after the map is zeroed here.
+    unsafe { buffer.set_len(total) };
+    buffer[len..].fill(0.0);
+    buffer
+}
+
 /// Zeroed floats (gradient accumulators and the like).
 pub fn zeros(len: usize) -> Vec<f32> {
     vec![0f32; len]
