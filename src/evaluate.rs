@@ -63,6 +63,9 @@ pub struct EvaluateReport {
     /// How `mean_iou` is computed.
     pub mean_iou_definition: &'static str,
     pub split: Split,
+    /// How the photos were decoded for the model: `dct-scaled` (JPEGs at the reduced DCT
+    /// scale `serve` and `predict` use; `serve.jpeg_dct_scaling: true`) or `full-size`.
+    pub decode: &'static str,
     pub model: ModelOrigin,
     pub model_description: String,
     /// What ran the model: `plan (<kernels>)` on CPU, `candle` elsewhere.
@@ -120,6 +123,7 @@ pub fn evaluate(config: &Config, options: &EvaluateOptions) -> Result<EvaluateRe
         images_per_s,
         mean_iou_definition: "mean over classes of IoU from the confusion matrix summed over the whole split, at the model's input resolution",
         split: options.split,
+        decode: crate::data::pipeline::decode_name(config.serve.jpeg_dct_scaling),
         model_description: model.spec().describe(),
         engine: model.engine(),
         device: crate::model::device_name(&options.device),

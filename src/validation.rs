@@ -119,6 +119,7 @@ pub fn eval_loader_config(config: &Config, spec: &ModelSpec, batch_size: usize) 
         cache_dir: config.data.cache_dir.clone(),
         workers: config.data.workers,
         memory_cache_bytes: config.data.memory_cache_mb << 20,
+        jpeg_dct_scaling: config.serve.jpeg_dct_scaling,
     }
 }
 

@@ -76,7 +76,7 @@ pub fn exec(args: EvaluateArgs, global: &GlobalArgs) -> Result<ExitCode> {
 fn print_table(r: &EvaluateReport) {
     let m = &r.metrics;
     println!("model: {} ({})", r.model.path.display(), r.model_description);
-    println!("split: {} ({} images, {} skipped), {:.1} images/s on {}", r.split.name(), m.samples, r.skipped_samples, r.images_per_s, r.device);
+    println!("split: {} ({} images, {} skipped), {:.1} images/s on {}; photos decoded {}", r.split.name(), m.samples, r.skipped_samples, r.images_per_s, r.device, r.decode);
     println!();
     println!("{:<12} {:>8} {:>8}", "class", "IoU", "Dice");
     for name in &m.class_names {

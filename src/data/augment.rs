@@ -223,6 +223,7 @@ pub fn preview(config: &crate::config::Config, n: usize, out: &std::path::Path) 
             cache_dir: None,
             workers: config.data.workers,
             memory_cache_bytes: 0,
+            jpeg_dct_scaling: config.serve.jpeg_dct_scaling,
         },
     )?;
     let started = std::time::Instant::now();

@@ -218,6 +218,13 @@ pub struct Sample {
 /// Reads and checks one image/trimap pair. Only sample names are accepted, and only regular
 /// files are read (never a device or FIFO a link might lead to).
 pub fn load_sample(layout: &DatasetLayout, stem: &str) -> Result<Sample> {
+    load_sample_for_model(layout, stem, None)
+}
+
+/// [`load_sample`] with the photo decoded as `serve` decodes it for a `model_side`² input
+/// (a JPEG at the reduced DCT scale of [`image_io::dct_scale_for`]); the trimap stays at
+/// full size, checked against the photo's full size.
+pub fn load_sample_for_model(layout: &DatasetLayout, stem: &str, model_side: Option<u32>) -> Result<Sample> {
     if !is_valid_stem(stem) {
         bail!("`{stem}` is not a sample name");
     }
@@ -230,20 +237,31 @@ pub fn load_sample(layout: &DatasetLayout, stem: &str) -> Result<Sample> {
         }
     }
     let image_bytes = crate::util::fs::read(&image_path)?;
-    let image = image_io::decode_rgb(&image_bytes, image_io::DecodeOptions::default())
-        .with_context(|| format!("`{}`", image_path.display()))?
-        .image;
+    let (image, full_size) = match model_side {
+        Some(side) => {
+            let photo = image_io::decode_rgb_for_model(&image_bytes, image_io::DecodeOptions::default(), side)
+                .with_context(|| format!("`{}`", image_path.display()))?;
+            (photo.image, (photo.width, photo.height))
+        }
+        None => {
+            let image = image_io::decode_rgb(&image_bytes, image_io::DecodeOptions::default())
+                .with_context(|| format!("`{}`", image_path.display()))?
+                .image;
+            let dims = image.dimensions();
+            (image, dims)
+        }
+    };
     let mask_bytes = crate::util::fs::read(&mask_path)?;
     let mut mask = image_io::decode_trimap(&mask_bytes)
         .with_context(|| format!("`{}`", mask_path.display()))?;
-    if mask.dimensions() != image.dimensions() {
+    if mask.dimensions() != full_size {
         bail!(
             "`{}` is {}x{} but its image is {}x{}",
             mask_path.display(),
             mask.width(),
             mask.height(),
-            image.width(),
-            image.height()
+            full_size.0,
+            full_size.1
         );
     }
     for value in mask.iter_mut() {
@@ -309,7 +327,13 @@ impl PetDataset {
 
     /// Loads sample `index`, or `None` (with a warning and a count) when it is invalid.
     pub fn get(&self, index: usize) -> Option<Sample> {
-        match load_sample(&self.layout, &self.stems[index]) {
+        self.get_for_model(index, None)
+    }
+
+    /// [`Self::get`] with the photo decoded for a `model_side`² model input as `serve` does
+    /// (`None`: at full size).
+    pub fn get_for_model(&self, index: usize, model_side: Option<u32>) -> Option<Sample> {
+        match load_sample_for_model(&self.layout, &self.stems[index], model_side) {
             Ok(sample) => Some(sample),
             Err(e) => {
                 self.skipped.fetch_add(1, Ordering::Relaxed);

@@ -46,6 +46,9 @@ pub struct LoaderConfig {
     pub workers: usize,
     /// Resized samples kept in memory, in bytes.
     pub memory_cache_bytes: usize,
+    /// Decode JPEG photos at the reduced DCT scale `serve` and `predict` use for the model
+    /// input (`serve.jpeg_dct_scaling`), so that training and evaluation see what is served.
+    pub jpeg_dct_scaling: bool,
 }
 
 /// A batch ready for the model: `images` is `[len, 3, size, size]` normalized, `masks` is
@@ -98,7 +101,10 @@ impl Loader {
         let cache = match &config.cache_dir {
             Some(dir) => {
                 let key = dataset_digest(&dataset, config.image_size)?;
-                let path = dir.join(format!("{}-{}", &key[..16], config.image_size));
+                // The decode is part of the key: a cache of full-size decodes is not reused
+                // for DCT-scaled ones.
+                let decode = decode_name(config.jpeg_dct_scaling);
+                let path = dir.join(format!("{}-{}-{decode}", &key[..16], config.image_size));
                 crate::util::fs::create_dir_all(&path)?;
                 Some(path)
             }
@@ -171,7 +177,7 @@ fn produce(
         let items: Vec<(usize, Arc<Prepared>)> = order[begin..end]
             .par_iter()
             .filter_map(|&i| {
-                prepare_cached(&dataset, i, config.image_size, cache.as_deref(), &memory, config.memory_cache_bytes).map(|p| (i, p))
+                prepare_cached(&dataset, i, config.image_size, config.jpeg_dct_scaling, cache.as_deref(), &memory, config.memory_cache_bytes).map(|p| (i, p))
             })
             .collect();
         let mut batch = Batch {
@@ -215,6 +221,7 @@ fn prepare_cached(
     dataset: &PetDataset,
     index: usize,
     size: u32,
+    dct: bool,
     cache: Option<&Path>,
     memory: &SharedMemoryCache,
     budget: usize,
@@ -222,7 +229,7 @@ fn prepare_cached(
     if let Some(hit) = memory.lock().ok().and_then(|m| m.samples.get(&index).cloned()) {
         return Some(hit);
     }
-    let prepared = Arc::new(prepare(dataset, index, size, cache)?);
+    let prepared = Arc::new(prepare(dataset, index, size, dct, cache)?);
     if let Ok(mut m) = memory.lock() {
         let bytes = prepared.image.len() + prepared.mask.len();
         if m.bytes + bytes <= budget {
@@ -233,8 +240,14 @@ fn prepare_cached(
     Some(prepared)
 }
 
+/// How photos are decoded for the model: `dct-scaled` (JPEGs at the reduced DCT scale that
+/// `serve` uses) or `full-size`.
+pub fn decode_name(jpeg_dct_scaling: bool) -> &'static str {
+    if jpeg_dct_scaling { "dct-scaled" } else { "full-size" }
+}
+
 /// Loads and resizes one sample, through the disk cache when there is one.
-fn prepare(dataset: &PetDataset, index: usize, size: u32, cache: Option<&Path>) -> Option<Prepared> {
+fn prepare(dataset: &PetDataset, index: usize, size: u32, dct: bool, cache: Option<&Path>) -> Option<Prepared> {
     let stem = &dataset.stems[index];
     // Stems are sample names (checked when split files are read), so this stays in the cache.
     let cache_file = cache.filter(|_| super::is_valid_stem(stem)).map(|dir| dir.join(format!("{stem}.bin")));
@@ -250,7 +263,7 @@ fn prepare(dataset: &PetDataset, index: usize, size: u32, cache: Option<&Path>) 
             return Some(Prepared { image, mask });
         }
     }
-    let sample = dataset.get(index)?;
+    let sample = dataset.get_for_model(index, dct.then_some(size))?;
     let image = transform::resize_image(&sample.image, size);
     let mask = transform::resize_mask(&sample.mask, size);
     if let Some(file) = &cache_file {
@@ -331,7 +344,31 @@ mod tests {
             cache_dir: cache,
             workers: 2,
             memory_cache_bytes: 0,
+            jpeg_dct_scaling: false,
         }
+    }
+
+    #[test]
+    fn photos_decode_as_served_and_the_cache_knows_it() {
+        // Serve's decode of each photo for a 32² input (JPEG at a reduced DCT scale), resized
+        // and normalized exactly as `serve` does, is what the loader hands training.
+        let dir = tempfile::tempdir().unwrap();
+        let ds = dataset(dir.path(), 8);
+        let cache = dir.path().join("cache");
+        let served = LoaderConfig { shuffle: false, hflip: false, drop_last: false, jpeg_dct_scaling: true, ..config(Some(cache.clone())) };
+        let full = LoaderConfig { jpeg_dct_scaling: false, ..served.clone() };
+        let a: Vec<Batch> = Loader::new(ds.clone(), served).unwrap().epoch(1, 0).collect();
+        let b: Vec<Batch> = Loader::new(ds.clone(), full).unwrap().epoch(1, 0).collect();
+        let stem = &a[0].stems[0];
+        let bytes = std::fs::read(ds.layout.image_path(stem)).unwrap();
+        let photo = crate::data::image_io::decode_rgb_for_model(&bytes, Default::default(), 32).unwrap();
+        assert!(photo.scale > 1, "the synthetic photos are large enough to scale");
+        let expected = transform::preprocess(&photo.image, 32, &Normalization::UNIT);
+        assert_eq!(&a[0].images[..3 * 32 * 32], &expected[..], "the served decode");
+        assert_ne!(a[0].images, b[0].images, "a full-size decode differs");
+        assert_eq!(a[0].masks, b[0].masks, "masks come from the full-size trimap either way");
+        let names: Vec<String> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(names.iter().any(|n| n.ends_with("-dct-scaled")) && names.iter().any(|n| n.ends_with("-full-size")), "{names:?}");
     }
 
     #[test]

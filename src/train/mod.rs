@@ -312,6 +312,7 @@ impl Data {
                 cache_dir: d.cache_dir.clone(),
                 workers: d.workers,
                 memory_cache_bytes: d.memory_cache_mb << 20,
+                jpeg_dct_scaling: config.serve.jpeg_dct_scaling,
             },
         )?;
         let accumulate = t.accumulate_steps;
