@@ -626,7 +626,8 @@ pub struct ServeConfig {
     /// client left) is dropped.
     pub request_timeout_ms: u64,
     /// Decode a JPEG whose pixels only feed the model at the smallest DCT scale (1/2, 1/4,
-    /// 1/8) that keeps both sides at least the model input (also `predict`); false = always
+    /// 1/8) that keeps both sides at least the model input (also `predict`, and `train`,
+    /// validation and `evaluate`, so that what is measured is what is served); false = always
     /// at full size.
     pub jpeg_dct_scaling: bool,
     /// Cores the server keeps busy: request stages and model calls share this many tokens
