@@ -28,7 +28,7 @@ fn main() -> Result<()> {
     segctl::util::alloc::set_cache_limit(segctl::util::alloc::training_cache_limit());
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: train_step_bench [--arch unet|mobilenetv2_unet] [--batch 32] [--size 128] [--steps 10] [--warmup 3] [--base-width 32] [--depth 4] [--widths 8,24,48,96] [--frozen-encoder] [--profile] [--inference [--folded]] [--plan [--threads N] [--winograd auto|never|always] [--profile]]");
+        println!("usage: train_step_bench [--arch unet|mobilenetv2_unet] [--batch 32] [--size 128] [--steps 10] [--warmup 3] [--base-width 32] [--depth 4] [--widths 8,24,48,96] [--frozen-encoder] [--profile] [--precision f32|bf16] [--inference [--folded]] [--plan [--threads N] [--winograd auto|never|always] [--profile]]");
         return Ok(());
     }
     let arch = arg(&args, "--arch", "unet");
@@ -71,6 +71,9 @@ fn main() -> Result<()> {
         unsafe { libmimalloc_sys::mi_stats_print_out(None, std::ptr::null_mut()) };
         return Ok(());
     }
+    // `--precision bf16`: the convolutions in bfloat16, as `train.precision: bf16`.
+    let precision = arg(&args, "--precision", "f32");
+    segctl::model::ops::fmap::set_bf16(precision == "bf16");
     let mut opt = AdamW::new(state.trainable_vars(), OptimizerConfig::default())?;
     let loss = SegLoss::new(&LossConfig::default(), &device)?;
     let x = Tensor::randn(0f32, 1f32, (batch, 3, size, size), &device)?;
@@ -124,7 +127,7 @@ fn main() -> Result<()> {
     let median = times[times.len() / 2];
     let fastest = times[0];
     println!(
-        "{{\"impl\": \"segctl-candle\", \"mode\": \"{}\", \"arch\": \"{arch}\", \"batch\": {batch}, \"size\": {size}, \"steps\": {steps}, \"median_step_s\": {median:.4}, \"min_step_s\": {fastest:.4}, \"images_per_s\": {:.2}, \"parameters\": {}}}",
+        "{{\"impl\": \"segctl-candle\", \"mode\": \"{}\", \"arch\": \"{arch}\", \"batch\": {batch}, \"size\": {size}, \"steps\": {steps}, \"precision\": \"{precision}\", \"median_step_s\": {median:.4}, \"min_step_s\": {fastest:.4}, \"images_per_s\": {:.2}, \"parameters\": {}}}",
         if inference { "inference" } else { "train" },
         batch as f64 / median,
         state.parameter_count()

@@ -72,6 +72,10 @@ pub struct CheckpointMeta {
     pub config_digest: String,
     /// Digest of the training data files.
     pub dataset_digest: String,
+    /// `train.precision` of the run (master weights are f32 either way, so any export
+    /// precision can be taken from it).
+    #[serde(default)]
+    pub precision: crate::config::Precision,
 }
 
 /// A loaded checkpoint.
@@ -374,6 +378,7 @@ mod tests {
             val_mean_iou: Some(0.5),
             config_digest: "c".into(),
             dataset_digest: "d".into(),
+            precision: Default::default(),
         }
     }
 

@@ -359,6 +359,33 @@ pub struct TrainConfig {
     pub ema_decay: Option<f64>,
     /// Write TensorBoard event files (`events.out.tfevents.*`) into the run folder.
     pub tensorboard: bool,
+    /// Arithmetic of the convolutions: `f32`, or `bf16` (operands rounded to bfloat16,
+    /// products accumulated in f32; master weights, optimizer state, BatchNorm, loss and
+    /// reductions stay f32, as PyTorch's CPU autocast). Recorded in checkpoints.
+    #[serde(skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
+}
+
+/// `train.precision`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -380,6 +407,7 @@ impl Default for TrainConfig {
             early_stopping: EarlyStoppingConfig::default(),
             ema_decay: None,
             tensorboard: true,
+            precision: Precision::F32,
         }
     }
 }

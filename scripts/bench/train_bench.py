@@ -1,18 +1,29 @@
 #!/usr/bin/env python3
-"""Training throughput, segctl (candle) vs PyTorch eager on CPU, same architectures.
+"""Training throughput: segctl against PyTorch eager on CPU, same architectures, one run.
 
-For each architecture (unet depth 4 / base width 32, mobilenetv2_unet), both sides time full
-training steps on random data: forward in training mode (BatchNorm batch statistics),
-pixel-wise cross-entropy over 3 classes, backward, AdamW step (lr 1e-3, weight decay 1e-4,
-betas 0.9/0.999, eps 1e-8), and report the median step time after warm-up as images/s.
+For each architecture (unet depth 4 / base width 32, mobilenetv2_unet) it times, in
+alternating rounds (every contender once per round, one process at a time, never two at once;
+a contender's figure is the median of its round figures):
 
-  segctl:  target/release/examples/train_step_bench (RAYON_NUM_THREADS=--threads)
-  PyTorch: scripts/bench/torch_models.py, torch.set_num_threads(--threads), run in a child
-           process of this script (one architecture per process) so the two sides never
-           share a process or overlap in time.
+  segctl train (end to end)   `segctl train` on a synthetic dataset at the input size: its
+                              loader (JPEG decode, resize, flips), forward, loss, backward,
+                              AdamW; images/s of the last epochs as metrics.jsonl reports them
+                              (validation off, no checkpoints in between).
+  segctl step                 target/release/examples/train_step_bench: the bare step on random
+                              tensors (forward in training mode, cross-entropy, backward, AdamW).
+  pytorch f32 / channels-last / bf16 autocast / bf16 autocast + channels-last
+                              the same bare step in PyTorch (scripts/bench/torch_models.py),
+                              torch.set_num_threads(--threads); autocast is
+                              torch.autocast("cpu", dtype=torch.bfloat16) around forward and
+                              loss, f32 master weights (what a PyTorch user turns on).
 
-Usage (repo root):  python scripts/bench/train_bench.py [--batch 32] [--size 128] [--steps 10]
-                    [--warmup 3] [--threads 2] [--arch unet,mobilenetv2_unet] [--out FILE]
+segctl runs with RAYON_NUM_THREADS=--threads, PyTorch with OMP_NUM_THREADS=--threads, both
+pinned to the same first --threads CPUs (taskset). With --precision bf16 segctl's rows are also
+run at `train.precision: bf16`.
+
+Usage (repo root):  python scripts/bench/train_bench.py [--batch 8] [--size 128] [--steps 8]
+                    [--warmup 3] [--threads 2] [--rounds 3] [--arch unet,mobilenetv2_unet]
+                    [--precision f32,bf16] [--out FILE]
 """
 
 import argparse
@@ -20,14 +31,17 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 ARCHS = ("unet", "mobilenetv2_unet")
+TORCH_VARIANTS = ("f32", "f32-channels-last", "bf16-autocast", "bf16-autocast-channels-last")
 
 
 def torch_worker(args):
@@ -40,8 +54,11 @@ def torch_worker(args):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    variant = args.variant
+    channels_last = variant.endswith("channels-last")
+    autocast = variant.startswith("bf16")
     model = torch_models.build_model(args.arch, depth=args.depth, base_width=args.base_width).train()
-    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss()
@@ -51,21 +68,20 @@ def torch_worker(args):
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(model(x).float(), y)
         loss.backward()
         opt.step()
         loss.item()
         dt = time.perf_counter() - t0
-        if os.environ.get("BENCH_VERBOSE"):
-            print(f"torch {args.arch} step {i}: {dt:.3f}s", file=sys.stderr)
         if i >= args.warmup:
             times.append(dt)
     median = statistics.median(times)
     print(json.dumps({
-        "impl": "pytorch", "arch": args.arch, "batch": args.batch, "size": args.size, "steps": args.steps,
+        "impl": f"pytorch {variant}", "arch": args.arch, "batch": args.batch, "size": args.size, "steps": args.steps,
         "median_step_s": round(median, 4), "images_per_s": round(args.batch / median, 2),
         "parameters": torch_models.parameter_count(model), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "channels_last": args.channels_last,
+        "torch_threads": torch.get_num_threads(), "mkldnn_bf16": bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)()),
     }))
 
 
@@ -77,31 +93,89 @@ def last_json_line(text):
     raise RuntimeError(f"no JSON line in output:\n{text}")
 
 
+def pinned(cmd, threads):
+    """The command pinned to the first `threads` CPUs, when taskset exists."""
+    if shutil.which("taskset"):
+        return ["taskset", "-c", f"0-{threads - 1}", *cmd]
+    return cmd
+
+
 def run(cmd, env=None, label=""):
-    t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.exit(f"{label} failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
-    result = last_json_line(proc.stdout)
-    result["wall_s"] = round(wall, 2)
-    return result
+    return proc.stdout
+
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    keep = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile", "avx512_fp16")
+                    return [flag for flag in line.split(":", 1)[1].split() if flag in keep]
+    except OSError:
+        pass
+    return []
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def segctl_end_to_end(args, arch, precision, data_root, work):
+    """`segctl train` for a few epochs; images/s of the last epochs (loader included)."""
+    run_dir = os.path.join(work, f"run-{arch}-{precision}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = os.path.join(work, f"{arch}.yaml")
+    # Random encoder weights for mobilenetv2_unet: the bench measures speed, not the start.
+    unet = f"  unet:\n    depth: {args.depth}\n    base_width: {args.base_width}\n" if arch == "unet" else "  encoder:\n    weights: none\n"
+    with open(config, "w") as f:
+        f.write(
+            f"data:\n  root: {data_root}\n  image_size: {args.size}\n  val_fraction: 0.0\n  seed: 1\n"
+            f"model:\n  arch: {arch}\n{unet}"
+            f"train:\n  epochs: {args.epochs}\n  batch_size: {args.batch}\n  device: cpu\n  output_dir: {work}\n"
+            f"  run_name: run-{arch}-{precision}\n  max_steps_per_epoch: {args.steps}\n  precision: {precision}\n"
+            f"  tensorboard: false\n  checkpoint:\n    every_epochs: 1000\n    keep_last: 1\n"
+        )
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    run(pinned([args.segctl, "train", "--config", config, "--json"], args.threads), env=env, label="segctl train")
+    epochs = []
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                epochs.append(json.loads(line))
+    # The first epoch holds the first step's page faults and the loader's first decodes.
+    rates = [e["train_images_per_s"] for e in epochs[1:]] or [epochs[-1]["train_images_per_s"]]
+    return {"impl": f"segctl train {precision}", "images_per_s": round(statistics.median(rates), 2), "epochs": len(epochs)}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=8, help="timed steps (bare step) / steps per epoch (end to end)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=3, help="epochs of the end-to-end run (the first is not counted)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--depth", type=int, default=4, help="unet depth")
     p.add_argument("--base-width", type=int, default=32, help="unet base width")
     p.add_argument("--arch", default=",".join(ARCHS), help="comma-separated subset of unet,mobilenetv2_unet")
+    p.add_argument("--precision", default="f32,bf16", help="segctl precisions to run (f32, bf16)")
+    p.add_argument("--segctl", default=os.path.join(REPO, "target/release/segctl"))
     p.add_argument("--bench-bin", default=os.path.join(REPO, "target/release/examples/train_step_bench"))
-    p.add_argument("--channels-last", action="store_true", help="PyTorch side in channels_last memory format")
     p.add_argument("--out", default=os.path.join(HERE, "results/train.json"))
     p.add_argument("--_torch-worker", dest="torch_worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="f32", help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.torch_worker:
@@ -109,50 +183,71 @@ def main():
         return
 
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
-    for a in archs:
-        if a not in ARCHS:
-            sys.exit(f"unknown arch `{a}`")
-    if not os.access(args.bench_bin, os.X_OK):
-        sys.exit(f"{args.bench_bin} not found: build it with `cargo build --release --example train_step_bench`")
+    precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
+    for exe in (args.segctl, args.bench_bin):
+        if not os.access(exe, os.X_OK):
+            sys.exit(f"{exe} not found: `cargo build --release && cargo build --release --example train_step_bench`")
+
+    work = tempfile.mkdtemp(prefix="segctl-train-bench-")
+    data_root = os.path.join(work, "pets")
+    # Enough training images for --steps batches per epoch (the loader decodes real JPEGs).
+    samples = 2 * args.batch * args.steps + 16
+    run([args.segctl, "fetch-data", "--synthetic", str(2 * samples), "--seed", "3", "--root", data_root], label="fetch-data")
 
     common = ["--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    figures = {}  # (arch, contender) -> [round figures]
+    meta = {}
+    for rnd in range(args.rounds):
+        for arch in archs:
+            contenders = []
+            for precision in precisions:
+                contenders.append((f"segctl train {precision}", lambda a=arch, pr=precision: segctl_end_to_end(args, a, pr, data_root, work)))
+                contenders.append((f"segctl step {precision}", lambda a=arch, pr=precision: last_json_line(run(
+                    pinned([args.bench_bin, "--arch", a, *common, "--base-width", str(args.base_width), "--depth", str(args.depth), "--precision", pr], args.threads),
+                    env=dict(os.environ, RAYON_NUM_THREADS=str(args.threads)), label="train_step_bench"))))
+            for variant in TORCH_VARIANTS:
+                contenders.append((f"pytorch {variant}", lambda a=arch, v=variant: last_json_line(run(
+                    pinned([sys.executable, os.path.abspath(__file__), "--_torch-worker", "--arch", a, *common, "--threads", str(args.threads),
+                            "--depth", str(args.depth), "--base-width", str(args.base_width), "--variant", v], args.threads),
+                    env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)), label="PyTorch worker"))))
+            # Alternate the order between rounds so no contender always runs first.
+            if rnd % 2 == 1:
+                contenders.reverse()
+            for name, fn in contenders:
+                print(f"[round {rnd + 1}/{args.rounds}] {arch}: {name}", file=sys.stderr, flush=True)
+                result = fn()
+                figures.setdefault((arch, name), []).append(result["images_per_s"])
+                meta[(arch, name)] = result
+    shutil.rmtree(work, ignore_errors=True)
+
     rows = []
     for arch in archs:
-        env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
-        seg_cmd = [args.bench_bin, "--arch", arch, *common, "--base-width", str(args.base_width), "--depth", str(args.depth)]
-        print(f"[{arch}] segctl: {' '.join(seg_cmd)}", file=sys.stderr, flush=True)
-        seg = run(seg_cmd, env=env, label="train_step_bench")
-        torch_cmd = [sys.executable, os.path.abspath(__file__), "--_torch-worker", "--arch", arch, *common,
-                     "--threads", str(args.threads), "--depth", str(args.depth), "--base-width", str(args.base_width)]
-        if args.channels_last:
-            torch_cmd.append("--channels-last")
-        print(f"[{arch}] pytorch: {' '.join(torch_cmd[1:])}", file=sys.stderr, flush=True)
-        # One OpenMP thread pool of --threads threads, no extra inter-op threads.
-        tenv = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        pt = run(torch_cmd, env=tenv, label="PyTorch worker")
-        if seg.get("parameters") != pt.get("parameters"):
-            print(f"warning: parameter counts differ for {arch}: segctl {seg.get('parameters')} vs PyTorch {pt.get('parameters')}",
-                  file=sys.stderr)
-        rows.append({"arch": arch, "segctl": seg, "pytorch": pt,
-                     "ratio_segctl_over_pytorch": round(seg["images_per_s"] / pt["images_per_s"], 3)})
+        base = statistics.median(figures[(arch, "pytorch f32")])
+        bf16 = statistics.median(figures[(arch, "pytorch bf16-autocast")])
+        for (a, name), values in figures.items():
+            if a != arch:
+                continue
+            median = statistics.median(values)
+            rows.append({"arch": arch, "contender": name, "images_per_s": round(median, 2), "rounds": values,
+                         "over_pytorch_f32": round(median / base, 3), "over_pytorch_bf16_autocast": round(median / bf16, 3),
+                         "detail": meta[(a, name)]})
 
     print()
-    print(f"Training throughput, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, "
-          f"median of {args.steps} steps after {args.warmup} warm-up (images/s, higher is better)")
+    print(f"Training throughput, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, median of {args.rounds} alternating rounds "
+          f"(images/s, higher is better); CPU: {cpu_model()}; flags: {' '.join(cpu_flags())}")
     print()
-    print("| arch | segctl img/s | PyTorch img/s | ratio (segctl/PyTorch) | segctl step s | PyTorch step s | parameters |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| arch | contender | images/s | / PyTorch f32 step | / PyTorch bf16 autocast step | rounds |")
+    print("|---|---|---:|---:|---:|---|")
     for r in rows:
-        s, t = r["segctl"], r["pytorch"]
-        print(f"| {r['arch']} | {s['images_per_s']:.2f} | {t['images_per_s']:.2f} | {r['ratio_segctl_over_pytorch']:.2f}x | "
-              f"{s['median_step_s']:.3f} | {t['median_step_s']:.3f} | {s.get('parameters', '?'):,} |")
+        print(f"| {r['arch']} | {r['contender']} | {r['images_per_s']:.2f} | {r['over_pytorch_f32']:.2f}x | {r['over_pytorch_bf16_autocast']:.2f}x | "
+              f"{', '.join(f'{v:.2f}' for v in r['rounds'])} |")
 
     result = {
         "benchmark": "train", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
-        "settings": {"batch": args.batch, "size": args.size, "steps": args.steps, "warmup": args.warmup,
-                     "threads": args.threads, "unet_depth": args.depth, "unet_base_width": args.base_width,
-                     "channels_last": args.channels_last, "torch": rows[0]["pytorch"].get("torch") if rows else None, "python": platform.python_version()},
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(), "flags": cpu_flags(), "cpus": os.cpu_count()},
+        "settings": {"batch": args.batch, "size": args.size, "steps": args.steps, "warmup": args.warmup, "epochs": args.epochs,
+                     "threads": args.threads, "rounds": args.rounds, "unet_depth": args.depth, "unet_base_width": args.base_width,
+                     "python": platform.python_version()},
         "results": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -107,6 +107,7 @@ impl Checkpointer {
             val_mean_iou,
             config_digest: self.config_digest.clone(),
             dataset_digest: self.dataset_digest.clone(),
+            precision: self.config.train.precision,
         };
         let (model, optimizer, online) = learner.checkpoint_tensors();
         let path = self.path(kind);

@@ -334,6 +334,11 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
     let config = &options.config;
     let device = &options.device;
     let t = &config.train;
+    if t.precision == crate::config::Precision::Bf16 && !device.is_cpu() {
+        bail!("train.precision: bf16 runs on the CPU only in this version (the device is {})", crate::model::device_name(device));
+    }
+    // The convolutions' arithmetic for this process's training.
+    crate::model::ops::fmap::set_bf16(t.precision == crate::config::Precision::Bf16);
 
     // A run in a bucket is mirrored down first and then continued like a local one.
     let (resume, remote_place) = match options.resume.as_deref().map(storage::remote).transpose()?.flatten() {

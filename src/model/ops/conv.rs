@@ -81,6 +81,8 @@ pub(super) fn forward(g: ConvGeometry, x: &[f32], n: usize, xm: MapShape, w: &[f
     if xm.c != cin {
         bail!("convolution: the input has {} channels, the weights expect {cin}", xm.c);
     }
+    let x = &*fmap::operand(x);
+    let w = &*fmap::operand(w);
     let op = ConvOp {
         kind: g.kind,
         cin,
@@ -206,6 +208,8 @@ impl CustomOp2 for GradInput {
 pub(super) fn grad_input(g: ConvGeometry, dy: &[f32], n: usize, om: MapShape, w: &[f32], w_dims: &[usize], x_dims: &[usize], isa: Isa) -> Result<(Vec<f32>, MapShape)> {
     let (cin, cout) = g.channels(w_dims)?;
     let [_, hp, wp, _] = x_dims[..] else { bail!("convolution gradient: bad input shape {x_dims:?}") };
+    let dy = &*fmap::operand(dy);
+    let w = &*fmap::operand(w);
     let xm = MapShape::new(hp - 2, wp - 2, cin);
 let out = match g.kind {
         ConvKind::Dense if g.stride == 1 => {
@@ -305,6 +309,7 @@ impl GradWeight {
 /// A convolution's weight gradient, in the weight's layout, from its input `x` (`n` maps of
 /// `xm`) and output gradient `dy` (`n` maps of `om`), both with slack.
 pub(super) fn grad_weight(g: ConvGeometry, x: &[f32], xm: MapShape, dy: &[f32], om: MapShape, n: usize, isa: Isa) -> Result<Vec<f32>> {
+        let (x, dy) = (&*fmap::operand(x), &*fmap::operand(dy));
         let threads = rayon::current_num_threads();
         let out = if g.kind == ConvKind::Depthwise {
             let c = xm.c;

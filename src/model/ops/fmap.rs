@@ -18,6 +18,59 @@ use crate::engine::Isa;
 use crate::engine::kernels::slack_floats;
 use crate::engine::maps::{MapShape, RowKernel, run_items};
 
+static BF16: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the CPU convolutions compute in bfloat16 (`train.precision: bf16`): their operands
+/// (feature maps, gradients, weights) rounded to bfloat16, products accumulated in f32.
+pub fn set_bf16(on: bool) {
+    BF16.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+thread_local! {
+    static FORCED_BF16: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether the CPU convolutions compute in bfloat16 ([`set_bf16`], or [`with_bf16`] on this
+/// thread).
+pub fn bf16() -> bool {
+    FORCED_BF16.with(|f| f.get()).unwrap_or_else(|| BF16.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Runs `f` with the ops called on this thread computing in bfloat16 or not (tests).
+pub fn with_bf16<R>(on: bool, f: impl FnOnce() -> R) -> R {
+    let before = FORCED_BF16.with(|c| c.replace(Some(on)));
+    let out = f();
+    FORCED_BF16.with(|c| c.set(before));
+    out
+}
+
+/// `x` rounded to the nearest bfloat16 (ties to even), as f32; NaN stays NaN.
+#[inline]
+pub fn round_bf16(x: f32) -> f32 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return x;
+    }
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) & 0xffff_0000;
+    f32::from_bits(rounded)
+}
+
+/// A copy of `x` rounded to bfloat16, in parallel chunks.
+pub fn rounded_bf16(x: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(1 << 15).zip(x.par_chunks(1 << 15)).for_each(|(o, i)| {
+        for (o, i) in o.iter_mut().zip(i) {
+            *o = round_bf16(*i);
+        }
+    });
+    out
+}
+
+/// `x` as the convolutions read it: rounded to bfloat16 under [`set_bf16`], else as is.
+pub fn operand(x: &[f32]) -> Cow<'_, [f32]> {
+    if bf16() { Cow::Owned(rounded_bf16(x)) } else { Cow::Borrowed(x) }
+}
+
 /// Whether `x` takes the CPU path (a padded NHWC feature map), not candle's own NCHW ops.
 pub fn on_cpu_path(x: &Tensor) -> bool {
     matches!(x.device(), Device::Cpu) && x.dtype() == DType::F32

@@ -270,3 +270,27 @@ fn fused_conv_bn_act_matches_the_separate_ops() {
         }
     });
 }
+
+#[test]
+fn bf16_convolutions_compute_on_rounded_operands() {
+    let round = |t: &Tensor| {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(fmap::round_bf16).collect();
+        Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
+    };
+    // Rounding itself: ties to even, exact values kept.
+    assert_eq!(fmap::round_bf16(1.0), 1.0);
+    assert_eq!(fmap::round_bf16(1.0 + 1.0 / 256.0), 1.0, "a tie rounds to the even mantissa");
+    assert_eq!(fmap::round_bf16(1.0 + 3.0 / 256.0), 1.0 + 4.0 / 256.0);
+    everywhere(|isa| {
+        let x = rand(&[2, 16, 12, 12], 21);
+        let w = rand(&[24, 16, 3, 3], 22);
+        let (xm, xr) = (to_features(&x).unwrap(), to_features(&round(&x)).unwrap());
+        let bf = fmap::with_bf16(true, || from_features(&conv2d(&xm, &w, None, 1, 1).unwrap()).unwrap());
+        let reference = from_features(&conv2d(&xr, &round(&w), None, 1, 1).unwrap()).unwrap();
+        let f32_result = from_features(&conv2d(&xm, &w, None, 1, 1).unwrap()).unwrap();
+        // bf16 is f32 arithmetic on rounded operands; it differs from f32 by bf16's precision.
+        assert!(max_diff(&bf, &reference) < 1e-4, "{isa:?}: {}", max_diff(&bf, &reference));
+        let d = max_diff(&bf, &f32_result);
+        assert!(d > 1e-4 && d < 0.05 * max_abs(&f32_result), "{isa:?}: bf16 vs f32 differ by {d}");
+    });
+}
