@@ -26,6 +26,11 @@ fn main() -> Result<()> {
     // As in the segctl binary: keep freed pages for reuse.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
     segctl::util::alloc::set_cache_limit(segctl::util::alloc::training_cache_limit());
+    // As `segctl train` does (see src/main.rs).
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        // SAFETY: first thing in `main`, no other thread yet.
+        unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200") };
+    }
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!("usage: train_step_bench [--arch unet|mobilenetv2_unet] [--batch 32] [--size 128] [--steps 10] [--warmup 3] [--base-width 32] [--depth 4] [--widths 8,24,48,96] [--frozen-encoder] [--profile] [--precision f32|bf16] [--inference [--folded]] [--plan [--threads N] [--winograd auto|never|always] [--profile]]");
