@@ -127,6 +127,14 @@ fn main() -> Result<()> {
         for (name, calls, secs) in report {
             eprintln!("{:8.2} ms {:5.1}% {:4} calls  {name}", 1e3 * secs / per, 100.0 * secs / (fwd + bwd + optim), calls / steps as u64);
         }
+        // Each pass of the convolutions: GFLOP/s as the layers define their work (Winograd
+        // multiplies less), and the share of the threads' measured FMA peak.
+        let peak = fma_peak_gflops(rayon::current_num_threads());
+        eprintln!("convolution passes (measured f32 FMA peak of {} threads: {peak:.0} GFLOP/s):", rayon::current_num_threads());
+        for (pass, flops, secs) in segctl::model::ops::fmap::profile::pass_report().into_iter().filter(|p| p.0 != "nested") {
+            let rate = flops / secs / 1e9;
+            eprintln!("  {pass:<16} {:7.2} GFLOP per step in {:7.1} ms: {rate:6.1} GFLOP/s, {:5.1}% of peak", flops / per / 1e9, 1e3 * secs / per, 100.0 * rate / peak);
+        }
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let median = times[times.len() / 2];
@@ -138,6 +146,54 @@ fn main() -> Result<()> {
         state.parameter_count()
     );
     Ok(())
+}
+
+/// The f32 FMA peak of `threads` threads in GFLOP/s: independent multiply-adds on registers
+/// (AVX-512 where the CPU has it, else AVX2), no memory traffic.
+fn fma_peak_gflops(threads: usize) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        #[target_feature(enable = "avx512f")]
+        unsafe fn run512(iters: usize) -> f32 {
+            let mut acc = [_mm512_set1_ps(0.0); 16];
+            let (a, b) = (_mm512_set1_ps(1.000_000_1), _mm512_set1_ps(0.999_999));
+            for _ in 0..iters {
+                for v in acc.iter_mut() {
+                    *v = _mm512_fmadd_ps(*v, a, b);
+                }
+            }
+            acc.iter().map(|v| _mm512_reduce_add_ps(*v)).sum()
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn run256(iters: usize) -> f32 {
+            let mut acc = [_mm256_set1_ps(0.0); 12];
+            let (a, b) = (_mm256_set1_ps(1.000_000_1), _mm256_set1_ps(0.999_999));
+            for _ in 0..iters {
+                for v in acc.iter_mut() {
+                    *v = _mm256_fmadd_ps(*v, a, b);
+                }
+            }
+            let mut out = [0f32; 8];
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), acc[0]) };
+            out.iter().sum()
+        }
+        let wide = std::is_x86_feature_detected!("avx512f");
+        if !wide && !std::is_x86_feature_detected!("fma") {
+            return f64::NAN;
+        }
+        let iters = 20_000_000;
+        let start = Instant::now();
+        let sum: f32 = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads).map(|_| s.spawn(move || unsafe { if wide { run512(iters) } else { run256(iters) } })).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        let flops_per_iter = if wide { 16.0 * 16.0 * 2.0 } else { 12.0 * 8.0 * 2.0 };
+        std::hint::black_box(sum);
+        return threads as f64 * iters as f64 * flops_per_iter / start.elapsed().as_secs_f64() / 1e9;
+    }
+    #[allow(unreachable_code)]
+    f64::NAN
 }
 
 /// Times segctl's compiled inference plan (what `serve`, `predict` and `evaluate` run).

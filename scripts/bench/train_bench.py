@@ -3,7 +3,8 @@
 
 For each architecture (unet depth 4 / base width 32, mobilenetv2_unet) it times, in
 alternating rounds (every contender once per round, one process at a time, never two at once;
-a contender's figure is the median of its round figures):
+a contender's figure is the median of its round figures, and its ratio to a PyTorch row the
+median of the per-round ratios):
 
   segctl train (end to end)   `segctl train` on a synthetic dataset at the input size: its
                               loader (JPEG decode, resize, flips), forward, loss, backward,
@@ -222,19 +223,24 @@ def main():
 
     rows = []
     for arch in archs:
-        base = statistics.median(figures[(arch, "pytorch f32")])
-        bf16 = statistics.median(figures[(arch, "pytorch bf16-autocast")])
+        f32_rounds = figures[(arch, "pytorch f32")]
+        bf16_rounds = figures[(arch, "pytorch bf16-autocast")]
         for (a, name), values in figures.items():
             if a != arch:
                 continue
             median = statistics.median(values)
+            # Ratios within each round (the VM's speed drifts between rounds), then their median.
+            over_f32 = statistics.median(v / b for v, b in zip(values, f32_rounds))
+            over_bf16 = statistics.median(v / b for v, b in zip(values, bf16_rounds))
             rows.append({"arch": arch, "contender": name, "images_per_s": round(median, 2), "rounds": values,
-                         "over_pytorch_f32": round(median / base, 3), "over_pytorch_bf16_autocast": round(median / bf16, 3),
+                         "over_pytorch_f32": round(over_f32, 3), "over_pytorch_bf16_autocast": round(over_bf16, 3),
                          "detail": meta[(a, name)]})
 
     print()
     print(f"Training throughput, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, median of {args.rounds} alternating rounds "
           f"(images/s, higher is better); CPU: {cpu_model()}; flags: {' '.join(cpu_flags())}")
+    print()
+    print("Ratios are medians of the per-round ratios (each round runs every contender once, back to back).")
     print()
     print("| arch | contender | images/s | / PyTorch f32 step | / PyTorch bf16 autocast step | rounds |")
     print("|---|---|---:|---:|---:|---|")

@@ -99,8 +99,24 @@ pub(super) fn forward(g: ConvGeometry, x: &[f32], n: usize, xm: MapShape, w: &[f
     let kernel = profile::timed(|| format!("pack {}", what()), || Kernel::conv(&op, xm.h, xm.w, &options))
         .map_err(|e| candle_core::Error::Msg(format!("convolution: {e:#}")))?;
     let (oh, ow, oc) = kernel.output_shape();
+    let started = profile::on().then(std::time::Instant::now);
     let out = profile::timed(|| format!("run  {} [{}]", what(), kernel.name()), || run_kernel(&kernel, x, n));
+    if let Some(t) = started {
+        profile::add_pass(None, layer_flops(g, n, xm, (oh, ow), cin, cout), t.elapsed().as_secs_f64());
+    }
     Ok((out, MapShape::new(oh, ow, oc)))
+}
+
+/// Floating-point operations of a convolution layer as defined (multiply-adds count two; not
+/// what Winograd multiplies): `xm` the input map, `(oh, ow)` the output size.
+fn layer_flops(g: ConvGeometry, n: usize, xm: MapShape, (oh, ow): (usize, usize), cin: usize, cout: usize) -> f64 {
+    let kk = (g.k * g.k) as f64;
+    let n = n as f64;
+    match g.kind {
+        ConvKind::Dense => 2.0 * n * (oh * ow) as f64 * (cin * cout) as f64 * kk,
+        ConvKind::Depthwise => 2.0 * n * (oh * ow) as f64 * cin as f64 * kk,
+        ConvKind::Transposed => 2.0 * n * (xm.h * xm.w) as f64 * (cin * cout) as f64 * kk,
+    }
 }
 
 /// Dense convolution weights `[cout][cin][k][k]` of the input gradient of a stride-1 'same'
@@ -206,6 +222,17 @@ impl CustomOp2 for GradInput {
 /// slack) and the weights `w` (dims `w_dims`); the input's candle dims are `x_dims`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn grad_input(g: ConvGeometry, dy: &[f32], n: usize, om: MapShape, w: &[f32], w_dims: &[usize], x_dims: &[usize], isa: Isa) -> Result<(Vec<f32>, MapShape)> {
+    let started = profile::on().then(std::time::Instant::now);
+    let (nested, xm) = profile::in_pass("nested", || grad_input_inner(g, dy, n, om, w, w_dims, x_dims, isa))?;
+    if let Some(t) = started {
+        let (cin, cout) = g.channels(w_dims)?;
+        profile::add_pass(Some("input-gradient"), layer_flops(g, n, xm, (om.h, om.w), cin, cout), t.elapsed().as_secs_f64());
+    }
+    Ok((nested, xm))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn grad_input_inner(g: ConvGeometry, dy: &[f32], n: usize, om: MapShape, w: &[f32], w_dims: &[usize], x_dims: &[usize], isa: Isa) -> Result<(Vec<f32>, MapShape)> {
     let (cin, cout) = g.channels(w_dims)?;
     let [_, hp, wp, _] = x_dims[..] else { bail!("convolution gradient: bad input shape {x_dims:?}") };
     let dy = &*fmap::operand(dy);
@@ -309,6 +336,16 @@ impl GradWeight {
 /// A convolution's weight gradient, in the weight's layout, from its input `x` (`n` maps of
 /// `xm`) and output gradient `dy` (`n` maps of `om`), both with slack.
 pub(super) fn grad_weight(g: ConvGeometry, x: &[f32], xm: MapShape, dy: &[f32], om: MapShape, n: usize, isa: Isa) -> Result<Vec<f32>> {
+    let started = profile::on().then(std::time::Instant::now);
+    let out = grad_weight_inner(g, x, xm, dy, om, n, isa)?;
+    if let Some(t) = started {
+        let (cin, cout) = if g.kind == ConvKind::Depthwise { (xm.c, xm.c) } else { (xm.c, om.c) };
+        profile::add_pass(Some("weight-gradient"), layer_flops(g, n, xm, (om.h, om.w), cin, cout), t.elapsed().as_secs_f64());
+    }
+    Ok(out)
+}
+
+fn grad_weight_inner(g: ConvGeometry, x: &[f32], xm: MapShape, dy: &[f32], om: MapShape, n: usize, isa: Isa) -> Result<Vec<f32>> {
         let (x, dy) = (&*fmap::operand(x), &*fmap::operand(dy));
         let threads = rayon::current_num_threads();
         let out = if g.kind == ConvKind::Depthwise {

@@ -272,6 +272,7 @@ pub mod profile {
     pub fn set_profiling(on: bool) {
         if on {
             TIMES.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            PASSES.lock().unwrap_or_else(|e| e.into_inner()).clear();
         }
         ON.store(on, Ordering::Relaxed);
     }
@@ -282,6 +283,43 @@ pub mod profile {
         let mut out: Vec<(String, u64, f64)> = times.iter().map(|(k, (n, s))| (k.clone(), *n, *s)).collect();
         out.sort_by(|a, b| b.2.total_cmp(&a.2));
         out
+    }
+
+    static PASSES: Mutex<BTreeMap<&'static str, (f64, f64)>> = Mutex::new(BTreeMap::new());
+
+    thread_local! {
+        static PASS: std::cell::Cell<&'static str> = const { std::cell::Cell::new("forward") };
+    }
+
+    /// Runs `f` with the convolutions it runs counted as pass `name` (`input-gradient`, …).
+    pub fn in_pass<R>(name: &'static str, f: impl FnOnce() -> R) -> R {
+        let before = PASS.with(|p| p.replace(name));
+        let out = f();
+        PASS.with(|p| p.set(before));
+        out
+    }
+
+    /// Adds a kernel's floating-point operations (multiply-adds count two, as the layer
+    /// defines them) and seconds to the current pass, or to `pass` when given.
+    pub fn add_pass(pass: Option<&'static str>, flops: f64, secs: f64) {
+        if !ON.load(Ordering::Relaxed) {
+            return;
+        }
+        let name = pass.unwrap_or_else(|| PASS.with(|p| p.get()));
+        let mut passes = PASSES.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = passes.entry(name).or_insert((0.0, 0.0));
+        entry.0 += flops;
+        entry.1 += secs;
+    }
+
+    /// `(pass, flops, seconds)` of the convolutions since profiling was turned on.
+    pub fn pass_report() -> Vec<(&'static str, f64, f64)> {
+        PASSES.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, (f, s))| (*k, *f, *s)).collect()
+    }
+
+    /// Whether profiling is on.
+    pub fn on() -> bool {
+        ON.load(Ordering::Relaxed)
     }
 
     /// Runs `f`, charging its time to `name()` when profiling.
