@@ -672,6 +672,26 @@ pub struct ServeConfig {
     pub max_connections: usize,
     /// Largest request header block; larger ones get 431.
     pub max_header_bytes: usize,
+    /// Time a client has to send a request's whole body, counted from its headers; a body
+    /// still arriving after it is dropped with 408.
+    pub body_read_timeout_ms: u64,
+    /// Slowest upload kept: a body that, after its first 2 s, has arrived at fewer bytes per
+    /// second than this on average is dropped with 408 (0 = no minimum rate).
+    pub min_body_bytes_per_s: u64,
+    /// Time an answer has to reach the client once it is being written; a client that reads
+    /// slower is disconnected (the keep-alive timeout counts only while a connection is idle).
+    pub response_write_timeout_ms: u64,
+    /// Most scans a progressive JPEG may have on any decode path (a scan bomb is refused
+    /// before it is decoded).
+    pub max_jpeg_scans: u32,
+    /// File of bearer tokens, one per line (`#` comments; also `SEGCTL_AUTH_TOKEN_FILE`).
+    /// When set, every route except `/`, `/healthz`, `/readyz`, `/v2/health/live` and
+    /// `/v2/health/ready` needs `Authorization: Bearer <token>` (else 401).
+    pub auth_token_file: Option<PathBuf>,
+    /// Host names (`Host` header, any port) the server answers; `*.example.com` matches its
+    /// subdomains. Empty: only `localhost`, `127.0.0.1` and `[::1]` while listening on a
+    /// loopback address, anything otherwise. Others get 421.
+    pub allowed_hosts: Vec<String>,
     /// After SIGTERM/SIGINT, in-flight requests get this long before the server exits.
     pub shutdown_timeout_ms: u64,
     /// Origins allowed to call the API from a browser (CORS); empty = none (same-origin only).
@@ -705,6 +725,12 @@ impl Default for ServeConfig {
             keep_alive_timeout_ms: 15_000,
             max_connections: 1024,
             max_header_bytes: 16 << 10,
+            body_read_timeout_ms: 20_000,
+            min_body_bytes_per_s: 16 << 10,
+            response_write_timeout_ms: 60_000,
+            max_jpeg_scans: 64,
+            auth_token_file: None,
+            allowed_hosts: Vec::new(),
             shutdown_timeout_ms: 10_000,
             cors_origins: Vec::new(),
             poll_interval_ms: 1000,
@@ -843,6 +869,17 @@ impl Config {
         ensure_key(s.keep_alive_timeout_ms >= 1, "serve.keep_alive_timeout_ms", || "must be at least 1".into())?;
         ensure_key((1..=1_000_000).contains(&s.max_connections), "serve.max_connections", || "must be between 1 and 1000000".into())?;
         ensure_key(s.max_header_bytes >= 1024, "serve.max_header_bytes", || "must be at least 1024".into())?;
+        ensure_key(s.body_read_timeout_ms >= 1, "serve.body_read_timeout_ms", || "must be at least 1".into())?;
+        ensure_key(s.response_write_timeout_ms >= 1, "serve.response_write_timeout_ms", || "must be at least 1".into())?;
+        ensure_key(s.max_jpeg_scans >= 1, "serve.max_jpeg_scans", || "must be at least 1".into())?;
+        for (i, host) in s.allowed_hosts.iter().enumerate() {
+            let name = host.strip_prefix("*.").unwrap_or(host);
+            ensure_key(
+                !name.is_empty() && !name.contains(['/', ':', '*', ' ']) || is_bracketed_ipv6(host),
+                &format!("serve.allowed_hosts[{i}]"),
+                || format!("`{host}` is not a host name: use `example.com`, `*.example.com`, an IP address or `[::1]` (no scheme, no port)"),
+            )?;
+        }
         for (i, origin) in s.cors_origins.iter().enumerate() {
             ensure_key(
                 origin == "*" || ((origin.starts_with("http://") || origin.starts_with("https://")) && !origin.ends_with('/')),
@@ -865,6 +902,10 @@ impl Config {
     pub fn serve_repository(&self) -> PathBuf {
         self.serve.repository.clone().unwrap_or_else(|| self.export.repository.clone())
     }
+}
+
+fn is_bracketed_ipv6(host: &str) -> bool {
+    host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).is_some_and(|h| h.parse::<std::net::Ipv6Addr>().is_ok())
 }
 
 fn ensure_key(ok: bool, key: &str, message: impl FnOnce() -> String) -> Result<()> {

@@ -36,6 +36,8 @@ pub struct PredictOptions {
     pub side_by_side: bool,
     pub batch_size: usize,
     pub max_pixels: u64,
+    /// Most scans of a progressive JPEG (`serve.max_jpeg_scans`).
+    pub max_jpeg_scans: u32,
     /// Decode JPEGs for a local model at a reduced DCT scale (`serve.jpeg_dct_scaling`), as
     /// `serve` does, so both give the same masks.
     pub jpeg_dct_scaling: bool,
@@ -244,7 +246,7 @@ pub fn predict(backend: &Backend, options: &PredictOptions) -> Result<PredictRep
             .par_iter()
             .map(|(path, name)| {
                 let result = read_input(path, options.max_input_bytes)
-                    .and_then(|bytes| Ok((decode_photo(&bytes, model_side, figures, options.max_pixels)?, bytes)));
+                    .and_then(|bytes| Ok((decode_photo(&bytes, model_side, figures, options.max_pixels, options.max_jpeg_scans)?, bytes)));
                 (*path, *name, result)
             })
             .collect();
@@ -390,8 +392,8 @@ struct Decoded {
     full: Option<RgbImage>,
 }
 
-fn decode_photo(bytes: &[u8], model_side: u32, figures: bool, max_pixels: u64) -> Result<Decoded> {
-    let options = DecodeOptions { max_pixels, apply_exif_orientation: true };
+fn decode_photo(bytes: &[u8], model_side: u32, figures: bool, max_pixels: u64, max_jpeg_scans: u32) -> Result<Decoded> {
+    let options = DecodeOptions { max_pixels, apply_exif_orientation: true, max_jpeg_scans };
     let photo = image_io::decode_rgb_for_model(bytes, options, model_side)?;
     let full = match (figures, photo.scale) {
         (false, _) => None,

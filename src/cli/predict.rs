@@ -88,6 +88,7 @@ pub fn exec(args: PredictArgs, global: &GlobalArgs) -> Result<ExitCode> {
         side_by_side: args.side_by_side,
         batch_size: args.batch_size.max(1),
         max_pixels: config.serve.max_pixels,
+        max_jpeg_scans: config.serve.max_jpeg_scans,
         max_input_bytes: config.serve.max_body_bytes as u64,
         jpeg_dct_scaling: config.serve.jpeg_dct_scaling,
         shard,

@@ -79,6 +79,8 @@ pub enum DecodeError {
     TooLarge { width: u32, height: u32, pixels: u64, limit: u64 },
     #[error("corrupt {format} data: {message}")]
     Corrupt { format: FileFormat, message: String },
+    #[error("progressive JPEG with {scans} scans, over the limit of {limit}")]
+    TooManyScans { scans: u32, limit: u32 },
 }
 
 /// Width, height and channel layout read from the header, before any decoding.
@@ -96,9 +98,20 @@ pub fn read_header(bytes: &[u8]) -> Result<HeaderInfo, DecodeError> {
     read_header_scan(bytes).map(|(header, _)| header)
 }
 
-/// [`read_header`], and for a JPEG whether an end-of-image marker follows its first scan
-/// (one walk over the file gives both).
-fn read_header_scan(bytes: &[u8]) -> Result<(HeaderInfo, Option<bool>), DecodeError> {
+/// What the walk over a JPEG's markers found beyond its header.
+#[derive(Debug, Clone, Copy)]
+struct JpegWalk {
+    /// An end-of-image marker follows the scans.
+    complete: bool,
+    /// Start-of-scan markers (a baseline JPEG has one per component group; a progressive
+    /// one, one per refinement).
+    scans: u32,
+}
+
+/// [`read_header`], and for a JPEG whether an end-of-image marker follows its scans and how
+/// many there are (one walk over the file gives all). A GIF's size is the bounding box of its
+/// logical screen and every frame: decoders allocate for frames, whatever the screen says.
+fn read_header_scan(bytes: &[u8]) -> Result<(HeaderInfo, Option<JpegWalk>), DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
@@ -116,21 +129,63 @@ fn read_header_scan(bytes: &[u8]) -> Result<(HeaderInfo, Option<bool>), DecodeEr
             if bytes.len() < 10 {
                 return Err(DecodeError::Truncated(format));
             }
-            let width = u16::from_le_bytes([bytes[6], bytes[7]]) as u32;
-            let height = u16::from_le_bytes([bytes[8], bytes[9]]) as u32;
+            let (width, height) = gif_extent(bytes)?;
             Ok((HeaderInfo { format, width, height, jpeg_components: None }, None))
         }
         FileFormat::Jpeg => {
             let scan = scan_jpeg(bytes);
             match scan.frame {
-                Some((width, height, components)) => {
-                    Ok((HeaderInfo { format, width, height, jpeg_components: Some(components) }, Some(scan.complete)))
-                }
+                Some((width, height, components)) => Ok((
+                    HeaderInfo { format, width, height, jpeg_components: Some(components) },
+                    Some(JpegWalk { complete: scan.complete, scans: scan.scans }),
+                )),
                 None if scan.ran_out => Err(DecodeError::Truncated(format)),
                 None => Err(DecodeError::Corrupt { format, message: "no frame header".into() }),
             }
         }
         FileFormat::Unknown => Err(DecodeError::NotAnImage),
+    }
+}
+
+/// The bounding box of a GIF's logical screen and all its frames (image descriptors), found
+/// by walking its blocks without decoding any.
+fn gif_extent(bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
+    let truncated = || DecodeError::Truncated(FileFormat::Gif);
+    let corrupt = |m: &str| DecodeError::Corrupt { format: FileFormat::Gif, message: m.into() };
+    let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]) as u32;
+    if bytes.len() < 13 {
+        return Err(truncated());
+    }
+    let (mut width, mut height) = (u16_at(6), u16_at(8));
+    let table = |flags: u8| if flags & 0x80 != 0 { 3usize << ((flags & 7) + 1) } else { 0 };
+    let mut i = 13 + table(bytes[10]);
+    // Skips data sub-blocks (length byte, data) up to the zero-length terminator.
+    let skip_blocks = |mut i: usize| -> Result<usize, DecodeError> {
+        loop {
+            let n = *bytes.get(i).ok_or_else(truncated)? as usize;
+            i += 1 + n;
+            if n == 0 {
+                return Ok(i);
+            }
+        }
+    };
+    loop {
+        match bytes.get(i).copied() {
+            // Trailer (or data that simply ends after a frame: decoders accept that too).
+            Some(0x3B) | None => return Ok((width, height)),
+            Some(0x21) => i = skip_blocks(i + 2)?,
+            Some(0x2C) => {
+                if i + 10 > bytes.len() {
+                    return Err(truncated());
+                }
+                let (left, top, w, h) = (u16_at(i + 1), u16_at(i + 3), u16_at(i + 5), u16_at(i + 7));
+                width = width.max(left + w);
+                height = height.max(top + h);
+                // Descriptor, local colour table, LZW code size, then the image data.
+                i = skip_blocks(i + 10 + table(bytes[i + 9]) + 1)?;
+            }
+            Some(_) => return Err(corrupt("unknown block")),
+        }
     }
 }
 
@@ -162,13 +217,15 @@ struct JpegScan {
     complete: bool,
     /// The data ended inside a segment or before EOI.
     ran_out: bool,
+    /// Start-of-scan markers seen.
+    scans: u32,
 }
 
 /// Walks the JPEG marker structure: frame header, scans, and the end-of-image marker. Inside
 /// entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker, so the first
 /// other marker after a scan is a real one; a file that ends before EOI is truncated.
 fn scan_jpeg(bytes: &[u8]) -> JpegScan {
-    let mut scan = JpegScan { frame: None, complete: false, ran_out: false };
+    let mut scan = JpegScan { frame: None, complete: false, ran_out: false, scans: 0 };
     let mut i = 2; // after SOI
     loop {
         // Find the next marker (skipping fill bytes).
@@ -210,6 +267,7 @@ fn scan_jpeg(bytes: &[u8]) -> JpegScan {
         }
         i += length;
         if marker == 0xDA {
+            scan.scans += 1;
             // Entropy-coded data: skip to the next real marker.
             loop {
                 i = find_ff(bytes, i);
@@ -244,24 +302,31 @@ pub struct DecodeOptions {
     /// Rotate/flip by the EXIF orientation tag (photos from users; not dataset images, whose
     /// trimaps were drawn on the stored pixel grid).
     pub apply_exif_orientation: bool,
+    /// Refuse JPEGs with more scans than this (each progressive scan is another pass of
+    /// entropy decoding over the whole image), before decoding them.
+    pub max_jpeg_scans: u32,
 }
+
+/// Scans of the most elaborate progressive JPEGs encoders write (libjpeg's default script
+/// has 10; mozjpeg's, up to about 20).
+pub const DEFAULT_MAX_JPEG_SCANS: u32 = 64;
 
 impl Default for DecodeOptions {
     fn default() -> Self {
-        Self { max_pixels: 100_000_000, apply_exif_orientation: false }
+        Self { max_pixels: 100_000_000, apply_exif_orientation: false, max_jpeg_scans: DEFAULT_MAX_JPEG_SCANS }
     }
 }
 
 /// Decodes JPEG/PNG/GIF bytes to 8-bit RGB, whatever the extension said, refusing truncated
 /// files and oversized images.
 pub fn decode_rgb(bytes: &[u8], options: DecodeOptions) -> Result<Decoded, DecodeError> {
-    let (header, jpeg_complete) = read_header_scan(bytes)?;
-    check_header(&header, jpeg_complete, options)?;
+    let (header, jpeg) = read_header_scan(bytes)?;
+    check_header(&header, jpeg, options)?;
     decode_checked(bytes, &header, options)
 }
 
 /// The bounds every decode checks from the header, before any pixel is decoded.
-fn check_header(header: &HeaderInfo, jpeg_complete: Option<bool>, options: DecodeOptions) -> Result<(), DecodeError> {
+fn check_header(header: &HeaderInfo, jpeg: Option<JpegWalk>, options: DecodeOptions) -> Result<(), DecodeError> {
     let pixels = header.width as u64 * header.height as u64;
     if pixels > options.max_pixels {
         return Err(DecodeError::TooLarge {
@@ -274,8 +339,13 @@ fn check_header(header: &HeaderInfo, jpeg_complete: Option<bool>, options: Decod
     if pixels == 0 {
         return Err(DecodeError::Corrupt { format: header.format, message: "zero-sized image".into() });
     }
-    if jpeg_complete == Some(false) {
-        return Err(DecodeError::Truncated(FileFormat::Jpeg));
+    if let Some(walk) = jpeg {
+        if !walk.complete {
+            return Err(DecodeError::Truncated(FileFormat::Jpeg));
+        }
+        if walk.scans > options.max_jpeg_scans {
+            return Err(DecodeError::TooManyScans { scans: walk.scans, limit: options.max_jpeg_scans });
+        }
     }
     Ok(())
 }
@@ -340,8 +410,8 @@ pub fn dct_scale_for(width: u32, height: u32, model_side: u32) -> u32 {
 /// before decoding); a JPEG the scaling decoder refuses is decoded at full size instead.
 pub fn decode_rgb_for_model(bytes: &[u8], options: DecodeOptions, model_side: u32) -> Result<ModelPhoto, DecodeError> {
     // One walk over the file gives the header and its completeness, for both paths.
-    let (header, jpeg_complete) = read_header_scan(bytes)?;
-    check_header(&header, jpeg_complete, options)?;
+    let (header, jpeg) = read_header_scan(bytes)?;
+    check_header(&header, jpeg, options)?;
     let scale = dct_scale_for(header.width, header.height, model_side.max(1));
     if header.format == FileFormat::Jpeg && matches!(header.jpeg_components, Some(1 | 3)) && scale > 1 {
         if let Ok(Some(photo)) = std::panic::catch_unwind(|| decode_jpeg_scaled(bytes, &header, scale, options)) {
@@ -525,6 +595,67 @@ mod tests {
         assert!(matches!(err, Err(DecodeError::TooLarge { width: 100_000, .. })), "{err:?}");
     }
 
+    /// A GIF whose logical screen is 1×1 and whose one frame is `side`², with a few bytes of
+    /// image data (what a decoder would allocate the frame for).
+    fn gif_frame_bomb(side: u16) -> Vec<u8> {
+        let mut g = b"GIF89a".to_vec();
+        g.extend_from_slice(&[1, 0, 1, 0, 0, 0, 0]);
+        g.push(0x2C);
+        g.extend_from_slice(&[0, 0, 0, 0]);
+        g.extend_from_slice(&side.to_le_bytes());
+        g.extend_from_slice(&side.to_le_bytes());
+        g.push(0x80); // a local colour table of 2 entries
+        g.extend_from_slice(&[0, 0, 0, 255, 255, 255]);
+        g.extend_from_slice(&[2, 2, 0x4C, 0x01, 0, 0x3B]);
+        g
+    }
+
+    /// `jpeg` with its scan repeated until it has `scans` of them (a scan bomb's structure).
+    fn with_scans(jpeg: &[u8], scans: usize) -> Vec<u8> {
+        let sos = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        let eoi = jpeg.len() - 2;
+        let mut out = jpeg[..eoi].to_vec();
+        for _ in 1..scans {
+            out.extend_from_slice(&jpeg[sos..eoi]);
+        }
+        out.extend_from_slice(&jpeg[eoi..]);
+        out
+    }
+
+    #[test]
+    fn every_gif_frame_counts_against_the_pixel_limit() {
+        let bomb = gif_frame_bomb(12_000);
+        assert_eq!((read_header(&bomb).unwrap().width, read_header(&bomb).unwrap().height), (12_000, 12_000));
+        let err = decode_rgb(&bomb, DecodeOptions { max_pixels: 40_000_000, ..Default::default() }).unwrap_err();
+        assert!(matches!(err, DecodeError::TooLarge { width: 12_000, height: 12_000, .. }), "{err:?}");
+        // An ordinary GIF still decodes, at its size.
+        let img = image::RgbaImage::from_pixel(7, 5, image::Rgba([10, 200, 30, 255]));
+        let mut gif = Vec::new();
+        image::codecs::gif::GifEncoder::new(&mut gif).encode(img.as_raw(), 7, 5, image::ExtendedColorType::Rgba8).unwrap();
+        let decoded = decode_rgb(&gif, DecodeOptions::default()).unwrap();
+        assert_eq!(decoded.image.dimensions(), (7, 5));
+        assert_eq!(decoded.image.get_pixel(3, 2).0[1], 200);
+        // Cut inside its frame: truncated, not a crash.
+        assert_eq!(read_header(&gif[..gif.len() - 4]).unwrap_err(), DecodeError::Truncated(FileFormat::Gif));
+    }
+
+    #[test]
+    fn jpeg_scans_are_counted_and_capped_on_both_decode_paths() {
+        let jpg = jpeg_bytes(256, 192);
+        let (_, walk) = read_header_scan(&jpg).unwrap();
+        assert_eq!(walk.unwrap().scans, 1);
+        let bomb = with_scans(&jpg, 65);
+        assert_eq!(read_header_scan(&bomb).unwrap().1.unwrap().scans, 65);
+        let options = DecodeOptions::default();
+        let refused = DecodeError::TooManyScans { scans: 65, limit: DEFAULT_MAX_JPEG_SCANS };
+        assert_eq!(decode_rgb(&bomb, options).unwrap_err(), refused);
+        assert_eq!(decode_rgb_for_model(&bomb, options, 64).unwrap_err(), refused, "the reduced-scale path too");
+        let tight = DecodeOptions { max_jpeg_scans: 0, ..options };
+        assert!(matches!(decode_rgb_for_model(&jpg, tight, 64), Err(DecodeError::TooManyScans { scans: 1, limit: 0 })));
+        let at_cap = decode_rgb_for_model(&with_scans(&jpg, 64), options, 64);
+        assert!(!matches!(at_cap, Err(DecodeError::TooManyScans { .. })), "64 scans pass the cap: {at_cap:?}");
+    }
+
     #[test]
     fn png_in_jpg_decodes_by_content_and_alpha_is_noted() {
         let img = image::RgbaImage::from_pixel(5, 4, image::Rgba([1, 2, 3, 4]));
@@ -583,7 +714,7 @@ mod tests {
 
     #[test]
     fn jpegs_for_a_model_decode_at_a_reduced_scale_with_their_full_size() {
-        let options = DecodeOptions { max_pixels: 10_000_000, apply_exif_orientation: true };
+        let options = DecodeOptions { max_pixels: 10_000_000, apply_exif_orientation: true, ..Default::default() };
         let jpg = smooth_jpeg(500, 333, false);
         let photo = decode_rgb_for_model(&jpg, options, 128).unwrap();
         assert_eq!((photo.width, photo.height, photo.scale), (500, 333, 2));

@@ -116,6 +116,28 @@ impl MemoryBudget {
         total_kib.saturating_sub(self.kib.available_permits() as u64) * 1024
     }
 
+    /// Adds `extra` bytes to `permit` (a body growing as it arrives), waiting until
+    /// `deadline` while other requests hold the budget.
+    pub async fn grow(&self, permit: &mut MemoryPermit, extra: u64, deadline: tokio::time::Instant) -> Result<(), Refused> {
+        let bytes = permit.bytes + extra;
+        if bytes > self.total_bytes {
+            return Err(Refused::OverBudget { bytes, budget: self.total_bytes });
+        }
+        let more = (bytes.div_ceil(1024) - permit.bytes.div_ceil(1024)) as u32;
+        if more > 0 {
+            let p = match tokio::time::timeout_at(deadline, self.kib.clone().acquire_many_owned(more)).await {
+                Ok(Ok(p)) => p,
+                _ => return Err(Refused::Busy),
+            };
+            match &mut permit._permit {
+                Some(held) => held.merge(p),
+                none => *none = Some(p),
+            }
+        }
+        permit.bytes = bytes;
+        Ok(())
+    }
+
     /// Reserves `bytes`, waiting until `deadline` while other requests hold the budget.
     pub async fn reserve(&self, bytes: u64, deadline: tokio::time::Instant) -> Result<MemoryPermit, Refused> {
         if bytes > self.total_bytes {
@@ -189,5 +211,21 @@ mod tests {
         drop(a);
         assert_eq!(budget.in_flight_bytes(), 0);
         assert!(budget.reserve(6 << 20, soon()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_permit_grows_in_steps_within_the_budget() {
+        let budget = MemoryBudget::new(4 << 20);
+        let soon = || tokio::time::Instant::now() + Duration::from_millis(100);
+        let mut permit = budget.reserve(0, soon()).await.unwrap();
+        for _ in 0..3 {
+            budget.grow(&mut permit, 1000 << 10, soon()).await.unwrap();
+        }
+        assert_eq!((permit.bytes, budget.in_flight_bytes()), (3000 << 10, 3000 << 10));
+        let other = budget.reserve(1 << 20, soon()).await;
+        assert_eq!(other.err(), Some(Refused::Busy), "the grown permit holds its bytes");
+        assert_eq!(budget.grow(&mut permit, 2 << 20, soon()).await.err(), Some(Refused::OverBudget { bytes: 5096 << 10, budget: 4 << 20 }));
+        drop(permit);
+        assert_eq!(budget.in_flight_bytes(), 0);
     }
 }

@@ -18,6 +18,17 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// No or no valid bearer token while `serve.auth_token_file` is set; the payload is
+    /// the `WWW-Authenticate` challenge's error code, if any.
+    #[error("{message}")]
+    Unauthorized { message: String, invalid_token: bool },
+    /// A `Host` the server does not answer for (`serve.allowed_hosts`).
+    #[error("{0}")]
+    MisdirectedRequest(String),
+    /// The body did not arrive in time (`serve.body_read_timeout_ms`,
+    /// `serve.min_body_bytes_per_s`); the connection is closed after the answer.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// A browser request from a web origin the server does not allow.
     #[error("{0}")]
     Forbidden(String),
@@ -49,6 +60,9 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            ApiError::MisdirectedRequest(_) => StatusCode::MISDIRECTED_REQUEST,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -70,8 +84,20 @@ impl IntoResponse for ApiError {
             other => other.to_string(),
         };
         let mut response = (status, axum::Json(serde_json::json!({ "error": message }))).into_response();
-        if matches!(self, ApiError::Overloaded(_)) {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        let headers = response.headers_mut();
+        match self {
+            ApiError::Overloaded(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+            }
+            ApiError::Unauthorized { invalid_token, .. } => {
+                let challenge = if invalid_token { r#"Bearer realm="segctl", error="invalid_token""# } else { r#"Bearer realm="segctl""# };
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(challenge));
+            }
+            // The rest of the body is not read: the connection cannot be reused.
+            ApiError::RequestTimeout(_) => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         response
     }
@@ -92,6 +118,7 @@ impl From<crate::data::image_io::DecodeError> for ApiError {
         use crate::data::image_io::DecodeError;
         match e {
             DecodeError::TooLarge { .. } => ApiError::TooLarge(format!("{e} (serve.max_pixels)")),
+            DecodeError::TooManyScans { .. } => ApiError::TooLarge(format!("{e} (serve.max_jpeg_scans)")),
             DecodeError::Empty => ApiError::BadRequest("empty body: send a JPEG or PNG image".into()),
             other => ApiError::BadRequest(format!("not a usable image: {other}")),
         }

@@ -77,6 +77,34 @@ impl Timing {
     }
 }
 
+/// Set when the request's future is dropped (its deadline passed, or its client left): the
+/// blocking stages it started stop at their next boundary instead of finishing unseen.
+struct Abandon(Arc<std::sync::atomic::AtomicBool>);
+
+impl Abandon {
+    fn new() -> Self {
+        Self(Arc::new(std::sync::atomic::AtomicBool::new(false)))
+    }
+
+    /// A check for the blocking stages: `Err` once the request is abandoned.
+    fn watch(&self) -> impl Fn() -> Result<(), ApiError> + Send + 'static {
+        let flag = self.0.clone();
+        move || {
+            if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                Err(ApiError::Timeout("the request was abandoned (deadline passed or client gone)".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Runs CPU work off the async runtime, holding one token of the CPU budget.
 async fn blocking<T: Send + 'static>(state: &AppState, f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
     let cpu = state.cpu.clone();
@@ -127,10 +155,14 @@ fn refused(r: Refused, what: &str) -> ApiError {
     }
 }
 
-/// Reads the request body within `serve.max_body_bytes`, holding its bytes of the memory
-/// budget (the declared length, or the whole limit when none is declared).
+/// Reads the request body within `serve.max_body_bytes`, reserving memory-budget bytes as
+/// they arrive (never for a length a header declares), and dropping an upload that stalls:
+/// the whole body must arrive within `serve.body_read_timeout_ms`, and after its first 2 s at
+/// `serve.min_body_bytes_per_s` on average.
 async fn read_body(state: &AppState, headers: &HeaderMap, body: Body, deadline: tokio::time::Instant) -> Result<(Bytes, MemoryPermit), ApiError> {
-    let limit = state.limits.max_body_bytes;
+    use http_body_util::BodyExt;
+    let limits = state.limits;
+    let limit = limits.max_body_bytes;
     let too_large = || ApiError::TooLarge(format!("request body is over the limit of {limit} bytes (serve.max_body_bytes)"));
     let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if let Some(n) = declared.filter(|n| *n > limit as u64) {
@@ -138,19 +170,61 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body, deadline: 
         discard_up_to(body, n.min(MAX_DISCARD_BYTES) as usize).await;
         return Err(too_large());
     }
-    let permit = state.memory.reserve(declared.unwrap_or(limit as u64), deadline).await.map_err(|r| refused(r, "the request body"))?;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(s) = source {
-            if s.is::<http_body_util::LengthLimitError>() {
-                return too_large();
+    let started = tokio::time::Instant::now();
+    let read_by = (started + limits.body_read_timeout).min(deadline);
+    let mut permit = state.memory.reserve(0, deadline).await.map_err(|r| refused(r, "the request body"))?;
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut body = body;
+    loop {
+        // The next frame is due when the average rate would fall below the minimum.
+        let due = match limits.min_body_bytes_per_s {
+            0 => read_by,
+            rate => (started + MIN_RATE_GRACE + Duration::from_secs_f64(buffer.len() as f64 / rate as f64)).min(read_by),
+        };
+        let frame = match tokio::time::timeout_at(due, body.frame()).await {
+            Ok(None) => break,
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) => return Err(ApiError::BadRequest(format!("cannot read the request body: {e}"))),
+            Err(_) if due >= deadline => {
+                return Err(ApiError::Timeout(format!("request took longer than {} ms (serve.request_timeout_ms)", limits.request_timeout.as_millis())));
             }
-            source = s.source();
+            Err(_) if due >= read_by => {
+                return Err(ApiError::RequestTimeout(format!(
+                    "the request body did not arrive within {} ms ({} of {} bytes; serve.body_read_timeout_ms)",
+                    limits.body_read_timeout.as_millis(),
+                    buffer.len(),
+                    declared.map_or("?".to_string(), |n| n.to_string())
+                )));
+            }
+            Err(_) => {
+                return Err(ApiError::RequestTimeout(format!(
+                    "the request body arrives too slowly ({} bytes in {:.1} s, under serve.min_body_bytes_per_s = {})",
+                    buffer.len(),
+                    started.elapsed().as_secs_f64(),
+                    limits.min_body_bytes_per_s
+                )));
+            }
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        let len = buffer.len() + data.len();
+        if len > limit {
+            return Err(too_large());
         }
-        ApiError::BadRequest(format!("cannot read the request body: {e}"))
-    })?;
-    Ok((bytes, permit))
+        if len > buffer.capacity() {
+            // The buffer grows geometrically (toward the declared length, never past the
+            // limit), and its new capacity is reserved before it is allocated.
+            let want = declared.map_or(usize::MAX, |n| n as usize).max(len);
+            let capacity = len.max(buffer.capacity().saturating_mul(2)).max(64 << 10).min(want).min(limit);
+            state.memory.grow(&mut permit, (capacity - buffer.capacity()) as u64, deadline).await.map_err(|r| refused(r, "the request body"))?;
+            buffer.reserve_exact(capacity - buffer.len());
+        }
+        buffer.extend_from_slice(&data);
+    }
+    Ok((Bytes::from(buffer), permit))
 }
+
+/// A body's first seconds are not held to `serve.min_body_bytes_per_s` (a slow start).
+const MIN_RATE_GRACE: Duration = Duration::from_secs(2);
 
 /// Most bytes of an over-long body read off before its 413 (as Nginx's lingering close).
 const MAX_DISCARD_BYTES: u64 = 16 << 20;
@@ -427,16 +501,20 @@ async fn run(
     let overlay = matches!(answer, Answer::Png(PngKind::Overlay));
     // `serve.jpeg_dct_scaling: false` decodes every photo at full size.
     let model_side = if limits.jpeg_dct_scaling { spec.input_size as u32 } else { u32::MAX };
+    let max_jpeg_scans = limits.max_jpeg_scans;
+    let abandon = Abandon::new();
+    let alive = abandon.watch();
     let (images, inputs, decode, resize) = blocking(state, move || {
         let (mut images, mut inputs) = (Vec::with_capacity(sources.len()), Vec::with_capacity(sources.len()));
         let (mut decode, mut resize) = (Duration::ZERO, Duration::ZERO);
         for source in sources {
+            alive()?;
             let t = Instant::now();
             // The model input comes from a JPEG decoded at a reduced DCT scale; the photo
             // itself is decoded at full size only for an overlay.
             let (model_pixels, photo) = match source {
                 Source::Encoded { bytes, what, .. } => {
-                    let options = DecodeOptions { max_pixels, apply_exif_orientation: true };
+                    let options = DecodeOptions { max_pixels, apply_exif_orientation: true, max_jpeg_scans };
                     let decoded = image_io::decode_rgb_for_model(&bytes, options, model_side).map_err(|e| prefix(ApiError::from(e), &what))?;
                     let full = match (overlay, decoded.scale) {
                         (false, _) => None,
@@ -492,7 +570,9 @@ async fn run(
 
     let predictor = served.predictor.clone();
     let who = Answerer { name: served.name.clone(), version: served.version, classes: spec.class_names.clone() };
+    let alive = abandon.watch();
     let (encoded, timing) = blocking(state, move || {
+        alive()?;
         let mut timing = timing;
         let t = Instant::now();
         let masks: Vec<GrayImage> = images.iter().zip(&logits).map(|(p, l)| predictor.mask_from_logits_seq(l, p.width, p.height)).collect();
@@ -506,6 +586,7 @@ async fn run(
         drop(logits);
         let t2 = Instant::now();
         timing.postprocess += t2 - t;
+        alive()?;
         let encoded = encode_answer(answer, &who, &images, &masks, &probabilities, &timing)?;
         timing.encode += t2.elapsed();
         Ok((encoded, timing))

@@ -44,6 +44,12 @@ pub struct Limits {
     pub request_timeout: Duration,
     pub max_json_response_bytes: u64,
     pub max_body_bytes: usize,
+    /// A body must have arrived this long after its headers (`serve.body_read_timeout_ms`).
+    pub body_read_timeout: Duration,
+    /// Slowest average upload rate kept after its first 2 s (`serve.min_body_bytes_per_s`; 0 = none).
+    pub min_body_bytes_per_s: u64,
+    /// Most scans of a progressive JPEG (`serve.max_jpeg_scans`).
+    pub max_jpeg_scans: u32,
     /// Decode JPEGs for the model at a reduced DCT scale (`serve.jpeg_dct_scaling`).
     pub jpeg_dct_scaling: bool,
 }
@@ -107,6 +113,9 @@ impl AppState {
                 request_timeout: Duration::from_millis(c.request_timeout_ms),
                 max_json_response_bytes: c.max_json_response_bytes,
                 max_body_bytes: c.max_body_bytes,
+                body_read_timeout: Duration::from_millis(c.body_read_timeout_ms),
+                min_body_bytes_per_s: c.min_body_bytes_per_s,
+                max_jpeg_scans: c.max_jpeg_scans,
                 jpeg_dct_scaling: c.jpeg_dct_scaling,
             },
             cpu,
