@@ -23,8 +23,9 @@ const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "gif"];
 /// Where masks come from.
 pub enum Backend<'a> {
     Local(&'a Predictor),
-    /// A running server: base URL and model name (none = the server's default model).
-    Server { url: String, model: Option<String>, timeout: Duration },
+    /// A running server: base URL, model name (none = the server's default model), and the
+    /// bearer token it asks for, if any.
+    Server { url: String, model: Option<String>, timeout: Duration, token: Option<String> },
 }
 
 /// What to write.
@@ -269,9 +270,10 @@ pub fn predict(backend: &Backend, options: &PredictOptions) -> Result<PredictRep
                     Err(e) => ok.iter().map(|_| Err(anyhow::anyhow!("{e:#}"))).collect(),
                 }
             }
-            Backend::Server { url, model, timeout } => {
-                ok.iter().map(|(_, _, d, bytes)| segment_remote(url, model.as_deref(), *timeout, bytes, (d.width, d.height))).collect()
-            }
+            Backend::Server { url, model, timeout, token } => ok
+                .iter()
+                .map(|(_, _, d, bytes)| segment_remote(url, model.as_deref(), *timeout, token.as_deref(), bytes, (d.width, d.height)))
+                .collect(),
         };
         let written: Vec<Result<PredictedImage>> = ok
             .par_iter()
@@ -438,15 +440,20 @@ fn write_outputs(input: &Path, name: &str, photo: &Decoded, mask: &GrayImage, op
 
 /// Sends the original file bytes to `<url>/v1/models/<name>:segment` and reads back the
 /// class-id mask PNG (the server applies EXIF orientation too, so sizes agree).
-fn segment_remote(url: &str, model: Option<&str>, timeout: Duration, bytes: &[u8], size: (u32, u32)) -> Result<GrayImage> {
+fn segment_remote(url: &str, model: Option<&str>, timeout: Duration, token: Option<&str>, bytes: &[u8], size: (u32, u32)) -> Result<GrayImage> {
     let base = url.trim_end_matches('/');
     let agent = ureq::AgentBuilder::new().timeout(timeout).build();
+    let authorization = token.map(|t| format!("Bearer {t}"));
     let name = match model {
         Some(m) => m.to_string(),
-        None => default_remote_model(&agent, base)?,
+        None => default_remote_model(&agent, base, authorization.as_deref())?,
     };
     let endpoint = format!("{base}/v1/models/{name}:segment");
-    let response = match agent.post(&endpoint).set("Content-Type", "application/octet-stream").set("Accept", "image/png").send_bytes(bytes) {
+    let mut request = agent.post(&endpoint).set("Content-Type", "application/octet-stream").set("Accept", "image/png");
+    if let Some(a) = &authorization {
+        request = request.set("Authorization", a);
+    }
+    let response = match request.send_bytes(bytes) {
         Ok(r) => r,
         Err(ureq::Error::Status(code, r)) => {
             let body = r.into_string().unwrap_or_default();
@@ -469,10 +476,13 @@ fn segment_remote(url: &str, model: Option<&str>, timeout: Duration, bytes: &[u8
     Ok(mask)
 }
 
-fn default_remote_model(agent: &ureq::Agent, base: &str) -> Result<String> {
+fn default_remote_model(agent: &ureq::Agent, base: &str, authorization: Option<&str>) -> Result<String> {
     let url = format!("{base}/v1/models");
-    let list: serde_json::Value = agent
-        .get(&url)
+    let mut request = agent.get(&url);
+    if let Some(a) = authorization {
+        request = request.set("Authorization", a);
+    }
+    let list: serde_json::Value = request
         .call()
         .with_context(|| format!("cannot reach `{url}`"))?
         .into_json()

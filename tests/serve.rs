@@ -553,7 +553,7 @@ fn closed_by_server(s: &mut std::net::TcpStream) -> bool {
 fn slow_header_clients_are_dropped_and_sigterm_ends_within_its_bound() {
     let dir = tempfile::tempdir().unwrap();
     let (config, _, repo) = trained_model(dir.path(), 16);
-    let mut server = Server::start(&config, &repo, &["serve.header_read_timeout_ms=1000", "serve.keep_alive_timeout_ms=1500", "serve.shutdown_timeout_ms=2000"]);
+    let mut server = Server::start(&config, &repo, &["serve.header_read_timeout_ms=1000", "serve.keep_alive_timeout_ms=1500", "serve.shutdown_timeout_ms=2000", "serve.min_body_bytes_per_s=0"]);
     let addr = server.url.trim_start_matches("http://").to_string();
     let (photo, _) = a_photo(dir.path());
     let mut slow = half_header_clients(&addr, 100);
@@ -699,4 +699,208 @@ fn listed_origins_get_cors_and_an_unreadable_repository_unloads_nothing() {
     let status = body_json(request("GET", &server.url("/v1/models/pets"), None, None, None).1);
     assert_eq!(status["model_version_status"][0]["state"], "AVAILABLE", "{status}");
     assert!(!server.log.lock().unwrap().contains("unloaded"), "{}", server.log.lock().unwrap());
+}
+
+/// Sends raw bytes on a new connection and reads the answer until the server closes it or
+/// `limit` passes: (status, the whole answer as text).
+fn raw_exchange(addr: &str, bytes: &[u8], limit: Duration) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(&mut s, bytes).unwrap();
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+/// A GIF whose screen is 1×1 and whose one frame is `side`² (what decoders allocate for).
+fn gif_frame_bomb(side: u16) -> Vec<u8> {
+    let mut g = b"GIF89a".to_vec();
+    g.extend_from_slice(&[1, 0, 1, 0, 0, 0, 0, 0x2C, 0, 0, 0, 0]);
+    g.extend_from_slice(&side.to_le_bytes());
+    g.extend_from_slice(&side.to_le_bytes());
+    g.extend_from_slice(&[0x80, 0, 0, 0, 255, 255, 255, 2, 2, 0x4C, 0x01, 0, 0x3B]);
+    g
+}
+
+/// `jpeg` with its scan repeated until it has `scans` of them.
+fn with_scans(jpeg: &[u8], scans: usize) -> Vec<u8> {
+    let sos = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+    let eoi = jpeg.len() - 2;
+    let mut out = jpeg[..eoi].to_vec();
+    for _ in 1..scans {
+        out.extend_from_slice(&jpeg[sos..eoi]);
+    }
+    out.extend_from_slice(&jpeg[eoi..]);
+    out
+}
+
+#[test]
+fn stalled_uploads_and_image_bombs_do_not_stall_or_bloat_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, repo) = trained_model(dir.path(), 16);
+    let server = Server::start(&config, &repo, &[]);
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let (photo, (w, h)) = a_photo(dir.path());
+    assert_eq!(&photo[..2], &[0xFF, 0xD8], "the fixture photos are JPEGs");
+
+    // 24 uploads that declare a 32 MiB JPEG (768 MiB in all, three times the memory budget),
+    // send 4 KiB and stall.
+    let head = format!("POST /v1/models/pets:segment HTTP/1.1\r\nHost: {addr}\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n", 32 << 20);
+    let mut stalled: Vec<std::net::TcpStream> = (0..24)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(&addr).unwrap();
+            std::io::Write::write_all(&mut s, head.as_bytes()).unwrap();
+            std::io::Write::write_all(&mut s, &photo[..4096.min(photo.len())]).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let (status, r) = request("POST", &server.url("/v1/models/pets:segment"), Some("image/jpeg"), None, Some(&photo));
+    let waited = started.elapsed();
+    assert_eq!(status, 200);
+    assert_eq!(image::load_from_memory(&body_bytes(r)).unwrap().width(), w);
+    assert!(waited < Duration::from_secs(3), "a normal request behind 24 stalled uploads took {waited:?}");
+    // Under serve.min_body_bytes_per_s after its first 2 s: each stalled upload gets a 408.
+    let mut timed_out = 0;
+    for s in &mut stalled {
+        s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        if text.starts_with("HTTP/1.1 408") && text.contains("serve.min_body_bytes_per_s") {
+            timed_out += 1;
+        }
+    }
+    assert_eq!(timed_out, 24, "stalled uploads not answered 408");
+
+    // A GIF with a 1×1 screen and a 12000² frame: refused from its structure, before decoding.
+    let started = Instant::now();
+    let (status, r) = request("POST", &server.url("/v1/models/pets:segment"), Some("image/gif"), None, Some(&gif_frame_bomb(12_000)));
+    assert_eq!(status, 413);
+    assert!(body_json(r)["error"].as_str().unwrap().contains("serve.max_pixels"));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // A JPEG with hundreds of scans (within serve.max_body_bytes): refused before any is
+    // decoded, on the reduced-scale path too.
+    let scans = (8_000_000 / photo.len()).clamp(100, 2000);
+    let bomb = with_scans(&photo, scans);
+    let started = Instant::now();
+    for query in ["", "?format=overlay"] {
+        let (status, r) = request("POST", &server.url(&format!("/v1/models/pets:segment{query}")), Some("image/jpeg"), None, Some(&bomb));
+        assert_eq!(status, 413, "{query}");
+        assert!(body_json(r)["error"].as_str().unwrap().contains("serve.max_jpeg_scans"));
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "the scan bomb took {:?}", started.elapsed());
+    // The predict command refuses it too.
+    let bomb_path = dir.path().join("bomb.jpg");
+    std::fs::write(&bomb_path, &bomb).unwrap();
+    let out = run(segctl().args(["predict", "--config"]).arg(&config).arg("--model").arg(repo.join("pets")).arg(&bomb_path).arg("--out").arg(dir.path().join("p")));
+    assert!(stderr(&out).contains("scans"), "{}", stderr(&out));
+
+    let peak = peak_rss(server.child.id());
+    assert!(peak < 400 << 20, "peak RSS {} MB", peak >> 20);
+    let (status, r) = request("POST", &server.url("/v1/models/pets:segment"), Some("image/jpeg"), None, Some(&photo));
+    assert_eq!(status, 200, "still serving");
+    assert_eq!(image::load_from_memory(&body_bytes(r)).unwrap().height(), h);
+}
+
+#[test]
+fn tokens_guard_every_route_but_the_probes_and_hosts_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, repo) = trained_model(dir.path(), 16);
+    let tokens = dir.path().join("tokens");
+    let token = "serve-token-0123456789abcdef";
+    std::fs::write(&tokens, format!("# segctl tokens\n{token}\nsecond-token-zyxwvutsrq\n")).unwrap();
+    let server = Server::start(&config, &repo, &[&format!("serve.auth_token_file={}", tokens.display())]);
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let (photo, (w, h)) = a_photo(dir.path());
+    assert!(!server.log.lock().unwrap().contains(token), "a token in the log");
+
+    for path in ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/"] {
+        assert_eq!(request("GET", &server.url(path), None, None, None).0, 200, "{path} is open");
+    }
+    let pixels = serde_json::json!({ "image": [[[1, 2, 3]]] }).to_string();
+    let v2 = serde_json::json!({ "inputs": [{ "name": "image", "shape": [1, 1, 3], "datatype": "UINT8", "data": [1, 2, 3] }] }).to_string();
+    let guarded: Vec<(&str, &str, Option<&str>, Option<&[u8]>)> = vec![
+        ("GET", "/metrics", None, None),
+        ("GET", "/v1/models", None, None),
+        ("GET", "/v1/models/pets", None, None),
+        ("GET", "/v1/models/pets/metadata", None, None),
+        ("POST", "/v1/models/pets:segment", Some("image/jpeg"), Some(&photo)),
+        ("POST", "/v1/models/pets:predict", Some("application/json"), Some(b"{\"instances\": []}")),
+        ("POST", "/infer", Some("application/json"), Some(pixels.as_bytes())),
+        ("GET", "/v2", None, None),
+        ("GET", "/v2/models/pets", None, None),
+        ("POST", "/v2/models/pets/infer", Some("application/json"), Some(v2.as_bytes())),
+        ("GET", "/nowhere", None, None),
+    ];
+    let send = |method: &str, path: &str, ct: Option<&str>, body: Option<&[u8]>, auth: Option<&str>| {
+        let mut req = ureq::request(method, &server.url(path)).timeout(Duration::from_secs(60));
+        if let Some(ct) = ct {
+            req = req.set("Content-Type", ct);
+        }
+        if let Some(a) = auth {
+            req = req.set("Authorization", a);
+        }
+        let result = match body {
+            Some(b) => req.send_bytes(b),
+            None => req.call(),
+        };
+        match result {
+            Ok(r) => (r.status(), r),
+            Err(ureq::Error::Status(code, r)) => (code, r),
+            Err(e) => panic!("{method} {path}: {e}"),
+        }
+    };
+    for (method, path, ct, body) in &guarded {
+        let (status, r) = send(method, path, *ct, *body, None);
+        assert_eq!(status, 401, "{method} {path} without a token");
+        assert_eq!(r.header("www-authenticate"), Some("Bearer realm=\"segctl\""));
+        assert!(body_json(r)["error"].as_str().unwrap().contains("bearer token"));
+        let (status, r) = send(method, path, *ct, *body, Some("Bearer serve-token-0123456789abcdeF"));
+        assert_eq!(status, 401, "{method} {path} with a wrong token");
+        assert!(r.header("www-authenticate").unwrap().contains("invalid_token"));
+        let (status, _) = send(method, path, *ct, *body, Some("Basic c2VydmU6dG9rZW4="));
+        assert_eq!(status, 401, "{method} {path} with another scheme");
+        let (status, r) = send(method, path, *ct, *body, Some(&format!("Bearer {token}")));
+        assert_ne!(status, 401, "{method} {path} with the token");
+        if *path == "/v1/models/pets:segment" {
+            assert_eq!(status, 200);
+            let mask = image::load_from_memory(&body_bytes(r)).unwrap();
+            assert_eq!((mask.width(), mask.height()), (w, h));
+        }
+    }
+    let (status, _) = send("GET", "/v1/models", None, None, Some("bearer second-token-zyxwvutsrq"));
+    assert_eq!(status, 200, "every token in the file, scheme in any case");
+
+    // predict --server sends the token from --token-file; without it the server refuses.
+    let photos = dir.path().join("one");
+    std::fs::create_dir_all(&photos).unwrap();
+    std::fs::write(photos.join("a.jpg"), &photo).unwrap();
+    let out = run(segctl().args(["predict", "--server", &server.url, "--token-file"]).arg(&tokens).arg(&photos).arg("--out").arg(dir.path().join("with")));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mask = image::open(dir.path().join("with/a_mask.png")).unwrap();
+    assert_eq!((mask.width(), mask.height()), (w, h));
+    let out = run(segctl().args(["predict", "--server", &server.url]).arg(&photos).arg("--out").arg(dir.path().join("without")));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("401"), "{}", stderr(&out));
+
+    // Host names: on a loopback address only the loopback names are answered (DNS rebinding).
+    let port = addr.rsplit(':').next().unwrap();
+    for (host, code) in [("evil.example", 421), (&format!("evil.example:{port}") as &str, 421), ("localhost", 200), (&format!("127.0.0.1:{port}"), 200), ("[::1]", 200)] {
+        let (status, text) = raw_exchange(&addr, format!("GET /healthz HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(), Duration::from_secs(5));
+        assert_eq!(status, code, "Host {host}: {text}");
+        if code == 421 {
+            assert!(text.contains("application/json") && text.contains("serve.allowed_hosts"), "{text}");
+        }
+    }
+    // A foreign name with a valid token and a matching Origin is still refused.
+    let (status, _) = raw_exchange(
+        &addr,
+        format!("GET /v1/models HTTP/1.1\r\nHost: rebound.example:{port}\r\nOrigin: http://rebound.example:{port}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").as_bytes(),
+        Duration::from_secs(5),
+    );
+    assert_eq!(status, 421);
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use segctl::infer::Predictor;
 use segctl::model_store::default_version;
@@ -33,6 +33,10 @@ pub struct PredictArgs {
     /// Send the photos to a running `segctl serve` at URL instead of running a model here.
     #[arg(long, value_name = "URL")]
     server: Option<String>,
+    /// With --server: a file whose first token line is sent as `Authorization: Bearer` (the
+    /// format of `serve.auth_token_file`).
+    #[arg(long, value_name = "FILE", requires = "server")]
+    token_file: Option<PathBuf>,
     /// With --server: the model name (default: the server's default model).
     #[arg(long, value_name = "NAME", requires = "server")]
     name: Option<String>,
@@ -100,6 +104,7 @@ pub fn exec(args: PredictArgs, global: &GlobalArgs) -> Result<ExitCode> {
             url,
             model: args.name,
             timeout: Duration::from_millis(config.serve.request_timeout_ms.saturating_add(5_000)),
+            token: args.token_file.as_deref().map(first_token).transpose()?,
         },
         (Some(path), None, None) | (None, Some(path), None) => {
             let device = segctl::model::select_device(config.serve.device)?;
@@ -144,4 +149,15 @@ pub fn exec(args: PredictArgs, global: &GlobalArgs) -> Result<ExitCode> {
         }
     }
     Ok(if report.failures.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(EXIT_REJECTED) })
+}
+
+/// The first token of a token file (blank lines and `#` comments skipped); errors name the
+/// file, never its content.
+fn first_token(path: &std::path::Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the token file `{}` (--token-file)", path.display()))?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .with_context(|| format!("token file `{}` holds no token (--token-file)", path.display()))
 }

@@ -252,6 +252,11 @@ async fn discard_up_to(body: Body, budget: usize) {
     .await;
 }
 
+/// [`discard`], for middleware answering before a handler runs.
+pub(super) async fn discard_early(body: Body) {
+    discard(body).await
+}
+
 /// `result`, draining `body` first when it is an error.
 async fn or_discard<T>(result: Result<T, ApiError>, body: Body) -> Result<(T, Body), ApiError> {
     match result {

@@ -4,6 +4,7 @@
 //! (content types, origins, opt-in CORS), request ids and a structured access log, Prometheus
 //! metrics, batching per model version on a shared CPU budget, and hot reload of versions.
 
+pub mod access;
 pub mod budget;
 mod connection;
 pub mod error;
@@ -63,6 +64,9 @@ pub struct AppState {
     pub cpu: Arc<CpuBudget>,
     pub memory: Arc<MemoryBudget>,
     cors_origins: Arc<Vec<String>>,
+    /// Bearer tokens (`serve.auth_token_file`); none = no authentication.
+    tokens: Option<Arc<access::Tokens>>,
+    hosts: Arc<access::HostRule>,
     max_header_bytes: usize,
     request_ids: Arc<AtomicU64>,
 }
@@ -83,7 +87,7 @@ pub fn cpu_threads(config: &ServeConfig) -> usize {
 impl AppState {
     /// State over `repository`: scans it once (loading starts in the background) and keeps
     /// watching it.
-    pub fn new(options: &ServeOptions) -> Self {
+    pub fn new(options: &ServeOptions, tokens: Option<access::Tokens>) -> Self {
         let c = &options.config;
         let metrics = Arc::new(Metrics::default());
         let cpu = CpuBudget::new(cpu_threads(c));
@@ -121,6 +125,8 @@ impl AppState {
             cpu,
             memory: Arc::new(MemoryBudget::new(c.memory_budget_bytes)),
             cors_origins: Arc::new(c.cors_origins.clone()),
+            tokens: tokens.map(Arc::new),
+            hosts: Arc::new(access::HostRule::new(&c.allowed_hosts, &c.host)),
             max_header_bytes: c.max_header_bytes,
             request_ids: Arc::new(AtomicU64::new(1)),
         }
@@ -148,9 +154,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/models/{*rest}", any(handlers::v2::models))
         .fallback(handlers::not_found)
         .layer(middleware::from_fn_with_state(state.clone(), deadline))
+        // Inside the browser guard: CORS preflights (which carry no credentials) are answered
+        // before the token is asked for.
+        .layer(middleware::from_fn_with_state(state.clone(), auth_guard))
         // Bodies are read by the handlers within the memory budget (`handlers::read_body`).
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn_with_state(state.clone(), browser_guard))
+        .layer(middleware::from_fn_with_state(state.clone(), host_guard))
         .layer(middleware::from_fn_with_state(state.clone(), header_limit))
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(state.clone(), access_log))
@@ -182,6 +192,36 @@ async fn header_limit(State(state): State<AppState>, request: Request, next: Nex
     next.run(request).await
 }
 
+/// 421 (as JSON) for a `Host` the server does not answer for (`serve.allowed_hosts`).
+async fn host_guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let host = request.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string).or_else(|| request.uri().authority().map(|a| a.to_string()));
+    if !state.hosts.allows(host.as_deref()) {
+        let shown: String = host.as_deref().unwrap_or("(none)").chars().take(100).collect();
+        let (_, body) = request.into_parts();
+        handlers::discard_early(body).await;
+        return ApiError::MisdirectedRequest(format!("this server does not answer for the host `{shown}` (serve.allowed_hosts)")).into_response();
+    }
+    next.run(request).await
+}
+
+/// 401 (as JSON, with a `WWW-Authenticate: Bearer` challenge) without a valid bearer token,
+/// while `serve.auth_token_file` is set; the probes and the page are open.
+async fn auth_guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(tokens) = &state.tokens else { return next.run(request).await };
+    if access::is_open_route(request.uri().path()) {
+        return next.run(request).await;
+    }
+    let presented = request.headers().get(header::AUTHORIZATION).map(|v| v.to_str().ok().and_then(access::bearer));
+    let error = match presented {
+        Some(Some(token)) if tokens.accepts(token) => return next.run(request).await,
+        None => ApiError::Unauthorized { message: "this server needs a bearer token: send `Authorization: Bearer <token>`".into(), invalid_token: false },
+        Some(_) => ApiError::Unauthorized { message: "the bearer token is not valid".into(), invalid_token: true },
+    };
+    let (_, body) = request.into_parts();
+    handlers::discard_early(body).await;
+    error.into_response()
+}
+
 /// Whether `origin` (`scheme://host[:port]`) names the server itself, as the `Host` header
 /// the browser sent.
 fn same_origin(origin: &str, host: Option<&str>) -> bool {
@@ -210,7 +250,7 @@ async fn browser_guard(State(state): State<AppState>, request: Request, next: Ne
         let mut r = StatusCode::NO_CONTENT.into_response();
         let h = r.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, OPTIONS"));
-        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("content-type, accept, x-request-id"));
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("authorization, content-type, accept, x-request-id"));
         h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
         r
     } else {
@@ -374,6 +414,14 @@ pub fn serve(options: &ServeOptions, on_listening: impl FnOnce(SocketAddr, Vec<r
         None => options,
     };
     let c = &options.config;
+    let tokens = match access::Tokens::configured(c.auth_token_file.as_deref()) {
+        Some(file) => {
+            let tokens = access::Tokens::load(&file)?;
+            log::info!("bearer tokens required ({} from `{}`)", tokens.len(), file.display());
+            Some(tokens)
+        }
+        None => None,
+    };
     let cores = cpu_threads(c);
     // The runtime only moves bytes; CPU work runs on the blocking pool, bounded to the CPU
     // budget (stages take a token there), and on the model threads.
@@ -390,7 +438,7 @@ pub fn serve(options: &ServeOptions, on_listening: impl FnOnce(SocketAddr, Vec<r
             .await
             .with_context(|| format!("cannot listen on {address} (serve.host / serve.port): is another server using it?"))?;
         let local = listener.local_addr()?;
-        let state = AppState::new(options);
+        let state = AppState::new(options, tokens);
         let app = router(state.clone());
         on_listening(local, state.registry.list());
         let settings = connection::Settings {
