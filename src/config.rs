@@ -33,8 +33,9 @@ pub struct Config {
 
 /// `storage`: the object stores behind `s3://`, `gs://` and `az://` paths. Credentials and
 /// endpoints come from the providers' environment variables first (`AWS_ACCESS_KEY_ID`,
-/// `AWS_ENDPOINT_URL`, `GOOGLE_APPLICATION_CREDENTIALS`, …).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// `AWS_ENDPOINT_URL`, `GOOGLE_APPLICATION_CREDENTIALS`, …). Its `Debug` shows the option
+/// names, never their values.
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// Local cache of downloaded objects (keyed by ETag) and staging of uploads; none =
@@ -49,6 +50,19 @@ pub struct StorageConfig {
     pub retries: usize,
     /// Largest object read or downloaded (checked from the listing and while streaming).
     pub max_object_bytes: u64,
+}
+
+impl std::fmt::Debug for StorageConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let options: std::collections::BTreeMap<&str, &str> = self.options.keys().map(|k| (k.as_str(), REDACTED)).collect();
+        f.debug_struct("StorageConfig")
+            .field("cache_dir", &self.cache_dir)
+            .field("options", &options)
+            .field("timeout_s", &self.timeout_s)
+            .field("retries", &self.retries)
+            .field("max_object_bytes", &self.max_object_bytes)
+            .finish()
+    }
 }
 
 impl Default for StorageConfig {
@@ -756,16 +770,58 @@ pub fn load(path: Option<&Path>, overrides: &[(String, String)]) -> Result<Confi
         None => (serde_yaml::Value::Mapping(Default::default()), "built-in config".to_string()),
     };
     for (key, raw) in overrides {
+        // A credential given on the command line is never echoed back.
+        let shown = if holds_secrets(key) { REDACTED } else { raw.as_str() };
         let value: serde_yaml::Value = serde_yaml::from_str(raw)
-            .with_context(|| format!("override `{key}={raw}`: value is not valid YAML"))?;
-        set_dotted(&mut tree, key, value).with_context(|| format!("override `{key}={raw}`"))?;
+            .with_context(|| format!("override `{key}={shown}`: value is not valid YAML"))?;
+        set_dotted(&mut tree, key, value).with_context(|| format!("override `{key}={shown}`"))?;
     }
     let config: Config = serde_path_to_error::deserialize(tree).map_err(|err| {
         let key = err.path().to_string();
+        if holds_secrets(&key) {
+            // serde's message may quote the value.
+            return anyhow::anyhow!("{origin}: key `{key}`: expected a string (a map of option names to strings)");
+        }
         anyhow::anyhow!("{origin}: key `{key}`: {}", err.inner())
     })?;
     config.validate().map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
     Ok(config)
+}
+
+/// What a credential is written as, in every file, log line and message.
+pub const REDACTED: &str = "<redacted>";
+
+/// Whether a key's name says it holds a credential: one of its words (split at `_`, `-`, `.`)
+/// is `secret`, `token`, `password`, `passwd`, `credential(s)` or `key`, unless it ends in `id`
+/// (`aws_access_key_id` names an account, not a secret), or in `file`/`path`/`dir`/`url`/
+/// `endpoint` (where a secret lives, not the secret).
+pub fn is_secret_key(name: &str) -> bool {
+    let words: Vec<String> = name.split(['_', '-', '.']).filter(|w| !w.is_empty()).map(str::to_ascii_lowercase).collect();
+    let Some(last) = words.last() else { return false };
+    if matches!(last.as_str(), "id" | "file" | "path" | "dir" | "url" | "endpoint") {
+        return false;
+    }
+    words.iter().any(|w| matches!(w.as_str(), "secret" | "token" | "password" | "passwd" | "credential" | "credentials" | "key"))
+}
+
+/// Whether the value at dotted `key` may hold credentials: anything under `storage.options`,
+/// or a key whose name says so.
+fn holds_secrets(key: &str) -> bool {
+    key == "storage" || key.starts_with("storage.options") || key.rsplit('.').next().is_some_and(is_secret_key)
+}
+
+impl Config {
+    /// This config as it may be written down: every value of `storage.options` (credentials,
+    /// and endpoints that may embed them) becomes [`REDACTED`]. Run folders, checkpoints and
+    /// the digests of configs are made from it; a resumed run takes its credentials from the
+    /// config and environment it is started with.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        for value in c.storage.options.values_mut() {
+            *value = REDACTED.to_string();
+        }
+        c
+    }
 }
 
 /// Sets `a.b.c` in a YAML mapping tree, creating intermediate mappings.
@@ -1060,6 +1116,51 @@ mod tests {
         let ov: Vec<(String, String)> =
             overrides.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         load(Some(&path), &ov)
+    }
+
+    #[test]
+    fn secret_key_names_are_recognised() {
+        for secret in ["aws_secret_access_key", "aws_session_token", "azure_storage_account_key", "google_service_account_key", "password", "db-passwd", "api.key", "client_secret"] {
+            assert!(is_secret_key(secret), "{secret}");
+        }
+        for plain in ["aws_access_key_id", "aws_region", "aws_endpoint_url", "auth_token_file", "keep_alive_timeout_ms", "max_header_bytes", "monkey", "google_application_credentials_path"] {
+            assert!(!is_secret_key(plain), "{plain}");
+        }
+    }
+
+    #[test]
+    fn credentials_are_redacted_in_what_is_written_and_in_messages() {
+        let c = load_str("", &[("storage.options", "{aws_secret_access_key: hunter2-SECRET, aws_region: eu-west-1}")]).unwrap();
+        assert_eq!(c.storage.options["aws_secret_access_key"], "hunter2-SECRET", "the live config keeps it");
+        let written = serde_yaml::to_string(&c.redacted()).unwrap();
+        assert!(!written.contains("hunter2") && !written.contains("eu-west-1"), "{written}");
+        assert!(written.contains("aws_secret_access_key: <redacted>"), "{written}");
+        assert!(!format!("{c:?}").contains("hunter2"), "Debug shows no secret");
+        // Messages about a bad value never quote it.
+        for (key, value) in [("storage.options", "{aws_secret_access_key: [hunter2-SECRET]}"), ("storage.options.aws_secret_access_key", "[hunter2-SECRET"), ("storage.options", "{aws_secret_access_key: {a: hunter2-SECRET}}")] {
+            let e = format!("{:#}", load_str("", &[(key, value)]).unwrap_err());
+            assert!(!e.contains("hunter2"), "{e}");
+            assert!(e.contains(key.split('.').next().unwrap()), "{e}");
+        }
+        // Every other key of the config is free of credentials by its name; a new key whose
+        // name says secret must be redacted too (extend `Config::redacted`) before this passes.
+        fn walk(v: &serde_yaml::Value, path: &str, found: &mut Vec<String>) {
+            if let serde_yaml::Value::Mapping(m) = v {
+                for (k, v) in m {
+                    let k = k.as_str().unwrap_or_default();
+                    let p = if path.is_empty() { k.to_string() } else { format!("{path}.{k}") };
+                    if p != "storage.options" {
+                        if is_secret_key(k) {
+                            found.push(p.clone());
+                        }
+                        walk(v, &p, found);
+                    }
+                }
+            }
+        }
+        let mut found = Vec::new();
+        walk(&serde_yaml::to_value(Config::default()).unwrap(), "", &mut found);
+        assert!(found.is_empty(), "keys named like secrets outside storage.options: {found:?}");
     }
 
     #[test]

@@ -368,12 +368,14 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
     let data = Data::open(config, &spec)?;
     let (learner, mut progress) = build_learner(config, &spec, device, &start_point, &run)?;
 
-    let config_digest = crate::util::sha256_hex(serde_yaml::to_string(config)?.as_bytes());
+    // What the run writes down (config.yaml, checkpoints, digests) never holds credentials.
+    let written_config = config.redacted();
+    let config_digest = crate::util::sha256_hex(serde_yaml::to_string(&written_config)?.as_bytes());
     let dataset_digest = pipeline::dataset_digest(&data.train_set, spec.input_size as u32)?;
     let checkpointer = Checkpointer::new(
         run.clone(),
         spec.clone(),
-        config.clone(),
+        written_config,
         config_digest,
         dataset_digest,
         Box::new(KeepLastAndBest::from(&t.checkpoint)),
@@ -452,7 +454,7 @@ fn build_learner(config: &Config, spec: &ModelSpec, device: &Device, start: &Sta
             state.assign(trained, &format!("checkpoint `{}`: ", c.path.display()))?;
             optimizer = AdamW::new(state.trainable_vars(), t.optimizer.clone())?;
             optimizer.load_state(&c.optimizer, c.meta.progress.step)?;
-            let current = crate::util::sha256_hex(serde_yaml::to_string(config)?.as_bytes());
+            let current = crate::util::sha256_hex(serde_yaml::to_string(&config.redacted())?.as_bytes());
             if current != c.meta.config_digest {
                 log::warn!("the config differs from the one this run started with; continuing with the new values");
             }
@@ -473,7 +475,7 @@ fn build_learner(config: &Config, spec: &ModelSpec, device: &Device, start: &Sta
                 }
             }
             optimizer = AdamW::new(state.trainable_vars(), t.optimizer.clone())?;
-            crate::util::fs::write_atomic(&run.config(), serde_yaml::to_string(config)?.as_bytes())?;
+            crate::util::fs::write_atomic(&run.config(), serde_yaml::to_string(&config.redacted())?.as_bytes())?;
             TrainingProgress {
                 epochs_completed: 0,
                 step: 0,
