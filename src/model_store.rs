@@ -114,10 +114,81 @@ pub fn verify_weights(weights: &Path, manifest: &ModelManifest) -> Result<()> {
     Ok(())
 }
 
-/// Loads an exported version folder.
+/// Largest safetensors header read (names, dtypes, shapes and offsets; ours are a few KB).
+const MAX_WEIGHTS_HEADER_BYTES: u64 = 16 << 20;
+
+/// Checks a weights file against the network `spec` describes from the file's header alone:
+/// the same tensor names, each with the spec's shape and f32 data, and a file exactly as long
+/// as that data. Nothing of the network or the weights is allocated before it passes.
+pub fn check_weights_header(weights: &Path, spec: &ModelSpec) -> Result<()> {
+    use std::io::Read;
+    let shown = weights.display();
+    let mut file = std::fs::File::open(weights).with_context(|| format!("cannot open `{shown}`"))?;
+    let file_len = file.metadata().with_context(|| format!("cannot read `{shown}`"))?.len();
+    let mut prefix = [0u8; 8];
+    file.read_exact(&mut prefix).with_context(|| format!("`{shown}` is not a safetensors file (shorter than its header)"))?;
+    let header_len = u64::from_le_bytes(prefix);
+    if header_len > MAX_WEIGHTS_HEADER_BYTES || header_len > file_len - 8 {
+        bail!("`{shown}` declares a {header_len}-byte header in a {file_len}-byte file: not a safetensors file");
+    }
+    let mut buffer = prefix.to_vec();
+    buffer.resize(8 + header_len as usize, 0);
+    file.read_exact(&mut buffer[8..]).with_context(|| format!("cannot read the header of `{shown}`"))?;
+    /// One entry of a safetensors header.
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        dtype: String,
+        shape: Vec<usize>,
+        data_offsets: [u64; 2],
+    }
+    let mut header: std::collections::BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&buffer[8..]).with_context(|| format!("`{shown}` has no valid safetensors header"))?;
+    header.remove("__metadata__");
+    let expected = crate::model::variable_shapes(spec)?;
+    let mut data_bytes: u64 = 0;
+    let mut spans = Vec::with_capacity(expected.len());
+    for (name, shape) in &expected {
+        let value = header.remove(name).with_context(|| format!("`{shown}` has no tensor `{name}`, which {MANIFEST_FILE}'s model needs"))?;
+        let entry: Entry = serde_json::from_value(value).with_context(|| format!("`{shown}`: tensor `{name}` has an invalid header entry"))?;
+        if entry.shape != *shape {
+            bail!("`{shown}`: tensor `{name}` is {:?}, the model in {MANIFEST_FILE} needs {shape:?}", entry.shape);
+        }
+        if entry.dtype != "F32" {
+            bail!("`{shown}`: tensor `{name}` is {}, not F32", entry.dtype);
+        }
+        let bytes = shape.iter().try_fold(4u64, |n, &d| n.checked_mul(d as u64));
+        let bytes = bytes.with_context(|| format!("the model in {MANIFEST_FILE} is too large to exist"))?;
+        data_bytes = data_bytes.checked_add(bytes).with_context(|| format!("the model in {MANIFEST_FILE} is too large to exist"))?;
+        let [from, to] = entry.data_offsets;
+        if to.checked_sub(from) != Some(bytes) {
+            bail!("`{shown}`: tensor `{name}` spans bytes {from}..{to}, not the {bytes} its shape needs");
+        }
+        spans.push((from, to));
+    }
+    if let Some(name) = header.keys().next() {
+        bail!("`{shown}` holds a tensor `{name}` the model in {MANIFEST_FILE} does not have ({} unexpected)", header.len());
+    }
+    // The tensors tile the data exactly: no overlaps, no gaps, nothing after them.
+    spans.sort_unstable();
+    let mut at = 0;
+    for (from, to) in spans {
+        if from != at {
+            bail!("`{shown}`: its tensors do not tile the data (a gap or an overlap at byte {at})");
+        }
+        at = to;
+    }
+    if 8 + header_len + data_bytes != file_len {
+        bail!("`{shown}` is {file_len} bytes, but its tensors and header make {}", 8 + header_len + data_bytes);
+    }
+    Ok(())
+}
+
+/// Loads an exported version folder: the manifest, then the weights' header against its
+/// spec and their digest against its `weights_sha256`, and only then any tensor.
 pub fn load_exported(version_dir: &Path, device: &Device) -> Result<LoadedModel> {
     let manifest = read_manifest(version_dir)?;
     let weights = version_dir.join(WEIGHTS_FILE);
+    check_weights_header(&weights, &manifest.model)?;
     verify_weights(&weights, &manifest)?;
     let tensors = candle_core::safetensors::load(&weights, device)
         .with_context(|| format!("failed to read `{}`", weights.display()))?;

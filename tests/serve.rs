@@ -904,3 +904,42 @@ fn tokens_guard_every_route_but_the_probes_and_hosts_are_checked() {
     );
     assert_eq!(status, 421);
 }
+
+#[test]
+fn a_model_bomb_is_refused_from_the_weights_header_and_the_old_version_serves_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, repo) = trained_model(dir.path(), 16);
+    let server = Server::start(&config, &repo, &[]);
+    let (photo, _) = a_photo(dir.path());
+    // Version 2: version 1's weights (its digest matches) under a 1 KB model.yaml asking for a
+    // network of about 1.5 GB.
+    let (v1, v2) = (repo.join("pets/1"), repo.join("pets/2"));
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    for entry in std::fs::read_dir(&v1).unwrap().flatten() {
+        std::fs::copy(entry.path(), staging.join(entry.file_name())).unwrap();
+    }
+    let mut manifest: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(staging.join("model.yaml")).unwrap()).unwrap();
+    manifest["version"] = 2.into();
+    manifest["model"]["unet"] = serde_yaml::from_str("{depth: 4, base_width: 32, widths: [2048, 2048, 2048, 2048, 2048]}").unwrap();
+    let text = serde_yaml::to_string(&manifest).unwrap();
+    assert!(text.len() < 2048);
+    std::fs::write(staging.join("model.yaml"), text).unwrap();
+    std::fs::rename(&staging, &v2).unwrap();
+    let started = Instant::now();
+    let error = loop {
+        let status = body_json(request("GET", &server.url("/v1/models/pets"), None, None, None).1);
+        let v2 = status["model_version_status"].as_array().unwrap().iter().find(|v| v["version"] == "2").cloned();
+        if let Some(v) = v2.filter(|v| v["state"] == "END") {
+            break v["status"]["error_message"].as_str().unwrap_or_default().to_string();
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "version 2 not refused: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(error.contains("needs") && error.contains("model.yaml"), "{error}");
+    let peak = peak_rss(server.child.id());
+    assert!(peak < 400 << 20, "peak RSS {} MB: the network was allocated", peak >> 20);
+    let (status, r) = request("POST", &server.url("/v1/models/pets:segment"), Some("image/jpeg"), None, Some(&photo));
+    assert_eq!(status, 200);
+    assert_eq!(r.header("x-model-version"), Some("1"), "the old version serves on");
+}

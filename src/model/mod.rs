@@ -176,6 +176,33 @@ impl ModuleT for SegModel {
     }
 }
 
+/// The name and shape of every variable `spec`'s network has, found without allocating any:
+/// the network is built over zero-stride views of one scalar. What a weights file is checked
+/// against before a byte of it is read into tensors (a small `model.yaml` can ask for a huge
+/// network).
+pub fn variable_shapes(spec: &ModelSpec) -> Result<std::collections::BTreeMap<String, Vec<usize>>> {
+    spec.check().context("invalid model spec")?;
+    struct Recorder<'a>(&'a std::sync::Mutex<std::collections::BTreeMap<String, Vec<usize>>>);
+    impl candle_nn::var_builder::SimpleBackend for Recorder<'_> {
+        fn get(&self, s: candle_core::Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), s.dims().to_vec());
+            Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+        }
+        fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+            candle_core::bail!("variable `{name}` without a shape")
+        }
+        fn contains_tensor(&self, _: &str) -> bool {
+            false
+        }
+    }
+    let shapes = std::sync::Mutex::new(std::collections::BTreeMap::new());
+    {
+        let vb = VarBuilder::from_backend(Box::new(Recorder(&shapes)), DType::F32, Device::Cpu);
+        SegModel::new(spec, vb).context("failed to build the model")?;
+    }
+    Ok(shapes.into_inner().unwrap_or_else(|e| e.into_inner()))
+}
+
 /// A network with its variables, ready to train or to run.
 pub struct ModelState {
     pub spec: ModelSpec,

@@ -162,3 +162,23 @@ fn mobilenetv2_taps_match_timm() {
         assert!(diff <= 1e-3, "{name}: max abs difference {diff}");
     }
 }
+
+#[test]
+fn variable_shapes_are_the_networks_without_allocating_it() {
+    let mut mnv2 = Config::default();
+    mnv2.model.arch = Arch::Mobilenetv2Unet;
+    mnv2.data.image_size = 64;
+    for spec in [tiny_unet_spec(), ModelSpec::from_config(&mnv2)] {
+        let state = ModelState::new(&spec, &Device::Cpu, 1).unwrap();
+        let real: std::collections::BTreeMap<String, Vec<usize>> = state.named_tensors().into_iter().map(|(k, t)| (k, t.dims().to_vec())).collect();
+        assert_eq!(variable_shapes(&spec).unwrap(), real, "{}", spec.describe());
+    }
+    // A network of several GB is described in an instant (nothing of it is allocated).
+    let mut big = Config::default();
+    big.model.unet.widths = Some(vec![2048; 5]);
+    let spec = ModelSpec::from_config(&big);
+    let started = std::time::Instant::now();
+    let floats: usize = variable_shapes(&spec).unwrap().values().map(|s| s.iter().product::<usize>()).sum();
+    assert!(floats * 4 > 1 << 30, "{floats} floats");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+}

@@ -337,7 +337,9 @@ fn load_version(registry: Weak<Registry>, name: String, version: u64, path: Path
     let Some(reg) = registry.upgrade() else { return };
     let started = Instant::now();
     let mtime = manifest_mtime(&path);
-    let result = (|| -> anyhow::Result<Arc<ServedVersion>> {
+    // A panic in the loader (third-party code over untrusted files) ends the version with the
+    // reason instead of leaving it LOADING.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> anyhow::Result<Arc<ServedVersion>> {
         let loaded = model_store::load_exported(&path, &reg.device)?;
         let manifest = loaded.manifest.clone().ok_or_else(|| anyhow::anyhow!("no manifest"))?;
         if manifest.name != name || manifest.version != version {
@@ -358,7 +360,11 @@ fn load_version(registry: Weak<Registry>, name: String, version: u64, path: Path
         let served = Arc::new(ServedVersion { name: name.clone(), version, predictor, worker, manifest, prepared, prepared_slots });
         warm_up(&served)?;
         Ok(served)
-    })();
+    }))
+    .unwrap_or_else(|panic| {
+        let why = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("no message");
+        Err(anyhow::anyhow!("the loader panicked: {why}"))
+    });
     match result {
         Ok(served) => {
             log::info!(
