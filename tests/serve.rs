@@ -943,3 +943,84 @@ fn a_model_bomb_is_refused_from_the_weights_header_and_the_old_version_serves_on
     assert_eq!(status, 200);
     assert_eq!(r.header("x-model-version"), Some("1"), "the old version serves on");
 }
+
+#[test]
+fn probes_pass_a_full_server_and_a_slow_reader_gets_its_whole_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, repo) = trained_model(dir.path(), 16);
+    let sets = [
+        "serve.max_connections=4",
+        "serve.keep_alive_timeout_ms=1000",
+        "serve.response_write_timeout_ms=8000",
+        "serve.max_json_response_bytes=67108864",
+    ];
+    let server = Server::start(&config, &repo, &sets);
+    let addr = server.url.trim_start_matches("http://").to_string();
+
+    // Every connection taken by clients that send nothing: the probes are still answered,
+    // anything else gets a quick 503.
+    let idle: Vec<std::net::TcpStream> = (0..4).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    let saturated = Instant::now();
+    loop {
+        let (status, text) = raw_exchange(&addr, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n", Duration::from_secs(5));
+        if status == 503 {
+            assert!(text.contains("serve.max_connections") && text.contains("application/json"), "{text}");
+            break;
+        }
+        assert!(saturated.elapsed() < Duration::from_secs(10), "never at the connection limit: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for path in ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"] {
+        let started = Instant::now();
+        let (status, text) = raw_exchange(&addr, format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes(), Duration::from_secs(5));
+        assert_eq!(status, 200, "{path} at the connection limit: {text}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{path} took {:?} (the connection must close after one request): {text}", started.elapsed());
+    }
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(request("GET", &server.url("/v1/models"), None, None, None).0, 200, "slots are freed");
+
+    // A 4000×4000 photo answered as a JSON mask of about 32 MB, read slowly for longer than
+    // the keep-alive timeout: it arrives whole.
+    let photo = png_bytes(&image::RgbImage::from_fn(4000, 4000, |x, y| image::Rgb([(x / 16) as u8, (y / 16) as u8, 128])));
+    let head = format!(
+        "POST /v1/models/pets:segment?format=json HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        photo.len()
+    );
+    let send = || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        std::io::Write::write_all(&mut s, head.as_bytes()).unwrap();
+        std::io::Write::write_all(&mut s, &photo).unwrap();
+        s
+    };
+    let mut slow = send();
+    slow.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut answer = Vec::new();
+    let mut chunk = vec![0u8; 256 << 10];
+    let started = Instant::now();
+    loop {
+        match slow.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("slow reader cut after {} bytes: {e}", answer.len()),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let text = String::from_utf8(answer).unwrap();
+    let (headers, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(headers.starts_with("HTTP/1.1 200"), "{headers}");
+    assert!(body.len() > 30 << 20 && started.elapsed() > Duration::from_millis(1500), "{} bytes in {:?}", body.len(), started.elapsed());
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("answer cut ({e}): {} bytes", body.len()));
+    assert_eq!(v["mask"].as_array().unwrap().len(), 4000);
+    assert_eq!(v["mask"][3999].as_array().unwrap().len(), 4000);
+
+    // A reader that stops altogether is cut by serve.response_write_timeout_ms.
+    let mut stuck = send();
+    std::thread::sleep(Duration::from_secs(11));
+    stuck.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let _ = stuck.read_to_end(&mut got);
+    assert!(got.len() < 30 << 20, "a stuck reader still got {} bytes", got.len());
+    let metrics = server.metrics();
+    assert!(metrics.contains("segctl_connections_closed_total{reason=\"write_timeout\"} 1"), "{metrics}");
+}

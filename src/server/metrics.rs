@@ -89,7 +89,7 @@ impl Metrics {
         self.with(|m| m.dropped_jobs += n as u64);
     }
 
-    /// A connection the server closed, by reason (`header_timeout`, `idle_timeout`).
+    /// A connection the server closed, by reason (`header_timeout`, `idle_timeout`, `write_timeout`).
     pub fn connection_closed(&self, reason: &'static str) {
         self.with(|m| *m.connections_closed.entry(reason).or_default() += 1);
     }
@@ -147,7 +147,7 @@ impl Metrics {
             out.push_str("# HELP segctl_dropped_jobs_total Queued images dropped before their model call (client gone or deadline passed).\n# TYPE segctl_dropped_jobs_total counter\n");
             let _ = writeln!(out, "segctl_dropped_jobs_total {}", m.dropped_jobs);
             out.push_str("# HELP segctl_connections_closed_total Connections the server closed, by reason.\n# TYPE segctl_connections_closed_total counter\n");
-            for reason in ["header_timeout", "idle_timeout"] {
+            for reason in ["header_timeout", "idle_timeout", "write_timeout"] {
                 let _ = writeln!(out, "segctl_connections_closed_total{{reason=\"{reason}\"}} {}", m.connections_closed.get(reason).copied().unwrap_or(0));
             }
             let loaded = m.versions.values().filter(|s| **s == "AVAILABLE").count();

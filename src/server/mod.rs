@@ -170,6 +170,27 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// What a connection beyond `serve.max_connections` is answered with: the probes, so that an
+/// orchestrator still sees a saturated server as alive (and ready while models are), and a
+/// 503 for everything else. Such a connection carries one request.
+pub fn probe_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", only(get(handlers::healthz), "GET"))
+        .route("/readyz", only(get(handlers::readyz), "GET"))
+        .route("/v2/health/live", only(get(handlers::v2::live), "GET"))
+        .route("/v2/health/ready", only(get(handlers::v2::ready), "GET"))
+        .fallback(|| async {
+            ApiError::Overloaded("the server is at its connection limit (serve.max_connections); retry shortly".into())
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), host_guard))
+        .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn_with_state(state.clone(), access_log))
+        .with_state(state)
+}
+
+/// Connections beyond `serve.max_connections` accepted for the probes.
+const PROBE_CONNECTIONS: usize = 64;
+
 /// Answers 504 when a request takes longer than `serve.request_timeout_ms`.
 async fn deadline(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let limit = state.limits.request_timeout;
@@ -444,17 +465,30 @@ pub fn serve(options: &ServeOptions, on_listening: impl FnOnce(SocketAddr, Vec<r
         let settings = connection::Settings {
             header_read_timeout: Duration::from_millis(c.header_read_timeout_ms),
             keep_alive_timeout: Duration::from_millis(c.keep_alive_timeout_ms),
+            response_write_timeout: Duration::from_millis(c.response_write_timeout_ms),
             max_header_bytes: c.max_header_bytes,
+            single_request: false,
         };
+        // Beyond the cap, a few connections more for the probes alone, with short timeouts.
+        let probe_settings = connection::Settings {
+            header_read_timeout: settings.header_read_timeout.min(Duration::from_secs(2)),
+            single_request: true,
+            ..settings
+        };
+        let probe_app = probe_router(state.clone());
         let slots = Arc::new(tokio::sync::Semaphore::new(c.max_connections));
+        let probe_slots = Arc::new(tokio::sync::Semaphore::new(PROBE_CONNECTIONS));
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let signal = shutdown_signal();
         tokio::pin!(signal);
         loop {
-            // A slot first: over `serve.max_connections`, new clients wait in the backlog.
-            let slot = tokio::select! {
+            // A slot first: over `serve.max_connections` (and the probes' reserve), new
+            // clients wait in the backlog.
+            let (slot, probe_only) = tokio::select! {
+                biased;
                 _ = &mut signal => break,
-                slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                slot = slots.clone().acquire_owned() => (slot.expect("the semaphore is never closed"), false),
+                slot = probe_slots.clone().acquire_owned() => (slot.expect("the semaphore is never closed"), true),
             };
             let (stream, peer) = tokio::select! {
                 _ = &mut signal => break,
@@ -468,7 +502,13 @@ pub fn serve(options: &ServeOptions, on_listening: impl FnOnce(SocketAddr, Vec<r
                     }
                 },
             };
-            let (app, metrics, stop) = (app.clone(), state.metrics.clone(), stop_rx.clone());
+            // A regular slot freed while this one was waiting for a client: use it instead.
+            let (slot, probe_only) = match probe_only.then(|| slots.clone().try_acquire_owned().ok()).flatten() {
+                Some(regular) => (regular, false),
+                None => (slot, probe_only),
+            };
+            let (app, metrics, stop) = (if probe_only { probe_app.clone() } else { app.clone() }, state.metrics.clone(), stop_rx.clone());
+            let settings = if probe_only { probe_settings } else { settings };
             tokio::spawn(async move {
                 connection::serve(stream, peer, app, settings, metrics, stop).await;
                 drop(slot);
