@@ -209,3 +209,62 @@ fn a_short_training_learns_the_synthetic_task() {
     let val: Vec<f64> = log.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("val_mean_iou")?.as_f64()).collect();
     assert!(val.len() >= 2 && val[0] + 0.2 < *val.last().unwrap(), "validation mIoU by epoch: {val:?}");
 }
+
+#[test]
+fn trainings_started_in_one_second_get_their_own_folders_and_resume_locks_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("pets");
+    synthetic_dataset(&root, 16, 4);
+    let config = tiny_config(dir.path(), &root, 1);
+    // Three trainings named by the same second's timestamp.
+    let children: Vec<std::process::Child> = (0..3)
+        .map(|_| {
+            segctl()
+                .env("RAYON_NUM_THREADS", "1")
+                .args(["train", "--json", "--config"])
+                .arg(&config)
+                .args(["--set", "train.run_name=null"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut folders = std::collections::BTreeSet::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        folders.insert(json(&out)["run_dir"].as_str().unwrap().to_string());
+    }
+    assert_eq!(folders.len(), 3, "runs shared a folder: {folders:?}");
+    for f in &folders {
+        let run = Path::new(f);
+        assert!(run.join("checkpoints/best.safetensors").is_file() && run.join("summary.json").is_file(), "{f}");
+        let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(summary["run_dir"].as_str(), Some(f.as_str()), "each run wrote its own summary");
+    }
+
+    // A training in progress holds its run: `--resume` of it is refused while it runs.
+    let mut long = segctl()
+        .args(["train", "--config"])
+        .arg(&config)
+        .args(["--set", "train.run_name=held", "--set", "train.epochs=400"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let held = dir.path().join("runs/held");
+    let started = Instant::now();
+    while !held.join("checkpoints/epoch-0001.safetensors").is_file() {
+        assert!(started.elapsed() < Duration::from_secs(60), "the long run wrote no checkpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = run(segctl().args(["train", "--config"]).arg(&config).args(["--set", "train.run_name=held", "--set", "train.epochs=500", "--resume"]).arg(&held));
+    let _ = long.kill();
+    let _ = long.wait();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("in use by another training"), "{}", stderr(&out));
+    // Once it has ended (killed here), the run resumes.
+    let out = run(segctl().args(["train", "--json", "--config"]).arg(&config).args(["--set", "train.run_name=held", "--set", "train.epochs=2", "--resume"]).arg(&held));
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -120,6 +120,13 @@ impl EpochTotals {
 /// The run folder a new run writes to.
 fn new_run_dir(config: &Config) -> Result<RunLayout> {
     let name = run_name(config);
+    if config.train.run_name.is_none() {
+        // A timestamp names the run: claimed by exclusive creation (runs started in the same
+        // second get `-2`, `-3`, …).
+        let run = RunLayout::new(crate::util::fs::create_unique_dir(&config.train.output_dir, &name)?);
+        crate::util::fs::create_dir_all(&run.checkpoints_dir())?;
+        return Ok(run);
+    }
     let run = RunLayout::new(config.train.output_dir.join(name));
     if run.checkpoints_dir().exists() {
         bail!(
@@ -175,6 +182,8 @@ struct RunPlace {
     sync: Option<storage::DirSync>,
     /// What the user sees as the run folder (the URL for a bucket).
     shown: PathBuf,
+    /// This process's lock on the run folder (or its local mirror), held for the whole run.
+    _lock: Option<crate::util::fs::DirLock>,
 }
 
 impl RunPlace {
@@ -182,7 +191,8 @@ impl RunPlace {
     fn create(config: &Config) -> Result<Self> {
         let Some(remote) = storage::remote(&config.train.output_dir)? else {
             let run = new_run_dir(config)?;
-            return Ok(Self { shown: run.root.clone(), run, sync: None });
+            let lock = Some(crate::util::fs::DirLock::acquire(&run.root, "training")?);
+            return Ok(Self { shown: run.root.clone(), run, sync: None, _lock: lock });
         };
         let name = run_name(config);
         let remote = remote.child(&name);
@@ -193,15 +203,26 @@ impl RunPlace {
                 remote.url()
             );
         }
-        // The local mirror is ours: whatever an earlier run of that name left there goes.
+        // The local mirror is ours once locked: whatever an earlier run of that name left
+        // there goes (not the lock another training on this machine may hold).
         let local = remote.cache_dir();
-        if local.exists() {
-            std::fs::remove_dir_all(&local).with_context(|| format!("failed to clear `{}`", local.display()))?;
+        crate::util::fs::create_dir_all(&local)?;
+        let lock = crate::util::fs::DirLock::acquire(&local, "training")?;
+        for entry in std::fs::read_dir(&local).with_context(|| format!("failed to read `{}`", local.display()))?.flatten() {
+            if entry.file_name() == crate::util::fs::LOCK_FILE {
+                continue;
+            }
+            let path = entry.path();
+            let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            removed.with_context(|| format!("failed to clear `{}`", path.display()))?;
         }
         let run = RunLayout::new(&local);
         crate::util::fs::create_dir_all(&run.checkpoints_dir())?;
         log::info!("run folder `{}` (written locally in `{}` and uploaded after every epoch)", remote.url(), local.display());
-        Ok(Self { shown: PathBuf::from(remote.url()), run, sync: Some(storage::DirSync::new(local, remote)) })
+        let shown = PathBuf::from(remote.url());
+        let mut sync = storage::DirSync::new(local, remote);
+        sync.skip_top_level_prefix = Some(".segctl");
+        Ok(Self { shown, run, sync: Some(sync), _lock: Some(lock) })
     }
 
     /// `--resume URL`: the run (or the run of the checkpoint) mirrored down; the local path to
@@ -216,13 +237,15 @@ impl RunPlace {
             _ => (remote, None),
         };
         let local = storage::localize(Path::new(run_remote.url()))?;
+        let lock = Some(crate::util::fs::DirLock::acquire(&local, "training")?);
         let mut sync = storage::DirSync::new(local.clone(), run_remote.clone());
+        sync.skip_top_level_prefix = Some(".segctl");
         sync.assume_pushed()?;
         let target = match file {
             Some(f) => local.join("checkpoints").join(f),
             None => local.clone(),
         };
-        Ok((target, Self { shown: PathBuf::from(run_remote.url()), run: RunLayout::new(&local), sync: Some(sync) }))
+        Ok((target, Self { shown: PathBuf::from(run_remote.url()), run: RunLayout::new(&local), sync: Some(sync), _lock: lock }))
     }
 
     /// Uploads what changed (`summary.json` last).
@@ -355,7 +378,8 @@ pub fn train(options: &TrainOptions) -> Result<TrainReport> {
             let run = RunLayout::new(checkpoint::run_of(&c.path).with_context(|| {
                 format!("`{}` is not inside a run folder (<run>/checkpoints/)", c.path.display())
             })?);
-            RunPlace { shown: run.root.clone(), run, sync: None }
+            let lock = Some(crate::util::fs::DirLock::acquire(&run.root, "training")?);
+            RunPlace { shown: run.root.clone(), run, sync: None, _lock: lock }
         }
         (None, _) => RunPlace::create(config)?,
     };

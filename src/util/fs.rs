@@ -244,3 +244,56 @@ mod tests {
         assert!(FileLock::try_acquire(&path).unwrap().is_some());
     }
 }
+
+/// Name of the lock file a process holds in a folder it owns for a while (a training run).
+pub const LOCK_FILE: &str = ".segctl-lock";
+
+/// An exclusive advisory lock (`flock`) on `<dir>/.segctl-lock`, held until dropped; the
+/// operating system releases it when the process dies, so a killed run leaves no stale lock.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    /// Locks `dir` (which must exist) for `what`, or says which process holds it.
+    pub fn acquire(dir: &Path, what: &str) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        let path = dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("failed to open `{}`", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let by = if holder.is_empty() { String::new() } else { format!(" (process {holder})") };
+                anyhow::bail!("`{}` is in use by another {what}{by}: wait for it to end, or use another folder", dir.display());
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e).with_context(|| format!("failed to lock `{}`", path.display())),
+        }
+        file.set_len(0).and_then(|_| file.rewind()).and_then(|_| write!(file, "{}", std::process::id())).with_context(|| format!("failed to write `{}`", path.display()))?;
+        Ok(Self { _file: file })
+    }
+}
+
+/// Creates `parent/name` exclusively (it must not exist yet); on a collision tries
+/// `name-2`, `name-3`, … Returns the folder claimed.
+pub fn create_unique_dir(parent: &Path, name: &str) -> Result<PathBuf> {
+    create_dir_all(parent)?;
+    for n in 1..=1000 {
+        let candidate = if n == 1 { parent.join(name) } else { parent.join(format!("{name}-{n}")) };
+        match std::fs::create_dir(&candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("failed to create folder `{}`", candidate.display())),
+        }
+    }
+    anyhow::bail!("no free folder name `{name}-N` in `{}`", parent.display())
+}
