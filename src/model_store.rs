@@ -253,9 +253,36 @@ pub fn default_version(repository: &Path, served: &[String], default_model: Opti
     )
 }
 
+/// For a model folder in a bucket (`s3://…/<name>`, versions below it): the URL of its newest
+/// version with a manifest, so that only that version is downloaded. `None` for anything else
+/// (a local path, a version folder, a checkpoint, a run).
+fn newest_remote_version(path: &Path) -> Result<Option<PathBuf>> {
+    let Some(remote) = crate::storage::remote(path)? else { return Ok(None) };
+    if path.to_string_lossy().ends_with(".safetensors") || remote.head(MANIFEST_FILE)?.is_some() {
+        return Ok(None);
+    }
+    let mut versions: Vec<u64> = remote.list_children()?.iter().filter_map(|n| n.parse().ok()).collect();
+    versions.sort_unstable();
+    for v in versions.into_iter().rev() {
+        let version = remote.child(&v.to_string());
+        if version.head(MANIFEST_FILE)?.is_some() {
+            return Ok(Some(PathBuf::from(version.url())));
+        }
+    }
+    Ok(None)
+}
+
 /// Loads whatever `path` names: an exported version folder, a model folder (its newest
 /// version), a checkpoint file, or a run folder.
 pub fn load_any(path: &Path, device: &Device) -> Result<LoadedModel> {
+    let newest;
+    let path = match newest_remote_version(path)? {
+        Some(version) => {
+            newest = version;
+            newest.as_path()
+        }
+        None => path,
+    };
     let local = crate::storage::localize(path)?;
     let path = local.as_path();
     if path.join(MANIFEST_FILE).is_file() {
@@ -312,7 +339,11 @@ impl BucketRepository {
         Ok(bucket)
     }
 
+    /// Brings the mirror up to date. Several processes may share it: they take turns (a lock
+    /// on the mirror), stage each version in a folder of their own and rename it into place,
+    /// and a version found without its weights (an interrupted copy) is fetched again.
     pub fn sync(&self) -> Result<SyncReport> {
+        let _lock = crate::util::fs::DirLock::wait(&self.local)?;
         let mut report = SyncReport::default();
         let mut present = std::collections::BTreeSet::new();
         for name in self.remote.list_children()?.into_iter().filter(|n| crate::config::is_valid_model_name(n)) {
@@ -320,14 +351,18 @@ impl BucketRepository {
             for v in model.list_children()?.into_iter().filter_map(|n| n.parse::<u64>().ok()) {
                 let dir = self.local.join(&name).join(v.to_string());
                 if dir.join(MANIFEST_FILE).is_file() {
-                    present.insert((name.clone(), v));
-                    continue;
+                    if std::fs::metadata(dir.join(WEIGHTS_FILE)).is_ok_and(|m| m.is_file() && m.len() > 0) {
+                        present.insert((name.clone(), v));
+                        continue;
+                    }
+                    log::warn!("`{}` has no weights: fetching the version again", dir.display());
+                    std::fs::remove_dir_all(&dir).with_context(|| format!("failed to clear `{}`", dir.display()))?;
                 }
                 let version = model.child(&v.to_string());
                 if version.head(MANIFEST_FILE)?.is_none() {
                     continue; // still uploading (or abandoned): not visible
                 }
-                let staging = self.local.join(&name).join(format!("{}sync-{v}", crate::util::fs::TEMP_PREFIX));
+                let staging = self.local.join(&name).join(format!("{}sync-{v}-{}", crate::util::fs::TEMP_PREFIX, std::process::id()));
                 if staging.exists() {
                     std::fs::remove_dir_all(&staging).with_context(|| format!("failed to clear `{}`", staging.display()))?;
                 }
@@ -338,7 +373,13 @@ impl BucketRepository {
                     version.download(&object.rel, &staging.join(&object.rel))?;
                 }
                 version.download(MANIFEST_FILE, &staging.join(MANIFEST_FILE))?;
-                std::fs::rename(&staging, &dir).with_context(|| format!("failed to move `{}` into place", staging.display()))?;
+                if let Err(e) = std::fs::rename(&staging, &dir) {
+                    // Another process's copy got there first (a folder that is not empty).
+                    let _ = std::fs::remove_dir_all(&staging);
+                    if !dir.join(MANIFEST_FILE).is_file() {
+                        return Err(e).with_context(|| format!("failed to move `{}` into place", staging.display()));
+                    }
+                }
                 log::info!("mirrored `{}` into `{}`", version.url(), dir.display());
                 present.insert((name.clone(), v));
                 report.added.push((name.clone(), v));

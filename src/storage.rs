@@ -524,6 +524,12 @@ pub fn localize(path: &Path) -> Result<PathBuf> {
         return Ok(local.clone());
     }
     let local = remote.cache_dir();
+    // Processes sharing the cache take turns filling it (the second finds the files fresh).
+    let lock_dir = match remote.split_last() {
+        Some(_) => local.parent().map(Path::to_path_buf).unwrap_or_else(|| local.clone()),
+        None => local.clone(),
+    };
+    let _lock = crate::util::fs::DirLock::wait(&lock_dir)?;
     let single = match remote.split_last() {
         Some((parent, name)) => parent.head(&name)?.map(|o| (parent, name, o)),
         None => None,

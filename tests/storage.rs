@@ -207,6 +207,23 @@ fn the_whole_lifecycle_runs_against_a_bucket() {
     wait("2");
     let _ = server.kill();
     let _ = server.wait();
+    // A mirror left with a version without its weights (another process's interrupted copy)
+    // is repaired by the next server sharing the cache.
+    let mirrors: Vec<_> = std::fs::read_dir(dir.path().join("cache/repositories")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(mirrors.len(), 1, "{mirrors:?}");
+    let weights = mirrors[0].join("pets/1/model.safetensors");
+    std::fs::remove_file(&weights).unwrap();
+    let mut again = segctl_s3().args(["serve", "--json", "--port", "0"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(again.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let url2 = serde_json::from_str::<serde_json::Value>(&line).unwrap()["url"].as_str().unwrap().to_string();
+    let start = Instant::now();
+    while !(weights.is_file() && versions(&url2) == ["2"]) {
+        assert!(start.elapsed() < Duration::from_secs(20), "the damaged version was not repaired: {:?}", versions(&url2));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = again.kill();
+    let _ = again.wait();
 
     // predict over 300 photos in the bucket, in three shards, one of them killed and rerun.
     let images: Vec<_> = std::fs::read_dir(dir.path().join("cache/objects/s3/pets/data/images")).unwrap().map(|e| e.unwrap().path()).collect();
@@ -218,10 +235,15 @@ fn the_whole_lifecycle_runs_against_a_bucket() {
         cmd.args(["predict", "--json", "--model", "s3://pets/models/pets", "s3://pets/photos", "--out", "s3://pets/out", "--shard"]).arg(format!("{i}/3"));
         cmd
     };
-    for i in [0, 2] {
-        let out = run(&mut shard(i));
+    // Two shards at once on one cache; each fetches only the version it uses (the newest).
+    let together: Vec<_> = [0, 2].into_iter().map(|i| shard(i).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()).collect();
+    for child in together {
+        let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "{}", stderr(&out));
     }
+    let cached = dir.path().join("cache/objects/s3/pets/models/pets");
+    assert!(cached.join("2/model.safetensors").is_file(), "version 2 not in the cache");
+    assert!(!cached.join("1").exists(), "predict downloaded a version it does not use");
     let mut killed = shard(1).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let before = moto.keys("pets", "out/").len();
     let start = Instant::now();

@@ -283,6 +283,24 @@ impl DirLock {
     }
 }
 
+impl DirLock {
+    /// Locks `dir` (created if missing), waiting while another process holds it (a cache two
+    /// processes fill: the second waits for the first, then finds the files in place).
+    pub fn wait(dir: &Path) -> Result<Self> {
+        create_dir_all(dir)?;
+        let path = dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("failed to open `{}`", path.display()))?;
+        file.lock().with_context(|| format!("failed to lock `{}`", path.display()))?;
+        Ok(Self { _file: file })
+    }
+}
+
 /// Creates `parent/name` exclusively (it must not exist yet); on a collision tries
 /// `name-2`, `name-3`, … Returns the folder claimed.
 pub fn create_unique_dir(parent: &Path, name: &str) -> Result<PathBuf> {
