@@ -6,7 +6,7 @@ use segctl::data::image_io::{self, DecodeOptions};
 fn main() {
     let path = std::env::args().nth(1).expect("photo path");
     let bytes = std::fs::read(&path).unwrap();
-    let options = DecodeOptions { max_pixels: 40_000_000, apply_exif_orientation: true };
+    let options = DecodeOptions { max_pixels: 40_000_000, apply_exif_orientation: true, ..Default::default() };
     let n = 200;
     let t = Instant::now();
     for _ in 0..n {

@@ -88,12 +88,15 @@ impl Drop for Server {
 
 /// (status, headers of interest, body) of a request; HTTP errors are answers too.
 fn request(method: &str, url: &str, content_type: Option<&str>, accept: Option<&str>, body: Option<&[u8]>) -> (u16, ureq::Response) {
+    let headers: Vec<(&str, &str)> = [("Content-Type", content_type), ("Accept", accept)].into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+    request_with(method, url, &headers, body)
+}
+
+/// [`request`] with any headers.
+fn request_with(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&[u8]>) -> (u16, ureq::Response) {
     let mut req = ureq::request(method, url).timeout(Duration::from_secs(60));
-    if let Some(ct) = content_type {
-        req = req.set("Content-Type", ct);
-    }
-    if let Some(a) = accept {
-        req = req.set("Accept", a);
+    for (name, value) in headers {
+        req = req.set(name, value);
     }
     let result = match body {
         Some(b) => req.send_bytes(b),
@@ -763,6 +766,7 @@ fn stalled_uploads_and_image_bombs_do_not_stall_or_bloat_the_server() {
     assert_eq!(status, 200);
     assert_eq!(image::load_from_memory(&body_bytes(r)).unwrap().width(), w);
     assert!(waited < Duration::from_secs(3), "a normal request behind 24 stalled uploads took {waited:?}");
+    eprintln!("a normal request behind 24 stalled uploads: {waited:?}");
     // Under serve.min_body_bytes_per_s after its first 2 s: each stalled upload gets a 408.
     let mut timed_out = 0;
     for s in &mut stalled {
@@ -801,6 +805,7 @@ fn stalled_uploads_and_image_bombs_do_not_stall_or_bloat_the_server() {
 
     let peak = peak_rss(server.child.id());
     assert!(peak < 400 << 20, "peak RSS {} MB", peak >> 20);
+    eprintln!("peak RSS through stalled uploads, the GIF frame and the scan bomb: {} MB", peak >> 20);
     let (status, r) = request("POST", &server.url("/v1/models/pets:segment"), Some("image/jpeg"), None, Some(&photo));
     assert_eq!(status, 200, "still serving");
     assert_eq!(image::load_from_memory(&body_bytes(r)).unwrap().height(), h);
@@ -837,22 +842,8 @@ fn tokens_guard_every_route_but_the_probes_and_hosts_are_checked() {
         ("GET", "/nowhere", None, None),
     ];
     let send = |method: &str, path: &str, ct: Option<&str>, body: Option<&[u8]>, auth: Option<&str>| {
-        let mut req = ureq::request(method, &server.url(path)).timeout(Duration::from_secs(60));
-        if let Some(ct) = ct {
-            req = req.set("Content-Type", ct);
-        }
-        if let Some(a) = auth {
-            req = req.set("Authorization", a);
-        }
-        let result = match body {
-            Some(b) => req.send_bytes(b),
-            None => req.call(),
-        };
-        match result {
-            Ok(r) => (r.status(), r),
-            Err(ureq::Error::Status(code, r)) => (code, r),
-            Err(e) => panic!("{method} {path}: {e}"),
-        }
+        let headers: Vec<(&str, &str)> = [("Content-Type", ct), ("Authorization", auth)].into_iter().filter_map(|(k, v)| Some((k, v?))).collect();
+        request_with(method, &server.url(path), &headers, body)
     };
     for (method, path, ct, body) in &guarded {
         let (status, r) = send(method, path, *ct, *body, None);
@@ -939,6 +930,7 @@ fn a_model_bomb_is_refused_from_the_weights_header_and_the_old_version_serves_on
     assert!(error.contains("needs") && error.contains("model.yaml"), "{error}");
     let peak = peak_rss(server.child.id());
     assert!(peak < 400 << 20, "peak RSS {} MB: the network was allocated", peak >> 20);
+    eprintln!("peak RSS with the model bomb refused: {} MB", peak >> 20);
     let (status, r) = request("POST", &server.url("/v1/models/pets:segment"), Some("image/jpeg"), None, Some(&photo));
     assert_eq!(status, 200);
     assert_eq!(r.header("x-model-version"), Some("1"), "the old version serves on");
@@ -1023,4 +1015,44 @@ fn probes_pass_a_full_server_and_a_slow_reader_gets_its_whole_answer() {
     assert!(got.len() < 30 << 20, "a stuck reader still got {} bytes", got.len());
     let metrics = server.metrics();
     assert!(metrics.contains("segctl_connections_closed_total{reason=\"write_timeout\"} 1"), "{metrics}");
+}
+
+#[test]
+fn json_that_is_not_pixels_never_becomes_a_tree() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, repo) = trained_model(dir.path(), 16);
+    let server = Server::start(&config, &repo, &[]);
+    let (photo, (w, h)) = a_photo(dir.path());
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&photo);
+    // 14 million numbers in 28 MB (under serve.max_body_bytes): as a serde_json tree, ~450 MB.
+    let filler = format!("[{}0]", "0,".repeat(14_000_000));
+    let v2 = server.url("/v2/models/pets/infer");
+    let json = Some("application/json");
+
+    // Unknown `parameters` are skipped unparsed; the request is answered.
+    let body = format!(r#"{{"parameters": {{"junk": {filler}}}, "inputs": [{{"name": "image_bytes", "shape": [1], "datatype": "BYTES", "data": ["{b64}"]}}], "outputs": [{{"name": "mask"}}]}}"#);
+    let (status, r) = request("POST", &v2, json, None, Some(body.as_bytes()));
+    assert_eq!(status, 200);
+    let answer = body_json(r);
+    assert_eq!(answer["outputs"][0]["name"], "mask");
+    assert_eq!(answer["outputs"][0]["shape"], serde_json::json!([1, h, w]));
+    // BYTES as millions of strings, a shape of millions of dimensions, an /infer `version` tree.
+    let strings = format!("[{}\"\"]", "\"\",".repeat(9_000_000));
+    let body = format!(r#"{{"inputs": [{{"name": "image_bytes", "shape": [1], "datatype": "BYTES", "data": {strings}}}]}}"#);
+    let (status, r) = request("POST", &v2, json, None, Some(body.as_bytes()));
+    assert_eq!(status, 400);
+    assert!(body_json(r)["error"].as_str().unwrap().contains("more than"));
+    let shape = format!("[{}1]", "1,".repeat(14_000_000));
+    let body = format!(r#"{{"inputs": [{{"name": "image", "shape": {shape}, "datatype": "UINT8", "data": [1, 2, 3]}}]}}"#);
+    let (status, r) = request("POST", &v2, json, None, Some(body.as_bytes()));
+    assert_eq!(status, 400);
+    assert!(body_json(r)["error"].as_str().unwrap().contains("more than 8 elements"), "the shape is refused");
+    let body = format!(r#"{{"version": {filler}, "image": [[[1, 2, 3]]]}}"#);
+    let (status, r) = request("POST", &server.url("/infer"), json, None, Some(body.as_bytes()));
+    assert_eq!(status, 400);
+    assert!(body_json(r)["error"].as_str().unwrap().contains("version"));
+
+    let peak = peak_rss(server.child.id());
+    eprintln!("peak RSS after four 28 MB JSON bodies: {} MB", peak >> 20);
+    assert!(peak < 300 << 20, "peak RSS {} MB: a JSON tree was built", peak >> 20);
 }

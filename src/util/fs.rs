@@ -248,6 +248,19 @@ mod tests {
 /// Name of the lock file a process holds in a folder it owns for a while (a training run).
 pub const LOCK_FILE: &str = ".segctl-lock";
 
+/// `<dir>/.segctl-lock`, opened for reading and writing (created if missing, kept as is).
+fn open_lock_file(dir: &Path) -> Result<(PathBuf, std::fs::File)> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("failed to open `{}`", path.display()))?;
+    Ok((path, file))
+}
+
 /// An exclusive advisory lock (`flock`) on `<dir>/.segctl-lock`, held until dropped; the
 /// operating system releases it when the process dies, so a killed run leaves no stale lock.
 #[derive(Debug)]
@@ -259,14 +272,7 @@ impl DirLock {
     /// Locks `dir` (which must exist) for `what`, or says which process holds it.
     pub fn acquire(dir: &Path, what: &str) -> Result<Self> {
         use std::io::{Read, Seek, Write};
-        let path = dir.join(LOCK_FILE);
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("failed to open `{}`", path.display()))?;
+        let (path, mut file) = open_lock_file(dir)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -288,14 +294,7 @@ impl DirLock {
     /// processes fill: the second waits for the first, then finds the files in place).
     pub fn wait(dir: &Path) -> Result<Self> {
         create_dir_all(dir)?;
-        let path = dir.join(LOCK_FILE);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("failed to open `{}`", path.display()))?;
+        let (path, file) = open_lock_file(dir)?;
         file.lock().with_context(|| format!("failed to lock `{}`", path.display()))?;
         Ok(Self { _file: file })
     }

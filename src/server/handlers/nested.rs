@@ -92,17 +92,37 @@ impl<'de> Visitor<'de> for InferSeed<'_> {
             match key.as_str() {
                 "image" => image = Some(map.next_value_seed(PixelsSeed { budget: self.budget, what: "`image`" })?),
                 "model" => model = Some(map.next_value::<String>()?),
-                "version" => {
-                    let v: serde_json::Value = map.next_value()?;
-                    let parsed = v.as_u64().or_else(|| v.as_str()?.parse().ok());
-                    version = Some(parsed.ok_or_else(|| de::Error::custom("`version` must be a version number"))?);
-                }
+                "version" => version = Some(map.next_value_seed(VersionNumber)?),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
         Ok(image.map(|image| InferBody { image, model, version }))
+    }
+}
+
+/// `version`: a number or a string of digits; anything else is refused at its first token,
+/// without being parsed into a tree.
+struct VersionNumber;
+
+impl<'de> DeserializeSeed<'de> for VersionNumber {
+    type Value = u64;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<u64, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for VersionNumber {
+    type Value = u64;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("`version` as a version number")
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<u64, E> {
+        Ok(v)
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<u64, E> {
+        v.parse().map_err(|_| E::custom("`version` must be a version number"))
     }
 }
 

@@ -19,7 +19,7 @@ use image::{GrayImage, RgbImage};
 use serde::Deserialize;
 use serde::de::{DeserializeSeed, SeqAccess, Visitor};
 use serde_json::value::RawValue;
-use serde_json::{Map, Value, json};
+use serde_json::json;
 
 use super::super::AppState;
 use super::super::error::ApiError;
@@ -74,6 +74,10 @@ impl Outputs {
     }
 }
 
+// Nothing of a request becomes a JSON tree: the fields are typed, `parameters` keeps the keys
+// segctl reads and skips the others unparsed (any value, however large or deep, costs no
+// memory), lists are bounded, and `data` stays a borrowed slice of the body.
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct InferRequest<'a> {
@@ -81,10 +85,10 @@ struct InferRequest<'a> {
     #[allow(dead_code)]
     id: Option<String>,
     #[serde(default)]
-    parameters: Option<Map<String, Value>>,
-    #[serde(borrow)]
+    parameters: Option<Parameters>,
+    #[serde(borrow, deserialize_with = "bounded::<_, MAX_TENSORS, _>")]
     inputs: Vec<InputTensor<'a>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bounded_option::<_, MAX_TENSORS, _>")]
     outputs: Option<Vec<OutputRequest>>,
 }
 
@@ -92,10 +96,11 @@ struct InferRequest<'a> {
 #[serde(deny_unknown_fields)]
 struct InputTensor<'a> {
     name: String,
+    #[serde(deserialize_with = "bounded::<_, MAX_DIMS, _>")]
     shape: Vec<i64>,
     datatype: String,
     #[serde(default)]
-    parameters: Option<Map<String, Value>>,
+    parameters: Option<Parameters>,
     #[serde(default, borrow)]
     data: Option<&'a RawValue>,
 }
@@ -105,15 +110,83 @@ struct InputTensor<'a> {
 struct OutputRequest {
     name: String,
     #[serde(default)]
-    parameters: Option<Map<String, Value>>,
+    parameters: Option<Parameters>,
+}
+
+/// The `parameters` segctl reads; any other key is skipped without being parsed into a tree.
+#[derive(Debug, Default, Deserialize)]
+struct Parameters {
+    binary_data_output: Option<bool>,
+    binary_data: Option<bool>,
+    binary_data_size: Option<u64>,
+}
+
+/// Most tensors in `inputs` or `outputs` (segctl takes one input and has two outputs).
+const MAX_TENSORS: usize = 16;
+/// Most dimensions of a shape.
+const MAX_DIMS: usize = 8;
+
+/// A JSON array of at most `MAX` elements, refused at the first one over.
+fn bounded<'de, T: Deserialize<'de>, const MAX: usize, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    struct Bounded<T, const MAX: usize>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>, const MAX: usize> Visitor<'de> for Bounded<T, MAX> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "an array of at most {MAX} elements")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(v) = seq.next_element()? {
+                if out.len() == MAX {
+                    return Err(serde::de::Error::custom(format!("more than {MAX} elements")));
+                }
+                out.push(v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Bounded::<T, MAX>(std::marker::PhantomData))
+}
+
+fn bounded_option<'de, T: Deserialize<'de>, const MAX: usize, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<T>>, D::Error> {
+    bounded::<T, MAX, D>(d).map(Some)
 }
 
 fn bad(message: impl Into<String>) -> ApiError {
     ApiError::BadRequest(message.into())
 }
 
-fn flag(parameters: &Option<Map<String, Value>>, key: &str) -> Option<bool> {
-    parameters.as_ref().and_then(|p| p.get(key)).and_then(Value::as_bool)
+/// Base64 strings of a JSON array decoded one by one into files (at most `max`), without a
+/// `Vec<String>` of the whole array.
+struct Base64Files {
+    max: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Base64Files {
+    type Value = Vec<Vec<u8>>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Base64Files {
+    type Value = Vec<Vec<u8>>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of base64 strings")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut files = Vec::new();
+        while let Some(text) = seq.next_element::<std::borrow::Cow<'de, str>>()? {
+            if files.len() == self.max {
+                return Err(serde::de::Error::custom(format!("more than the {} elements the shape declares", self.max)));
+            }
+            let file = base64::engine::general_purpose::STANDARD
+                .decode(text.trim())
+                .map_err(|e| serde::de::Error::custom(format!("data[{}] is not base64: {e}", files.len())))?;
+            files.push(file);
+        }
+        Ok(files)
+    }
 }
 
 /// Appends every number of a (possibly nested) JSON array of `u8` to a vector, refusing more
@@ -155,8 +228,7 @@ impl<'de> Visitor<'de> for FlatU8<'_> {
 /// The photos of one input tensor, checked against the request limits.
 fn sources(input: &InputTensor, binary: &mut &[u8], max_pixels: u64, max_instances: usize) -> Result<Vec<Source>, ApiError> {
     let what = format!("input `{}`", input.name);
-    let binary_size = input.parameters.as_ref().and_then(|p| p.get("binary_data_size")).map(|v| v.as_u64().ok_or_else(|| bad(format!("{what}: binary_data_size must be a byte count"))));
-    let binary_size = binary_size.transpose()?;
+    let binary_size = input.parameters.as_ref().and_then(|p| p.binary_data_size);
     let mut take_binary = |n: u64| -> Result<&[u8], ApiError> {
         let n = usize::try_from(n).map_err(|_| bad(format!("{what}: binary_data_size {n}")))?;
         if n > binary.len() {
@@ -230,12 +302,9 @@ fn sources(input: &InputTensor, binary: &mut &[u8], max_pixels: u64, max_instanc
                     files
                 }
                 (None, Some(raw)) => {
-                    let texts: Vec<String> = serde_json::from_str(raw.get()).map_err(|e| bad(format!("{what}: data: {e} (BYTES in JSON are base64 strings)")))?;
-                    texts
-                        .iter()
-                        .enumerate()
-                        .map(|(i, t)| base64::engine::general_purpose::STANDARD.decode(t.trim()).map_err(|e| bad(format!("{what}: data[{i}] is not base64: {e}"))))
-                        .collect::<Result<_, _>>()?
+                    let mut de = serde_json::Deserializer::from_str(raw.get());
+                    serde::de::DeserializeSeed::deserialize(Base64Files { max: n }, &mut de)
+                        .map_err(|e| bad(format!("{what}: data: {e} (BYTES in JSON are base64 strings)")))?
                 }
                 (Some(_), Some(_)) => return Err(bad(format!("{what}: both data and binary_data_size"))),
                 (None, None) => return Err(bad(format!("{what}: no data (give data or binary_data_size)"))),
@@ -270,8 +339,8 @@ fn parse(body: &[u8], header_length: Option<usize>, max_pixels: u64, max_instanc
     if !binary.is_empty() {
         return Err(bad(format!("{} bytes of binary data are not claimed by any input's binary_data_size", binary.len())));
     }
-    let all_binary = flag(&request.parameters, "binary_data_output").unwrap_or(false);
-    let mode = |params: &Option<Map<String, Value>>| if flag(params, "binary_data").unwrap_or(all_binary) { Out::Binary } else { Out::Json };
+    let all_binary = request.parameters.as_ref().and_then(|p| p.binary_data_output).unwrap_or(false);
+    let mode = |params: &Option<Parameters>| if params.as_ref().and_then(|p| p.binary_data).unwrap_or(all_binary) { Out::Binary } else { Out::Json };
     let outputs = match &request.outputs {
         None => Outputs { mask: mode(&None), probabilities: mode(&None) },
         Some(list) => {
