@@ -343,7 +343,7 @@ impl BucketRepository {
     /// on the mirror), stage each version in a folder of their own and rename it into place,
     /// and a version found without its weights (an interrupted copy) is fetched again.
     pub fn sync(&self) -> Result<SyncReport> {
-        let _lock = crate::util::fs::DirLock::wait(&self.local)?;
+        let _lock = crate::util::fs::DirLock::wait(&crate::storage::lock_path(self.remote.url()))?;
         let mut report = SyncReport::default();
         let mut present = std::collections::BTreeSet::new();
         for name in self.remote.list_children()?.into_iter().filter(|n| crate::config::is_valid_model_name(n)) {

@@ -56,6 +56,12 @@ fn settings() -> StorageConfig {
 
 /// Where the cache lives: `storage.cache_dir`, else `SEGCTL_CACHE_DIR`, else
 /// `$XDG_CACHE_HOME/segctl`, else `~/.cache/segctl`.
+/// The lock file of the cache entry for `url`: kept apart from the mirrored files, so that it
+/// is never taken for one of them (listed, validated or uploaded).
+pub fn lock_path(url: &str) -> PathBuf {
+    cache_root().join("locks").join(format!("{}.lock", &crate::util::sha256_hex(url.as_bytes())[..24]))
+}
+
 pub fn cache_root() -> PathBuf {
     if let Some(dir) = settings().cache_dir {
         return dir;
@@ -525,11 +531,7 @@ pub fn localize(path: &Path) -> Result<PathBuf> {
     }
     let local = remote.cache_dir();
     // Processes sharing the cache take turns filling it (the second finds the files fresh).
-    let lock_dir = match remote.split_last() {
-        Some(_) => local.parent().map(Path::to_path_buf).unwrap_or_else(|| local.clone()),
-        None => local.clone(),
-    };
-    let _lock = crate::util::fs::DirLock::wait(&lock_dir)?;
+    let _lock = crate::util::fs::DirLock::wait(&lock_path(remote.url()))?;
     let single = match remote.split_last() {
         Some((parent, name)) => parent.head(&name)?.map(|o| (parent, name, o)),
         None => None,

@@ -155,9 +155,8 @@ pub fn exec(args: PredictArgs, global: &GlobalArgs) -> Result<ExitCode> {
 /// file, never its content.
 fn first_token(path: &std::path::Path) -> Result<String> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the token file `{}` (--token-file)", path.display()))?;
-    text.lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_string)
+    segctl::server::access::token_lines(&text)
+        .next()
+        .map(|(_, token)| token.to_string())
         .with_context(|| format!("token file `{}` holds no token (--token-file)", path.display()))
 }

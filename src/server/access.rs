@@ -14,6 +14,12 @@ pub fn is_open_route(path: &str) -> bool {
     matches!(path, "/" | "/healthz" | "/readyz" | "/v2/health/live" | "/v2/health/ready")
 }
 
+/// The token lines of a token file, with their 1-based line numbers: trimmed, blank lines and
+/// `#` comments skipped (`serve.auth_token_file`, `predict --token-file`).
+pub fn token_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.lines().enumerate().map(|(i, l)| (i + 1, l.trim())).filter(|(_, t)| !t.is_empty() && !t.starts_with('#'))
+}
+
 /// The accepted bearer tokens, kept only as SHA-256 digests.
 pub struct Tokens {
     digests: Vec<[u8; 32]>,
@@ -38,18 +44,14 @@ impl Tokens {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read the token file `{}` (serve.auth_token_file)", path.display()))?;
         let mut digests = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let token = line.trim();
-            if token.is_empty() || token.starts_with('#') {
-                continue;
-            }
+        for (line, token) in token_lines(&text) {
             // RFC 6750's token68 alphabet: what fits in `Authorization: Bearer <token>`.
             let fits = token.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~+/=".contains(&b));
             if !fits {
-                bail!("token file `{}` line {}: a token may hold only letters, digits and `-._~+/=`", path.display(), i + 1);
+                bail!("token file `{}` line {}: a token may hold only letters, digits and `-._~+/=`", path.display(), line);
             }
             if token.len() < 16 {
-                bail!("token file `{}` line {}: a token must be at least 16 characters long", path.display(), i + 1);
+                bail!("token file `{}` line {}: a token must be at least 16 characters long", path.display(), line);
             }
             digests.push(Sha256::digest(token.as_bytes()).into());
         }

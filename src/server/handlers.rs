@@ -231,7 +231,7 @@ const MAX_DISCARD_BYTES: u64 = 16 << 20;
 
 /// Reads and drops up to 1 MiB of a body (for at most 2 s) before an early error answer, so
 /// that a client still sending gets the JSON error instead of a reset connection.
-async fn discard(body: Body) {
+pub(super) async fn discard(body: Body) {
     discard_up_to(body, 1 << 20).await
 }
 
@@ -250,11 +250,6 @@ async fn discard_up_to(body: Body, budget: usize) {
         }
     })
     .await;
-}
-
-/// [`discard`], for middleware answering before a handler runs.
-pub(super) async fn discard_early(body: Body) {
-    discard(body).await
 }
 
 /// `result`, draining `body` first when it is an error.

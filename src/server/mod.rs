@@ -219,7 +219,7 @@ async fn host_guard(State(state): State<AppState>, request: Request, next: Next)
     if !state.hosts.allows(host.as_deref()) {
         let shown: String = host.as_deref().unwrap_or("(none)").chars().take(100).collect();
         let (_, body) = request.into_parts();
-        handlers::discard_early(body).await;
+        handlers::discard(body).await;
         return ApiError::MisdirectedRequest(format!("this server does not answer for the host `{shown}` (serve.allowed_hosts)")).into_response();
     }
     next.run(request).await
@@ -239,7 +239,7 @@ async fn auth_guard(State(state): State<AppState>, request: Request, next: Next)
         Some(_) => ApiError::Unauthorized { message: "the bearer token is not valid".into(), invalid_token: true },
     };
     let (_, body) = request.into_parts();
-    handlers::discard_early(body).await;
+    handlers::discard(body).await;
     error.into_response()
 }
 

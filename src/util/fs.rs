@@ -248,9 +248,9 @@ mod tests {
 /// Name of the lock file a process holds in a folder it owns for a while (a training run).
 pub const LOCK_FILE: &str = ".segctl-lock";
 
-/// `<dir>/.segctl-lock`, opened for reading and writing (created if missing, kept as is).
-fn open_lock_file(dir: &Path) -> Result<(PathBuf, std::fs::File)> {
-    let path = dir.join(LOCK_FILE);
+/// A lock file, opened for reading and writing (created if missing, kept as is).
+fn open_lock_file(path: &Path) -> Result<(PathBuf, std::fs::File)> {
+    let path = path.to_path_buf();
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -272,7 +272,7 @@ impl DirLock {
     /// Locks `dir` (which must exist) for `what`, or says which process holds it.
     pub fn acquire(dir: &Path, what: &str) -> Result<Self> {
         use std::io::{Read, Seek, Write};
-        let (path, mut file) = open_lock_file(dir)?;
+        let (path, mut file) = open_lock_file(&dir.join(LOCK_FILE))?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -290,11 +290,12 @@ impl DirLock {
 }
 
 impl DirLock {
-    /// Locks `dir` (created if missing), waiting while another process holds it (a cache two
-    /// processes fill: the second waits for the first, then finds the files in place).
-    pub fn wait(dir: &Path) -> Result<Self> {
-        create_dir_all(dir)?;
-        let (path, file) = open_lock_file(dir)?;
+    /// Locks the file `path` (created, with its folder, if missing), waiting while another
+    /// process holds it (a cache two processes fill: the second waits for the first, then
+    /// finds the files in place).
+    pub fn wait(path: &Path) -> Result<Self> {
+        create_dir_all(&parent_dir(path))?;
+        let (path, file) = open_lock_file(path)?;
         file.lock().with_context(|| format!("failed to lock `{}`", path.display()))?;
         Ok(Self { _file: file })
     }
