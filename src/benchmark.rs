@@ -10,7 +10,7 @@ use candle_core::Device;
 use serde::Serialize;
 
 use crate::model::inference::{InferenceModel, InferenceOptions, available_cores};
-use crate::engine::PlanSummary;
+use crate::engine::{PlanSummary, Precision};
 use crate::model::{ModelSpec, ModelState};
 use crate::model_store;
 use crate::util::rng::Rng;
@@ -28,6 +28,8 @@ pub struct BenchmarkOptions {
     pub iterations: usize,
     pub warmup: usize,
     pub device: Device,
+    /// Converts the model to this precision for timing (`None`: the version's own).
+    pub precision: Option<Precision>,
 }
 
 /// The measurement (`--json` prints it).
@@ -40,6 +42,8 @@ pub struct BenchmarkReport {
     pub device: String,
     pub batch: usize,
     pub threads: usize,
+    /// The precision of the timed plan (`f32`, `bf16`).
+    pub precision: Precision,
     pub iterations: usize,
     pub images_per_s: f64,
     pub p50_ms: f64,
@@ -58,12 +62,18 @@ pub struct BenchmarkReport {
 pub fn benchmark(options: &BenchmarkOptions) -> Result<BenchmarkReport> {
     ensure!(options.batch >= 1, "--batch must be at least 1");
     ensure!(options.iterations >= 1, "--iterations must be at least 1");
-    let (state, name) = match &options.model {
-        Some(path) => (model_store::load_any(path, &options.device)?.state, path.display().to_string()),
-        None => (ModelState::new(&options.spec, &options.device, 1)?, "untrained".to_string()),
+    let (state, name, own) = match &options.model {
+        Some(path) => {
+            let loaded = model_store::load_any(path, &options.device)?;
+            let own = loaded.precision();
+            (loaded.state, path.display().to_string(), own)
+        }
+        None => (ModelState::new(&options.spec, &options.device, 1)?, "untrained".to_string(), Precision::F32),
     };
+    let precision = options.precision.unwrap_or(own);
+    ensure!(precision == Precision::F32 || options.device.is_cpu(), "--precision {precision} runs on the CPU engine only");
     let threads = if options.threads == 0 { available_cores() } else { options.threads };
-    let model = InferenceModel::new(state, InferenceOptions { threads, ..Default::default() })?;
+    let model = InferenceModel::new(state, InferenceOptions { threads, precision: Some(precision), ..Default::default() })?;
     let spec = model.spec().clone();
     let size = spec.input_size;
     let mut rng = Rng::new(7);
@@ -92,6 +102,7 @@ pub fn benchmark(options: &BenchmarkOptions) -> Result<BenchmarkReport> {
         device: crate::model::device_name(&options.device),
         batch: options.batch,
         threads,
+        precision: model.precision(),
         iterations: options.iterations,
         images_per_s,
         p50_ms: p50,

@@ -88,8 +88,9 @@ pub struct EvaluateReport {
 pub fn evaluate(config: &Config, options: &EvaluateOptions) -> Result<EvaluateReport> {
     let start = Instant::now();
     let loaded = model_store::load_any(&options.checkpoint, &options.device)?;
+    let precision = Some(loaded.precision());
     let origin = loaded.origin;
-    let model = InferenceModel::new(loaded.state, InferenceOptions::default())?;
+    let model = InferenceModel::new(loaded.state, InferenceOptions { precision, ..Default::default() })?;
     let scoring = Instant::now();
     let (metrics, skipped) = score(config, &model, options.split, options.progress)?;
     let images_per_s = metrics.samples as f64 / scoring.elapsed().as_secs_f64().max(1e-9);
@@ -218,6 +219,7 @@ fn baseline_miou(config: &Config, path: &Path, options: &EvaluateOptions) -> Res
             .with_context(|| format!("baseline `{}` has no `mean_iou`", path.display()));
     }
     let loaded = model_store::load_any(path, &options.device).with_context(|| format!("baseline `{}`", path.display()))?;
-    let model = InferenceModel::new(loaded.state, InferenceOptions::default())?;
+    let precision = Some(loaded.precision());
+    let model = InferenceModel::new(loaded.state, InferenceOptions { precision, ..Default::default() })?;
     Ok(score(config, &model, options.split, options.progress)?.0.mean_iou)
 }

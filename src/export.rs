@@ -134,6 +134,8 @@ pub fn export(options: &ExportOptions) -> Result<ExportReport> {
         dataset_digest: meta.dataset_digest.clone(),
         weights_sha256: String::new(),
         onnx_sha256: None,
+        precision: crate::engine::Precision::F32,
+        precision_check: None,
         source_checkpoint: loaded.origin.path.display().to_string(),
         created: crate::util::utc_timestamp(),
         segctl_version: env!("CARGO_PKG_VERSION").into(),

@@ -39,7 +39,9 @@ impl Predictor {
     }
 
     /// Compiles a loaded model for inference (the candle model is dropped on CPU).
-    pub fn from_loaded(loaded: LoadedModel, options: InferenceOptions) -> Result<Self> {
+    /// A version runs at the precision its export checked (`options.precision` overrides).
+    pub fn from_loaded(loaded: LoadedModel, mut options: InferenceOptions) -> Result<Self> {
+        options.precision = options.precision.or(Some(loaded.precision()));
         let device = loaded.state.device.clone();
         let model = InferenceModel::new(loaded.state, options)?;
         Ok(Self { model, origin: loaded.origin, manifest: loaded.manifest, device })

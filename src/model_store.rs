@@ -9,6 +9,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint;
+use crate::engine::Precision;
 use crate::model::{ModelSpec, ModelState};
 
 /// File names inside an exported version folder.
@@ -34,9 +35,36 @@ pub struct ModelManifest {
     /// SHA-256 of `model.onnx`, when the version has one (`segctl export --onnx`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub onnx_sha256: Option<String>,
+    /// The arithmetic the version was checked at and is served at (`f32`, `bf16`); absent in
+    /// versions written before precisions existed, which are f32.
+    #[serde(default)]
+    pub precision: Precision,
+    /// The export gate's measurement of a reduced-precision version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision_check: Option<PrecisionCheck>,
     pub source_checkpoint: String,
     pub created: String,
     pub segctl_version: String,
+}
+
+/// How a reduced-precision version was checked at export: the validation split through the
+/// f32 plan and through the version's own plan.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PrecisionCheck {
+    pub f32_miou: f64,
+    pub miou: f64,
+    /// `f32_miou − miou`, the gate's `export.max_miou_drop` held it to.
+    pub miou_drop: f64,
+    pub max_miou_drop: f64,
+    /// Validation images evaluated.
+    pub images: usize,
+    /// Share of validation pixels whose class is the same in both plans.
+    pub mask_agreement: f64,
+    /// Calibration images drawn from trainval (`export.calibration_samples`, the config's
+    /// seed) and the SHA-256 of their names in order.
+    pub calibration_samples: usize,
+    pub calibration_digest: String,
 }
 
 /// Where a loaded model came from.
@@ -55,6 +83,13 @@ pub struct LoadedModel {
     pub origin: ModelOrigin,
     pub manifest: Option<ModelManifest>,
     pub checkpoint_meta: Option<checkpoint::CheckpointMeta>,
+}
+
+impl LoadedModel {
+    /// The precision the model runs at: an exported version's own, f32 for checkpoints.
+    pub fn precision(&self) -> Precision {
+        self.manifest.as_ref().map_or(Precision::F32, |m| m.precision)
+    }
 }
 
 /// Version folders of a model (`<name>/<N>/`), sorted ascending.

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Args;
 use segctl::benchmark::{BenchmarkOptions, benchmark};
+use segctl::engine::Precision;
 use segctl::model::ModelSpec;
 
 use super::{GlobalArgs, Overrides};
@@ -28,6 +29,10 @@ pub struct BenchmarkArgs {
     /// Untimed calls first.
     #[arg(long, value_name = "N", default_value_t = 5)]
     warmup: usize,
+    /// f32 or bf16: converts the model on the fly for timing (default: the version's own
+    /// precision, f32 for checkpoints and untrained models).
+    #[arg(long, value_name = "P", value_parser = parse_precision)]
+    precision: Option<Precision>,
     /// auto, cpu, cuda or cuda:N [config: serve.device].
     #[arg(long, value_name = "DEVICE")]
     device: Option<String>,
@@ -47,6 +52,7 @@ pub fn exec(args: BenchmarkArgs, global: &GlobalArgs) -> Result<ExitCode> {
         iterations: args.iterations,
         warmup: args.warmup,
         device,
+        precision: args.precision,
     };
     let report = benchmark(&options)?;
     if args.json {
@@ -77,4 +83,8 @@ pub fn exec(args: BenchmarkArgs, global: &GlobalArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn parse_precision(text: &str) -> Result<Precision, String> {
+    Precision::parse(text).map_err(|e| e.to_string())
 }

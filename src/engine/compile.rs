@@ -13,10 +13,11 @@
 use anyhow::{Context, Result, bail, ensure};
 
 use super::Isa;
+use super::bf16::{Bf16Conv, Bf16Unit};
 use super::conv::{DirectConv, Phase, Positions, SMALL_K, SmallKConv};
 use super::gemm::{self, panel_vectors};
 use super::graph::{ConvKind, ConvOp, Graph, NodeId, Op};
-use super::plan::{Buffer, LARGE_BATCH, LazyKernel, Plan, PlanOptions, Step, StepKind, View, WinogradPolicy};
+use super::plan::{Buffer, LARGE_BATCH, LazyKernel, Plan, PlanOptions, Precision, Step, StepKind, View, WinogradPolicy};
 use super::pool::{DepthwiseStep, EltwiseStep, InputStep, MaxPoolStep, OutputStep};
 use super::winograd::{self, WinogradConv};
 
@@ -211,7 +212,11 @@ impl Plan {
         let in_channels = channels[0];
         let out_channels = channels[graph.output];
         let out_size = sizes[graph.output];
-        Ok(Plan { isa, height: h, width: w, in_channels, out_channels, out_size, steps, buffers, offsets, arena_per_image, scratch_floats })
+        let bf16_unit = steps.iter().find_map(|s| match &s.kind {
+            StepKind::Bf16(b) => Some(b.unit),
+            _ => None,
+        });
+        Ok(Plan { isa, precision: options.precision, bf16_unit, height: h, width: w, in_channels, out_channels, out_size, steps, buffers, offsets, arena_per_image, scratch_floats })
     }
 }
 
@@ -225,6 +230,15 @@ fn set_alt(steps: &mut [Step], alt: Option<Box<LazyKernel>>) {
 /// The kernel for `options.batch`, and the one for [`LARGE_BATCH`] when it differs.
 #[allow(clippy::too_many_arguments)]
 fn lower_conv_pair(conv: &ConvOp, input: View, output: View, residual: Option<View>, up: usize, lanes: usize, options: &PlanOptions) -> Result<(StepKind, Option<Box<LazyKernel>>)> {
+    if options.precision == Precision::Bf16 {
+        let unit = match options.bf16_unit {
+            Some(unit) => unit,
+            None => Bf16Unit::active()?,
+        };
+        if let Some(kind) = lower_bf16(conv, input, output, residual, up, unit)? {
+            return Ok((kind, None));
+        }
+    }
     let kind = lower_conv(conv, input, output, residual, up, lanes, options.winograd, options.batch)?;
     if options.batch >= LARGE_BATCH {
         return Ok((kind, None));
@@ -254,6 +268,7 @@ pub(super) fn max_scratch<'a>(kinds: impl Iterator<Item = &'a StepKind>) -> usiz
     kinds
         .map(|k| match k {
             StepKind::Winograd(w) => w.scratch_floats(),
+            StepKind::Bf16(b) => b.scratch_floats(),
             _ => 0,
         })
         .max()
@@ -271,6 +286,7 @@ fn step_buffers(kind: &StepKind) -> (Vec<usize>, Vec<usize>) {
         StepKind::Depthwise(d) => (vec![d.input.buffer], vec![d.output.buffer]),
         StepKind::MaxPool(d) => (vec![d.input.buffer], vec![d.output.buffer]),
         StepKind::Eltwise(e) => (e.b.iter().map(|b| b.buffer).chain([e.a.buffer]).collect(), vec![e.output.buffer]),
+        StepKind::Bf16(d) => (d.residual.iter().map(|r| r.buffer).chain([d.input.buffer]).collect(), vec![d.output.buffer]),
     }
 }
 
@@ -302,6 +318,60 @@ fn assign_offsets(buffers: &mut [Buffer]) -> usize {
         done.push(b);
     }
     end.div_ceil(16) * 16
+}
+
+/// A convolution in bf16 ([`Bf16Conv`]), or `None` for the layers that stay f32: depthwise
+/// (memory-bound, as their sums are few), and the logits (at most [`SMALL_K`] channels).
+fn lower_bf16(conv: &ConvOp, input: View, output: View, residual: Option<View>, up: usize, unit: Bf16Unit) -> Result<Option<StepKind>> {
+    if conv.kind == ConvKind::Depthwise || conv.cout / if up == 2 && conv.kind == ConvKind::Dense { 4 } else { 1 } <= SMALL_K {
+        return Ok(None);
+    }
+    ensure!(unit.supported(), "this CPU cannot run the {} bf16 kernels", unit.name());
+    let (cin, k, w) = (conv.cin, conv.k, &conv.weight);
+    let bounds = conv.act.bounds();
+    let grid = (input.h, input.w);
+    let kind = match conv.kind {
+        ConvKind::Transposed => {
+            ensure!(k == 4 && conv.stride == 2 && conv.pad == 1 && up == 1 && residual.is_none(), "transposed convolutions must be 4×4, stride 2, padding 1");
+            let cout = conv.cout;
+            // Output 2i + a sees input i + d through kernel tap t: a = 0: (0, 1), (−1, 3);
+            // a = 1: (1, 0), (0, 2).
+            let taps_1d = |a: usize| if a == 0 { [(0isize, 1usize), (-1, 3)] } else { [(1, 0), (0, 2)] };
+            let mut phases = Vec::new();
+            let mut kernel_taps = Vec::new();
+            for a in 0..2 {
+                for b in 0..2 {
+                    let pairs: Vec<_> = taps_1d(a).into_iter().flat_map(|y| taps_1d(b).map(move |x| (y, x))).collect();
+                    phases.push(Phase { taps: pairs.iter().map(|&((dy, _), (dx, _))| (dy, dx)).collect(), sub: (a, b) });
+                    kernel_taps.push(pairs.iter().map(|&((_, ty), (_, tx))| (ty, tx)).collect::<Vec<_>>());
+                }
+            }
+            let weight = |p: usize, t: usize, c: usize, o: usize| {
+                let (ty, tx) = kernel_taps[p][t];
+                w[((c * cout + o) * 4 + ty) * 4 + tx]
+            };
+            Bf16Conv::new(input, output, None, phases, 1, 2, grid, cin, cout, &weight, &|_, o| conv.bias[o], bounds, unit)
+        }
+        ConvKind::Dense if up == 2 => {
+            ensure!(k == 1 && residual.is_none(), "internal: depth-to-space after a {k}×{k} convolution");
+            let cout = conv.cout / 4;
+            let phases = (0..4).map(|p| Phase { taps: vec![(0, 0)], sub: (p / 2, p % 2) }).collect();
+            let weight = |p: usize, _: usize, c: usize, o: usize| w[(o * 4 + p) * cin + c];
+            Bf16Conv::new(input, output, None, phases, 1, 2, grid, cin, cout, &weight, &|p, o| conv.bias[o * 4 + p], bounds, unit)
+        }
+        _ => {
+            ensure!(conv.pad <= 1 || conv.stride == 1, "strided convolutions with padding over 1 are not supported");
+            if conv.stride == 1 {
+                ensure!(2 * conv.pad + 1 == k, "stride-1 convolutions must keep the map size (padding (k − 1)/2)");
+            }
+            let pad = conv.pad as isize;
+            let taps = (0..k * k).map(|t| ((t / k) as isize - pad, (t % k) as isize - pad)).collect();
+            let weight = |_: usize, t: usize, c: usize, o: usize| w[(o * cin + c) * k * k + t];
+            let grid = (output.h, output.w);
+            Bf16Conv::new(input, output, residual, vec![Phase { taps, sub: (0, 0) }], conv.stride, 1, grid, cin, conv.cout, &weight, &|_, o| conv.bias[o], bounds, unit)
+        }
+    };
+    Ok(Some(StepKind::Bf16(kind)))
 }
 
 /// Chooses a kernel for one convolution and packs its weights.

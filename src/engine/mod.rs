@@ -15,11 +15,15 @@
 //!
 //! **Dispatch rule.** [`Isa::active`] is the widest instruction set the CPU has (AVX-512F,
 //! then AVX2+FMA, then the portable Rust path), unless the `SEGCTL_KERNELS` environment
-//! variable names one (`avx512`, `avx2`, `portable`; asking for one the CPU lacks is an
-//! error). Kernels are generic over [`simd::Simd`] and instantiated once per instruction set.
+//! variable names one (`amx`, `avx512`, `avx2`, `portable`; asking for one the CPU lacks is
+//! an error). Kernels are generic over [`simd::Simd`] and instantiated once per instruction
+//! set. A plan compiled at [`Precision::Bf16`] runs its convolutions on [`Bf16Unit::active`]
+//! (the AMX tiles where the CPU has them, else the portable bf16 products) and everything
+//! else on the f32 kernels of [`Isa::active`].
 
 #[cfg(target_arch = "x86_64")]
 pub mod asm;
+pub mod bf16;
 pub mod compile;
 pub mod conv;
 pub mod gemm;
@@ -39,7 +43,8 @@ use std::sync::OnceLock;
 use anyhow::{Result, bail};
 
 pub use graph::{Act, ConvKind, ConvOp, Graph, GraphBuilder, NodeId, Op};
-pub use plan::{Plan, PlanOptions, PlanSummary, WinogradPolicy};
+pub use bf16::Bf16Unit;
+pub use plan::{Plan, PlanOptions, PlanSummary, Precision, WinogradPolicy};
 pub use session::Session;
 
 /// An instruction set the kernels are compiled for.
@@ -97,7 +102,15 @@ impl Isa {
             "avx512" | "avx-512" | "avx512f" => Isa::Avx512,
             "avx2" | "avx2+fma" | "fma" => Isa::Avx2,
             "portable" | "scalar" | "generic" => Isa::Portable,
-            other => bail!("{ISA_ENV}={other}: expected avx512, avx2 or portable"),
+            // The AMX tile unit computes bf16 convolutions; the f32 kernels around them are
+            // AVX-512's.
+            "amx" => {
+                if !Bf16Unit::Amx.supported() {
+                    bail!("{ISA_ENV}={}: this CPU (or its kernel) does not offer AMX-BF16", text.trim());
+                }
+                Isa::Avx512
+            }
+            other => bail!("{ISA_ENV}={other}: expected amx, avx512, avx2 or portable"),
         };
         if !isa.supported() {
             bail!("{ISA_ENV}={}: this CPU does not have {}", text.trim(), isa.name());
@@ -118,6 +131,20 @@ impl Isa {
     }
 }
 
+
+impl Bf16Unit {
+    /// The unit bf16 convolutions use: AMX where the CPU has it, unless `SEGCTL_KERNELS`
+    /// names an instruction set (`amx` forces the tiles; `avx512`, `avx2` or `portable`
+    /// the portable bf16 products); read once.
+    pub fn active() -> Result<Bf16Unit> {
+        Isa::active()?;
+        Ok(match std::env::var(ISA_ENV) {
+            Ok(v) if v.trim().eq_ignore_ascii_case("amx") => Bf16Unit::Amx,
+            Ok(v) if !v.trim().is_empty() => Bf16Unit::Portable,
+            _ => Bf16Unit::detect(),
+        })
+    }
+}
 
 /// A piece of kernel work generic over the vector instruction set: [`dispatch`] runs it with
 /// the instructions of an [`Isa`], compiled for them. Implementations mark `run`

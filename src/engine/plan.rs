@@ -9,6 +9,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::Isa;
+use super::bf16::{Bf16Conv, Bf16Unit};
 use super::conv::{DirectConv, Positions, SmallKConv, Split};
 use super::graph::ConvOp;
 use super::pool::{DepthwiseStep, EltwiseStep, InputStep, MaxPoolStep, OutputStep};
@@ -101,6 +102,7 @@ pub enum StepKind {
     Depthwise(DepthwiseStep),
     MaxPool(MaxPoolStep),
     Eltwise(EltwiseStep),
+    Bf16(Bf16Conv),
 }
 
 /// One step of the plan.
@@ -196,6 +198,10 @@ pub fn kind_name(kind: &StepKind) -> &'static str {
                     "copy"
                 }
             }
+            StepKind::Bf16(b) => match b.unit {
+                Bf16Unit::Amx => "bf16-amx",
+                Bf16Unit::Portable => "bf16-portable",
+            },
     }
 }
 
@@ -217,6 +223,7 @@ impl StepKind {
                 StepKind::Depthwise(s) => s.run::<S>(ctx, item),
                 StepKind::MaxPool(s) => s.run::<S>(ctx, item),
                 StepKind::Eltwise(s) => s.run::<S>(ctx, item),
+                StepKind::Bf16(s) => s.run(ctx, split, item, scratch),
             }
         }
     }
@@ -226,6 +233,7 @@ impl StepKind {
             StepKind::Direct(d) => d.split(n, threads),
             StepKind::SmallK(s) => s.split(n, threads),
             StepKind::Winograd(w) => w.split(n, threads),
+            StepKind::Bf16(b) => b.split(n, threads),
             _ => Split { groups: 1, chunks: 1 },
         }
     }
@@ -240,6 +248,7 @@ impl StepKind {
             StepKind::Depthwise(s) => s.items(n),
             StepKind::MaxPool(s) => s.items(n),
             StepKind::Eltwise(s) => s.items(n),
+            StepKind::Bf16(b) => b.items(split),
         }
     }
 }
@@ -257,6 +266,41 @@ pub enum WinogradPolicy {
     AutoRepacked { threads: usize },
 }
 
+/// The arithmetic of a plan's convolutions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// Convolution operands (weights and activations) rounded to bfloat16, sums in f32; the
+    /// logits, depthwise layers, pooling and sums stay f32.
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Precision> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            other => anyhow::bail!("precision {other:?}: expected f32 or bf16"),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// How to compile.
 #[derive(Debug, Clone)]
 pub struct PlanOptions {
@@ -267,11 +311,19 @@ pub struct PlanOptions {
     pub winograd: WinogradPolicy,
     /// The batch size the kernels are chosen for (any batch runs; this one runs fastest).
     pub batch: usize,
+    pub precision: Precision,
+    /// The unit of bf16 convolutions; `None`: [`Bf16Unit::active`].
+    pub bf16_unit: Option<Bf16Unit>,
 }
 
 impl PlanOptions {
     pub fn new(height: usize, width: usize) -> Self {
-        Self { height, width, isa: None, winograd: WinogradPolicy::Auto, batch: 1 }
+        Self { height, width, isa: None, winograd: WinogradPolicy::Auto, batch: 1, precision: Precision::F32, bf16_unit: None }
+    }
+
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
     }
 }
 
@@ -279,6 +331,9 @@ impl PlanOptions {
 #[derive(Debug)]
 pub struct Plan {
     pub isa: Isa,
+    pub precision: Precision,
+    /// The unit of the bf16 convolutions (a bf16 plan only).
+    pub bf16_unit: Option<Bf16Unit>,
     pub height: usize,
     pub width: usize,
     pub in_channels: usize,
@@ -298,6 +353,7 @@ pub struct Plan {
 #[derive(Debug, Clone, Serialize)]
 pub struct PlanSummary {
     pub isa: &'static str,
+    pub precision: &'static str,
     pub input: [usize; 3],
     pub steps: usize,
     /// Steps per kernel.
@@ -334,12 +390,14 @@ impl Plan {
                 StepKind::SmallK(d) => d.weights.len() + d.bias.len(),
                 StepKind::Winograd(w) => w.u.len() + w.bias.len(),
                 StepKind::Depthwise(d) => d.weights.len() + d.bias.len(),
+                StepKind::Bf16(b) => b.weight_bytes().div_ceil(4),
                 _ => 0,
             })
             .sum::<usize>()
             * 4;
         PlanSummary {
             isa: self.isa.name(),
+            precision: self.precision.name(),
             input: [self.in_channels, self.height, self.width],
             steps: self.steps.len(),
             kernels,

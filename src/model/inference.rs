@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result, ensure};
 use candle_core::{Device, Tensor};
 
-use crate::engine::{self, Plan, PlanOptions, PlanSummary, Session};
+use crate::engine::{self, Plan, PlanOptions, PlanSummary, Precision, Session};
 use super::{ModelSpec, ModelState};
 
 /// How to prepare a model for inference.
@@ -22,11 +22,14 @@ pub struct InferenceOptions {
     /// Compile the large-batch kernels on the first batch of 4 or more (faster there, but
     /// their re-packed weights can double the plan's memory: `mobilenetv2_unet` +170 MB).
     pub large_batch_kernels: bool,
+    /// The arithmetic of the plan's convolutions; `None`: an exported version's own
+    /// `precision` (see [`crate::infer::Predictor::from_loaded`]), f32 for a bare state.
+    pub precision: Option<Precision>,
 }
 
 impl Default for InferenceOptions {
     fn default() -> Self {
-        Self { threads: 0, idle_spin: None, large_batch_kernels: true }
+        Self { threads: 0, idle_spin: None, large_batch_kernels: true, precision: None }
     }
 }
 
@@ -56,7 +59,9 @@ impl InferenceModel {
         }
         let graph = state.model.lower().context("failed to describe the model for the inference engine")?;
         drop(state);
-        let plan = Plan::compile(&graph, &PlanOptions::new(spec.input_size, spec.input_size)).context("failed to compile the inference plan")?;
+        let precision = options.precision.unwrap_or_default();
+        let plan = Plan::compile(&graph, &PlanOptions::new(spec.input_size, spec.input_size).with_precision(precision))
+            .with_context(|| format!("failed to compile the {precision} inference plan"))?;
         ensure!(
             plan.out_size == (spec.input_size, spec.input_size) && plan.out_channels == spec.num_classes(),
             "the network's logits are {}×{:?}, expected {}×{}²",
@@ -72,6 +77,14 @@ impl InferenceModel {
         Ok(Self { spec, backend: Backend::Plan { plan: Arc::new(plan), sessions: Mutex::new(Vec::new()), threads, idle_spin: options.idle_spin, large_batch_kernels: options.large_batch_kernels } })
     }
 
+    /// The precision the model runs at (f32 off the CPU: candle's forward).
+    pub fn precision(&self) -> Precision {
+        match &self.backend {
+            Backend::Plan { plan, .. } => plan.precision,
+            Backend::Candle(_) => Precision::F32,
+        }
+    }
+
     pub fn spec(&self) -> &ModelSpec {
         &self.spec
     }
@@ -79,7 +92,10 @@ impl InferenceModel {
     /// `plan` (the kernel set is named) or `candle`.
     pub fn engine(&self) -> String {
         match &self.backend {
-            Backend::Plan { plan, .. } => format!("plan ({})", plan.isa.name()),
+            Backend::Plan { plan, .. } => match plan.bf16_unit {
+                Some(unit) => format!("plan ({}, {} on {})", plan.isa.name(), plan.precision, unit.name()),
+                None => format!("plan ({})", plan.isa.name()),
+            },
             Backend::Candle(_) => "candle".into(),
         }
     }

@@ -1,0 +1,59 @@
+//! Seconds and GFLOP/s of each step of a plan:
+//! `cargo run --release --example plan_profile -- [smoke|unet|mobilenetv2_unet] [f32|bf16] [batch] [threads]`.
+use std::sync::Arc;
+
+use segctl::config::{Arch, Config};
+use segctl::engine::{Plan, PlanOptions, Precision, Session};
+use segctl::model::{ModelSpec, ModelState};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arch = args.get(1).map_or("smoke", |s| s.as_str());
+    let precision = Precision::parse(args.get(2).map_or("bf16", |s| s.as_str())).unwrap();
+    let batch: usize = args.get(3).map_or(1, |s| s.parse().unwrap());
+    let threads: usize = args.get(4).map_or(1, |s| s.parse().unwrap());
+    let mut config = Config::default();
+    config.data.image_size = 128;
+    match arch {
+        "smoke" => config.model.unet.widths = Some(vec![12, 16, 32, 64, 128, 256]),
+        "unet" => {
+            config.model.unet.depth = 4;
+            config.model.unet.base_width = 32;
+        }
+        _ => {
+            config.model.arch = Arch::Mobilenetv2Unet;
+            config.model.encoder.weights = "none".into();
+        }
+    }
+    let spec = ModelSpec::from_config(&config);
+    let state = ModelState::new(&spec, &candle_core::Device::Cpu, 1).unwrap();
+    let graph = state.model.lower().unwrap();
+    let plan = Arc::new(Plan::compile(&graph, &PlanOptions { batch, ..PlanOptions::new(128, 128).with_precision(precision) }).unwrap());
+    let mut session = Session::new(Arc::clone(&plan), threads).unwrap();
+    let input = vec![0.25f32; batch * 3 * 128 * 128];
+    for _ in 0..5 {
+        session.run(&input, batch).unwrap();
+    }
+    session.set_profiling(true);
+    let rounds = 20;
+    let mut total = vec![0f64; plan.steps.len()];
+    for _ in 0..rounds {
+        session.run(&input, batch).unwrap();
+        for (t, s) in total.iter_mut().zip(session.step_seconds()) {
+            *t += s / rounds as f64;
+        }
+    }
+    let sum: f64 = total.iter().sum();
+    for (i, (step, t)) in plan.steps.iter().zip(&total).enumerate() {
+        let gflops = step.flops as f64 * batch as f64 / t / 1e9;
+        println!("{i:3} {:22} {:8.3} ms {:5.1} % {:7.1} GFLOP/s", kind_label(step), t * 1e3, 100.0 * t / sum, gflops);
+    }
+    println!("total {:.3} ms per call, {:.1} images/s", sum * 1e3, batch as f64 / sum);
+}
+
+fn kind_label(step: &segctl::engine::plan::Step) -> String {
+    match &step.kind {
+        segctl::engine::plan::StepKind::Bf16(b) => format!("bf16 {}x{} k{} c{}", b.grid.0, b.grid.1, b.kp, b.cout),
+        _ => step.name().to_string(),
+    }
+}
