@@ -20,6 +20,11 @@ pub struct BuildInfo {
     pub kernels: String,
     /// SIMD features this CPU reports that the kernels care about.
     pub cpu_features: Vec<&'static str>,
+    /// Precisions whose convolutions this CPU computes on their own units (`f32`, and `bf16`
+    /// on AMX tiles); the others run too, through the portable conversion path.
+    pub native_precisions: Vec<&'static str>,
+    /// The unit of bf16 convolutions here (`amx` or `portable`; `SEGCTL_KERNELS` honoured).
+    pub bf16_kernels: String,
     pub cuda: CudaStatus,
 }
 
@@ -53,7 +58,10 @@ fn cpu_features() -> Vec<&'static str> {
         macro_rules! probe {
             ($($f:tt),*) => {$( if std::is_x86_feature_detected!($f) { found.push($f); } )*};
         }
-        probe!("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni");
+        probe!("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512bf16");
+        if crate::engine::bf16::amx_available() {
+            found.push("amx-bf16");
+        }
     }
     #[cfg(target_arch = "aarch64")]
     {
@@ -88,6 +96,11 @@ pub fn collect() -> BuildInfo {
             Err(e) => format!("error: {e}"),
         },
         cpu_features: cpu_features(),
+        native_precisions: if crate::engine::Bf16Unit::Amx.supported() { vec!["f32", "bf16"] } else { vec!["f32"] },
+        bf16_kernels: match crate::engine::Bf16Unit::active() {
+            Ok(unit) => unit.name().to_string(),
+            Err(e) => format!("error: {e}"),
+        },
         cuda: cuda_status(),
     }
 }
@@ -103,12 +116,14 @@ impl BuildInfo {
             (false, None) => "unavailable".to_string(),
         };
         format!(
-            "{} {}{commit}\ntarget: {}, features: {features}\ncpu kernels: {} (cpu features: {})\ncuda: {cuda}\n",
+            "{} {}{commit}\ntarget: {}, features: {features}\ncpu kernels: {} (cpu features: {})\nprecisions: {} native; bf16 convolutions on {}\ncuda: {cuda}\n",
             self.name,
             self.version,
             self.target,
             self.kernels,
             if self.cpu_features.is_empty() { "none".to_string() } else { self.cpu_features.join(" ") },
+            self.native_precisions.join(", "),
+            self.bf16_kernels,
         )
     }
 }

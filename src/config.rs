@@ -380,7 +380,7 @@ pub struct TrainConfig {
     pub precision: Precision,
 }
 
-/// `train.precision`.
+/// `train.precision`, `export.precision`.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Precision {
@@ -570,11 +570,18 @@ pub struct ExportConfig {
     pub fold_batchnorm: bool,
     /// Also write `model.onnx` (opset 17) into the version folder.
     pub onnx: bool,
+    /// The arithmetic the version is checked at and served at: `f32`, or `bf16` (AMX tiles
+    /// where the CPU has them). A reduced precision is published only when its validation
+    /// mIoU is within `max_miou_drop` of the f32 plan's.
+    #[serde(skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
+    /// Largest validation mIoU loss (f32 minus reduced) a reduced-precision export accepts.
+    pub max_miou_drop: f64,
 }
 
 impl Default for ExportConfig {
     fn default() -> Self {
-        Self { repository: PathBuf::from("models"), fold_batchnorm: true, onnx: false }
+        Self { repository: PathBuf::from("models"), fold_batchnorm: true, onnx: false, precision: Precision::F32, max_miou_drop: 0.005 }
     }
 }
 
@@ -913,6 +920,8 @@ impl Config {
         ensure_key(self.evaluate.batch_size >= 1, "evaluate.batch_size", || "must be at least 1".into())?;
         ensure_key(self.storage.timeout_s >= 1, "storage.timeout_s", || "must be at least 1".into())?;
         ensure_key(self.storage.max_object_bytes >= 1, "storage.max_object_bytes", || "must be at least 1".into())?;
+        let drop = self.export.max_miou_drop;
+        ensure_key(drop.is_finite() && (-1.0..=1.0).contains(&drop), "export.max_miou_drop", || format!("{drop} must be a number from -1 to 1"))?;
         let s = &self.serve;
         ensure_key(s.max_batch_size >= 1, "serve.max_batch_size", || "must be at least 1".into())?;
         ensure_key(s.queue_capacity >= 1, "serve.queue_capacity", || "must be at least 1".into())?;

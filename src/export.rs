@@ -15,10 +15,10 @@ use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::config::is_valid_model_name;
-use crate::engine::{Plan, PlanOptions, Session};
+use crate::config::{Config, is_valid_model_name};
+use crate::engine::{Plan, PlanOptions, Precision, Session};
 use crate::model::{self, ModelState};
-use crate::model_store::{self, MANIFEST_FILE, ModelManifest, WEIGHTS_FILE};
+use crate::model_store::{self, MANIFEST_FILE, ModelManifest, PrecisionCheck, WEIGHTS_FILE};
 use crate::util::fs::FileLock;
 use crate::util::rng::Rng;
 
@@ -44,6 +44,12 @@ pub struct ExportOptions {
     pub metrics: Option<PathBuf>,
     /// Also write `model.onnx`.
     pub onnx: bool,
+    /// The version's precision; anything but f32 passes the gate ([`precision_gate`]) first.
+    pub precision: Precision,
+    /// `export.max_miou_drop`.
+    pub max_miou_drop: f64,
+    /// The configuration whose `data` section names the validation split the gate scores.
+    pub config: Option<Config>,
 }
 
 /// What was written.
@@ -58,6 +64,9 @@ pub struct ExportReport {
     pub parameters: usize,
     pub weights_sha256: String,
     pub source_checkpoint: PathBuf,
+    pub precision: Precision,
+    /// The gate's figures of a reduced-precision version.
+    pub precision_check: Option<PrecisionCheck>,
     /// `model.onnx`, when written: its path, SHA-256, and the largest logit difference between
     /// the file (read back and run by the engine) and the candle model on a probe batch.
     pub onnx: Option<OnnxReport>,
@@ -117,6 +126,15 @@ pub fn export(options: &ExportOptions) -> Result<ExportReport> {
         }
         None => meta.val_mean_iou.map(|m| serde_json::json!({ "source": "validation", "mean_iou": m })),
     };
+    // The gate runs before a version is claimed: a refused precision publishes nothing.
+    let precision_check = match options.precision {
+        Precision::F32 => None,
+        precision => {
+            let config = options.config.as_ref().context("a reduced-precision export needs the configuration of its validation data")?;
+            let state = ModelState::from_tensors(&spec, &tensors, &device)?;
+            Some(precision_gate(config, state, precision, options.max_miou_drop)?)
+        }
+    };
     let claim = claim_version(&model_dir, &options.name, options.version)?;
     let version = claim.version;
     let onnx = if options.onnx {
@@ -134,8 +152,8 @@ pub fn export(options: &ExportOptions) -> Result<ExportReport> {
         dataset_digest: meta.dataset_digest.clone(),
         weights_sha256: String::new(),
         onnx_sha256: None,
-        precision: crate::engine::Precision::F32,
-        precision_check: None,
+        precision: options.precision,
+        precision_check: precision_check.clone(),
         source_checkpoint: loaded.origin.path.display().to_string(),
         created: crate::util::utc_timestamp(),
         segctl_version: env!("CARGO_PKG_VERSION").into(),
@@ -157,8 +175,74 @@ pub fn export(options: &ExportOptions) -> Result<ExportReport> {
         parameters: tensors.iter().filter(|(n, _)| !n.contains("running_")).map(|(_, t)| t.elem_count()).sum(),
         weights_sha256,
         source_checkpoint: loaded.origin.path,
+        precision: options.precision,
+        precision_check,
         onnx,
     })
+}
+
+/// The export gate's refusal (the CLI exits 1, as for a model rejected by `evaluate`'s gate).
+#[derive(Debug)]
+pub struct PrecisionRefused(pub String);
+
+impl std::fmt::Display for PrecisionRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PrecisionRefused {}
+
+/// The export gate of a reduced precision: the validation split scored through the f32 plan
+/// and through the `precision` plan (the plan `serve` will run), each image's mask compared
+/// pixel by pixel; refuses (an error naming both mIoUs) when the mIoU drops by more than
+/// `max_drop`.
+pub fn precision_gate(config: &Config, state: ModelState, precision: Precision, max_drop: f64) -> Result<PrecisionCheck> {
+    use crate::config::Split;
+    use crate::model::inference::{InferenceModel, InferenceOptions};
+    use crate::validation::EvalModel;
+    let quiet = crate::progress::ProgressMode::Hidden;
+    let options = |p| InferenceOptions { precision: Some(p), ..Default::default() };
+    let graph_state = ModelState::from_tensors(&state.spec, &state.named_tensors(), &state.device)?;
+    let reduced = InferenceModel::new(graph_state, options(precision)).with_context(|| format!("the {precision} plan"))?;
+    let reference = InferenceModel::new(state, options(Precision::F32))?;
+
+    /// Runs both plans on every batch; answers with the reduced plan's classes and counts the
+    /// pixels whose class both give.
+    struct Both<'a> {
+        reduced: &'a InferenceModel,
+        reference: &'a InferenceModel,
+        same: std::sync::atomic::AtomicUsize,
+        pixels: std::sync::atomic::AtomicUsize,
+    }
+    impl EvalModel for Both<'_> {
+        fn spec(&self) -> &crate::model::ModelSpec {
+            self.reduced.spec()
+        }
+        fn predict(&self, batch: &crate::data::pipeline::Batch, loss: Option<&crate::loss::SegLoss>) -> Result<(Vec<u8>, Option<f64>)> {
+            let (ours, _) = self.reduced.predict(batch, loss)?;
+            let (theirs, _) = self.reference.predict(batch, loss)?;
+            let same = ours.iter().zip(&theirs).filter(|(a, b)| a == b).count();
+            self.same.fetch_add(same, std::sync::atomic::Ordering::Relaxed);
+            self.pixels.fetch_add(ours.len(), std::sync::atomic::Ordering::Relaxed);
+            Ok((ours, None))
+        }
+    }
+    let (f32_report, _) = crate::evaluate::score(config, &reference, Split::Val, quiet).context("the export gate scores the validation split")?;
+    let both = Both { reduced: &reduced, reference: &reference, same: Default::default(), pixels: Default::default() };
+    let (report, _) = crate::evaluate::score(config, &both, Split::Val, quiet)?;
+    let (f32_miou, miou) = (f32_report.mean_iou, report.mean_iou);
+    let drop = f32_miou - miou;
+    let pixels = both.pixels.into_inner().max(1);
+    let agreement = both.same.into_inner() as f64 / pixels as f64;
+    log::info!("export gate: validation mIoU {f32_miou:.4} at f32, {miou:.4} at {precision} (drop {drop:.4}, {:.2} % of pixels agree)", agreement * 100.0);
+    if drop > max_drop {
+        return Err(PrecisionRefused(format!(
+            "{precision} loses too much accuracy: validation mIoU {miou:.4} against {f32_miou:.4} at f32, a drop of {drop:.4} > export.max_miou_drop {max_drop}; nothing was published (export at f32, or raise export.max_miou_drop)"
+        ))
+        .into());
+    }
+    Ok(PrecisionCheck { f32_miou, miou, miou_drop: drop, max_miou_drop: max_drop, images: report.samples, mask_agreement: agreement, calibration_samples: None, calibration_digest: None })
 }
 
 /// Name of the object that claims a version number in a bucket before its files are uploaded.

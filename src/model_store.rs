@@ -61,10 +61,12 @@ pub struct PrecisionCheck {
     pub images: usize,
     /// Share of validation pixels whose class is the same in both plans.
     pub mask_agreement: f64,
-    /// Calibration images drawn from trainval (`export.calibration_samples`, the config's
-    /// seed) and the SHA-256 of their names in order.
-    pub calibration_samples: usize,
-    pub calibration_digest: String,
+    /// Calibration images and the SHA-256 of their names in order, for precisions that
+    /// calibrate (bf16 needs none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration_samples: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration_digest: Option<String>,
 }
 
 /// Where a loaded model came from.

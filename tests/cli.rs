@@ -137,6 +137,19 @@ fn version_names_the_build() {
     // SEGCTL_KERNELS is honoured.
     let v = json(&run(segctl().env("SEGCTL_KERNELS", "portable").args(["--version", "--json"])));
     assert_eq!(v["kernels"], "portable");
+    assert_eq!(v["bf16_kernels"], "portable");
+    // bf16 is native exactly where the CPU has AMX-BF16 (and Linux grants the tile state).
+    let amx = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.split_whitespace().any(|f| f == "amx_bf16"));
+    let v = json(&run(segctl().args(["--version", "--json"])));
+    let native: Vec<&str> = v["native_precisions"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+    assert_eq!(native.contains(&"bf16"), amx, "{v}");
+    assert_eq!(v["bf16_kernels"], if amx { "amx" } else { "portable" });
+    let forced = run(segctl().env("SEGCTL_KERNELS", "amx").args(["--version", "--json"]));
+    if amx {
+        assert_eq!(json(&forced)["bf16_kernels"], "amx");
+    } else {
+        assert!(json(&forced)["kernels"].as_str().unwrap().contains("AMX"), "forcing a missing unit is an error");
+    }
     // --json alone is a usage error.
     assert_eq!(run(segctl().arg("--json")).status.code(), Some(2));
 }

@@ -216,3 +216,92 @@ fn a_damaged_or_unbounded_version_is_refused_wherever_it_is_loaded() {
         assert!(stderr(&out).contains(key) && stderr(&out).contains("model.yaml"), "{}", stderr(&out));
     }
 }
+
+/// A trained model wide enough (8 channels) that its convolutions run in bf16, at 32² (rows
+/// of 32 pixels: the AMX row mode on such CPUs).
+fn trained_wide(dir: &Path) -> (PathBuf, PathBuf) {
+    let root = dir.join("pets");
+    synthetic_dataset(&root, 24, 5);
+    let config = tiny_config(dir, &root, 8);
+    let yaml = std::fs::read_to_string(&config).unwrap().replace("base_width: 4", "base_width: 8");
+    std::fs::write(&config, yaml).unwrap();
+    let out = run(segctl().args(["train", "--config"]).arg(&config));
+    assert!(out.status.success(), "training failed: {}", stderr(&out));
+    (config, dir.join("runs/tiny"))
+}
+
+#[test]
+fn bf16_export_is_gated_recorded_and_served_at_its_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, run_dir) = trained_wide(dir.path());
+    let repo = dir.path().join("repo");
+
+    // Refused: a gate that demands a gain publishes nothing and names both mIoUs.
+    let out = run(export_cmd(&config, &run_dir, &repo).args(["--precision", "bf16", "--set", "export.max_miou_drop=-1"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("validation mIoU") && err.contains("at f32") && err.contains("export.max_miou_drop"), "{err}");
+    assert!(!repo.join("pets").exists() || entries(&repo.join("pets")).iter().all(|e| !e.chars().all(|c| c.is_ascii_digit())), "nothing published");
+
+    // Version 1 at bf16, version 2 at f32.
+    let out = run(export_cmd(&config, &run_dir, &repo).args(["--precision", "bf16"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = json(&out);
+    assert_eq!(report["version"], 1);
+    assert_eq!(report["precision"], "bf16");
+    let check = &report["precision_check"];
+    let (f32_miou, miou) = (check["f32_miou"].as_f64().unwrap(), check["miou"].as_f64().unwrap());
+    assert!(f32_miou > 0.25 && miou > 0.25, "a trained model: {check}");
+    assert!(f32_miou - miou <= 0.005, "the gate held the drop: {check}");
+    assert!(check["mask_agreement"].as_f64().unwrap() >= 0.995, "{check}");
+    assert!(check["images"].as_u64().unwrap() >= 4, "{check}");
+    let m = manifest(&repo.join("pets/1"));
+    assert_eq!(m["precision"].as_str(), Some("bf16"));
+    assert_eq!(m["precision_check"]["miou"].as_f64(), Some(miou));
+    assert_eq!(m["precision_check"]["f32_miou"].as_f64(), Some(f32_miou));
+    let out = run(&mut export_cmd(&config, &run_dir, &repo));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(manifest(&repo.join("pets/2")).get("precision").is_none_or(|p| p.as_str() == Some("f32")));
+
+    // evaluate --model and benchmark run version 1 at bf16: the gate's own mIoU comes back.
+    let evaluate = |version: &str, kernels: Option<&str>| {
+        let mut cmd = segctl();
+        if let Some(k) = kernels {
+            cmd.env("SEGCTL_KERNELS", k);
+        }
+        let out = run(cmd.args(["evaluate", "--json", "--split", "val", "--config"]).arg(&config).arg("--model").arg(repo.join("pets").join(version)));
+        assert!(out.status.success(), "{}", stderr(&out));
+        json(&out)["mean_iou"].as_f64().unwrap()
+    };
+    assert!((evaluate("1", None) - miou).abs() < 1e-9, "evaluate runs the version at bf16");
+    assert!((evaluate("2", None) - f32_miou).abs() < 1e-9, "and the f32 version at f32");
+    // The portable bf16 path computes the same products: the same mIoU within rounding.
+    assert!((evaluate("1", Some("portable")) - miou).abs() < 0.01);
+    let out = run(segctl().args(["benchmark", "--json", "--iterations", "2", "--warmup", "0", "--model"]).arg(repo.join("pets/1")));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bench = json(&out);
+    assert_eq!(bench["precision"], "bf16");
+    assert_eq!(bench["plan"]["precision"], "bf16");
+    assert!(bench["plan"]["kernels"].as_object().unwrap().keys().any(|k| k.starts_with("bf16-")), "{bench}");
+    let out = run(segctl().args(["benchmark", "--json", "--iterations", "2", "--warmup", "0", "--precision", "f32", "--model"]).arg(repo.join("pets/1")));
+    assert_eq!(json(&out)["precision"], "f32", "--precision converts for timing");
+
+    // predict with either version: masks of the synthetic photos agree on ≥ 99.5 % of pixels.
+    let photos = dir.path().join("pets/images");
+    let masks = |version: &str| {
+        let out_dir = dir.path().join(format!("pred{version}"));
+        let out = run(segctl().args(["predict", "--model"]).arg(repo.join("pets").join(version)).arg(&photos).arg("--out").arg(&out_dir));
+        assert!(out.status.success(), "{}", stderr(&out));
+        out_dir
+    };
+    let (a, b) = (masks("1"), masks("2"));
+    let (mut same, mut total) = (0usize, 0usize);
+    for name in entries(&a).into_iter().filter(|n| n.ends_with("_mask.png")) {
+        let x = image::open(a.join(&name)).unwrap().to_luma8();
+        let y = image::open(b.join(&name)).unwrap().to_luma8();
+        same += x.pixels().zip(y.pixels()).filter(|(p, q)| p == q).count();
+        total += x.pixels().len();
+    }
+    assert!(total > 24 * 1000, "{total} pixels");
+    assert!(same as f64 >= 0.995 * total as f64, "bf16 and f32 masks agree on {same} of {total} pixels");
+}

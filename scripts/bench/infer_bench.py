@@ -1,9 +1,12 @@
-"""Inference speed: segctl's compiled plan against onnxruntime on the same architecture.
+"""Inference speed: segctl's compiled plan (f32 and bf16) against onnxruntime and OpenVINO
+on the same architecture.
 
 For each architecture, the PyTorch twin (torch_models.py, same layers and parameter counts
 as segctl's model) is exported to ONNX (opset 17, dynamic batch) and run by onnxruntime's
 CPU execution provider (graph optimizations on, `intra_op_num_threads` = threads, one
-inter-op thread): what a Python team deploys. segctl's side is `segctl benchmark --json`
+inter-op thread), and by OpenVINO's CPU plugin (one stream, latency hint,
+`INFERENCE_NUM_THREADS` = threads, static batch) at f32 and at its default precision (bf16 on
+CPUs with AMX or AVX512-BF16): what a Python team deploys. segctl's side is `segctl benchmark --json`
 on an untrained model of the same architecture (speed does not depend on the weights).
 
 Both sides run pinned to the same cores (the first `threads` CPUs: on a VM the vCPUs may run
@@ -68,13 +71,44 @@ def ort_round(session, batch, size, calls, warmup):
     return statistics.median(times)
 
 
-def segctl_round(segctl, arch, batch, threads, calls, warmup):
+def segctl_round(segctl, arch, batch, threads, calls, warmup, precision="f32"):
     _, flags = ARCHS[arch]
-    cmd = [segctl, "benchmark", *flags, "--batch", str(batch), "--threads", str(threads),
+    cmd = [segctl, "benchmark", *flags, "--batch", str(batch), "--threads", str(threads), "--precision", precision,
            "--iterations", str(calls), "--warmup", str(warmup), "--json", "-q"]
     out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     report = json.loads(out.strip().splitlines()[-1])
     return report["p50_ms"] / 1e3, report
+
+
+def ov_compile(core, onnx_path, batch, size, threads, precision):
+    """OpenVINO's CPU plugin as its docs set it up for latency: one stream, `threads`
+    inference threads, a static input shape; `precision` None keeps the plugin's default
+    (bf16 on CPUs with AMX or AVX512-BF16, f32 elsewhere)."""
+    model = core.read_model(onnx_path)
+    model.reshape({model.inputs[0].get_any_name(): [batch, 3, size, size]})
+    config = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_NUM_THREADS": str(threads)}
+    if precision:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = core.compile_model(model, "CPU", config)
+    return compiled, str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+
+
+def ov_round(compiled, batch, size, calls, warmup):
+    request = compiled.create_infer_request()
+    x = np.random.default_rng(7).standard_normal((batch, 3, size, size), dtype=np.float32)
+    for _ in range(warmup):
+        request.infer({0: x})
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        request.infer({0: x})
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+SIDES = ["segctl", "segctl_bf16", "onnxruntime", "openvino_f32", "openvino"]
+LABELS = {"segctl": "segctl f32", "segctl_bf16": "segctl bf16", "onnxruntime": "onnxruntime f32",
+          "openvino_f32": "OpenVINO f32", "openvino": "OpenVINO default"}
 
 
 def main():
@@ -87,8 +121,17 @@ def main():
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--sides", default=",".join(SIDES), help="any of " + ", ".join(SIDES))
     p.add_argument("--out", default=os.path.join(ROOT, "scripts/bench/results/infer.json"))
     args = p.parse_args()
+    sides = args.sides.split(",")
+    unknown = set(sides) - set(SIDES)
+    if unknown:
+        p.error(f"unknown sides {sorted(unknown)}")
+    core = None
+    if any(s.startswith("openvino") for s in sides):
+        import openvino as ov
+        core = ov.Core()
 
     rows = []
     all_cpus = os.sched_getaffinity(0)
@@ -98,48 +141,90 @@ def main():
         params = export_onnx(arch, onnx_path, args.size)
         print(f"{arch}: exported the PyTorch twin ({params:,} parameters) to ONNX", file=sys.stderr)
         for threads in map(int, args.threads.split(",")):
-            # This process (onnxruntime) and the segctl child it starts run on the same cores.
+            # This process (onnxruntime, OpenVINO) and the segctl child it starts run on the
+            # same cores.
             cpus = sorted(all_cpus)[:threads]
             os.sched_setaffinity(0, cpus)
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = threads
-            so.inter_op_num_threads = 1
-            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            session = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+            session = None
+            if "onnxruntime" in sides:
+                so = ort.SessionOptions()
+                so.intra_op_num_threads = threads
+                so.inter_op_num_threads = 1
+                so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                session = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
             for batch in map(int, args.batches.split(",")):
-                ort_times, seg_times, report = [], [], None
+                compiled, ov_precision = {}, None
+                if "openvino_f32" in sides:
+                    compiled["openvino_f32"], _ = ov_compile(core, onnx_path, batch, args.size, threads, "f32")
+                if "openvino" in sides:
+                    compiled["openvino"], ov_precision = ov_compile(core, onnx_path, batch, args.size, threads, None)
+                times = {s: [] for s in sides}
+                reports = {}
                 for _ in range(args.rounds):
-                    t, report = segctl_round(args.segctl, arch, batch, threads, args.calls, args.warmup)
-                    seg_times.append(t)
-                    ort_times.append(ort_round(session, batch, args.size, args.calls, args.warmup))
-                seg, onnx = statistics.median(seg_times), statistics.median(ort_times)
-                flops = report["gflop_per_image"]
-                row = {
-                    "arch": arch, "threads": threads, "batch": batch,
-                    "segctl_images_per_s": batch / seg, "onnxruntime_images_per_s": batch / onnx,
-                    "ratio": onnx / seg,
-                    "gflop_per_image": flops,
-                    "segctl_gflop_per_s": flops * batch / seg, "onnxruntime_gflop_per_s": flops * batch / onnx,
-                    "segctl_round_s": seg_times, "onnxruntime_round_s": ort_times,
-                    "segctl_kernels": report["engine"], "plan": report.get("plan"), "cpus": cpus,
-                }
+                    for side in sides:
+                        if side == "segctl":
+                            t, reports[side] = segctl_round(args.segctl, arch, batch, threads, args.calls, args.warmup)
+                        elif side == "segctl_bf16":
+                            t, reports[side] = segctl_round(args.segctl, arch, batch, threads, args.calls, args.warmup, "bf16")
+                        elif side == "onnxruntime":
+                            t = ort_round(session, batch, args.size, args.calls, args.warmup)
+                        else:
+                            t = ov_round(compiled[side], batch, args.size, args.calls, args.warmup)
+                        times[side].append(t)
+                report = reports.get("segctl") or reports.get("segctl_bf16")
+                flops = report["gflop_per_image"] if report else None
+                row = {"arch": arch, "threads": threads, "batch": batch, "cpus": cpus, "gflop_per_image": flops,
+                       "openvino_default_precision": ov_precision}
+                for side in sides:
+                    med = statistics.median(times[side])
+                    row[f"{side}_images_per_s"] = batch / med
+                    row[f"{side}_round_s"] = times[side]
+                    if flops:
+                        row[f"{side}_gflop_per_s"] = flops * batch / med
+                for side, rep in reports.items():
+                    row[f"{side}_kernels"] = rep["engine"]
+                    row[f"{side}_plan"] = rep.get("plan")
+                if "segctl" in sides and "onnxruntime" in sides:
+                    row["ratio"] = row["segctl_images_per_s"] / row["onnxruntime_images_per_s"]
                 rows.append(row)
-                print(f"  threads {threads} batch {batch}: segctl {row['segctl_images_per_s']:.1f} img/s, "
-                      f"onnxruntime {row['onnxruntime_images_per_s']:.1f} img/s, ratio {row['ratio']:.2f}", file=sys.stderr)
+                print(f"  threads {threads} batch {batch}: " + ", ".join(
+                    f"{LABELS[s]} {row[f'{s}_images_per_s']:.1f}" for s in sides) + " img/s", file=sys.stderr)
 
     os.sched_setaffinity(0, all_cpus)
     meta = {"onnxruntime": ort.__version__, "torch": torch.__version__, "calls": args.calls, "rounds": args.rounds,
-            "size": args.size, "cpu": cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M")}
+            "size": args.size, "cpu": cpu_name(), "flags": cpu_flags(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    if core is not None:
+        import openvino as ov
+        meta["openvino"] = ov.__version__
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
-    print(f"| architecture | threads | batch | segctl img/s | onnxruntime img/s | segctl/onnxruntime | segctl GFLOP/s | onnxruntime GFLOP/s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    head = " | ".join(f"{LABELS[s]} img/s" for s in sides)
+    ratios = [(a, b) for a, b in [("segctl", "onnxruntime"), ("segctl", "openvino_f32"), ("segctl_bf16", "openvino")]
+              if a in sides and b in sides]
+    print(f"| architecture | threads | batch | {head} | " + " | ".join(f"{LABELS[a]} / {LABELS[b]}" for a, b in ratios) + " |")
+    print("|---|---:|---:|" + "---:|" * (len(sides) + len(ratios)))
     for r in rows:
-        print(f"| {DESCRIPTION[r['arch']]} | {r['threads']} | {r['batch']} | {r['segctl_images_per_s']:.1f} | "
-              f"{r['onnxruntime_images_per_s']:.1f} | **{r['ratio']:.2f}×** | {r['segctl_gflop_per_s']:.0f} | {r['onnxruntime_gflop_per_s']:.0f} |")
+        cells = " | ".join(f"{r[f'{s}_images_per_s']:.1f}" for s in sides)
+        rs = " | ".join(f"**{r[f'{a}_images_per_s'] / r[f'{b}_images_per_s']:.2f}×**" for a, b in ratios)
+        print(f"| {DESCRIPTION[r['arch']]} | {r['threads']} | {r['batch']} | {cells} | {rs} |")
+    if rows and rows[0].get("openvino_default_precision"):
+        print(f"\nOpenVINO's default inference precision here: {rows[0]['openvino_default_precision']}")
+
+
+def cpu_flags():
+    wanted = ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"]
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in have]
+    except OSError:
+        pass
+    return []
 
 
 def cpu_name():

@@ -13,7 +13,7 @@ use super::{EXIT_REJECTED, GlobalArgs, Overrides, print_json};
 #[derive(Debug, Args)]
 pub struct EvaluateArgs {
     /// Checkpoint file, run folder (its best checkpoint), or exported model version folder.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, visible_alias = "model", value_name = "PATH")]
     checkpoint: PathBuf,
     /// test, trainval, train or val [config: evaluate.split].
     #[arg(long, value_name = "SPLIT")]

@@ -5,9 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Args;
-use segctl::export::{ExportOptions, export};
+use segctl::export::{ExportOptions, PrecisionRefused, export};
 
-use super::{GlobalArgs, Overrides, print_json};
+use super::{EXIT_REJECTED, GlobalArgs, Overrides, print_json};
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
@@ -33,6 +33,10 @@ pub struct ExportArgs {
     /// Also write `model.onnx` (opset 17, checked against the model) [config: export.onnx].
     #[arg(long)]
     onnx: bool,
+    /// f32 or bf16: the arithmetic the version is checked at on the validation split and
+    /// served at [config: export.precision].
+    #[arg(long, value_name = "P")]
+    precision: Option<String>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -43,7 +47,8 @@ pub fn exec(args: ExportArgs, global: &GlobalArgs) -> Result<ExitCode> {
         Overrides::default()
             .add("export.repository", args.repository)
             .add("export.fold_batchnorm", args.no_fold.then_some(false))
-            .add("export.onnx", args.onnx.then_some(true)),
+            .add("export.onnx", args.onnx.then_some(true))
+            .add("export.precision", args.precision),
     )?;
     let options = ExportOptions {
         checkpoint: args.checkpoint,
@@ -53,8 +58,21 @@ pub fn exec(args: ExportArgs, global: &GlobalArgs) -> Result<ExitCode> {
         fold_batchnorm: config.export.fold_batchnorm,
         metrics: args.metrics,
         onnx: config.export.onnx,
+        precision: match config.export.precision {
+            segctl::config::Precision::F32 => segctl::engine::Precision::F32,
+            segctl::config::Precision::Bf16 => segctl::engine::Precision::Bf16,
+        },
+        max_miou_drop: config.export.max_miou_drop,
+        config: Some(config.clone()),
     };
-    let report = export(&options)?;
+    let report = match export(&options) {
+        Ok(report) => report,
+        Err(e) if e.downcast_ref::<PrecisionRefused>().is_some() => {
+            eprintln!("error: {e:#}");
+            return Ok(ExitCode::from(EXIT_REJECTED));
+        }
+        Err(e) => return Err(e),
+    };
     if args.json {
         print_json(&report)?;
     } else {
@@ -66,6 +84,18 @@ pub fn exec(args: ExportArgs, global: &GlobalArgs) -> Result<ExitCode> {
             report.fold_max_abs_diff.map(|d| format!(" (max logit change {d:.1e})")).unwrap_or_default(),
             &report.weights_sha256[..16]
         );
+        if let Some(check) = &report.precision_check {
+            println!(
+                "  {}: validation mIoU {:.4} (f32 {:.4}, drop {:.4} within {}), {:.2} % of {} images' pixels agree",
+                report.precision,
+                check.miou,
+                check.f32_miou,
+                check.miou_drop,
+                check.max_miou_drop,
+                check.mask_agreement * 100.0,
+                check.images
+            );
+        }
         if let Some(onnx) = &report.onnx {
             println!(
                 "  {} (opset {}, {} bytes, sha256 {}; logits within {:.1e} of the model)",
