@@ -5,7 +5,8 @@ For each architecture, the PyTorch twin (torch_models.py, same layers and parame
 as segctl's model) is exported to ONNX (opset 17, dynamic batch) and run by onnxruntime's
 CPU execution provider (graph optimizations on, `intra_op_num_threads` = threads, one
 inter-op thread), and by OpenVINO's CPU plugin (one stream, latency hint,
-`INFERENCE_NUM_THREADS` = threads, static batch) at f32 and at its default precision (bf16 on
+`INFERENCE_NUM_THREADS` = threads, static batch; each round in a child process of its own,
+pinned like the others) at f32 and at its default precision (bf16 on
 CPUs with AMX or AVX512-BF16): what a Python team deploys. segctl's side is `segctl benchmark --json`
 on an untrained model of the same architecture (speed does not depend on the weights).
 
@@ -93,17 +94,33 @@ def ov_compile(core, onnx_path, batch, size, threads, precision):
     return compiled, str(compiled.get_property("INFERENCE_PRECISION_HINT"))
 
 
-def ov_round(compiled, batch, size, calls, warmup):
+def ov_round(onnx_path, batch, size, threads, precision, calls, warmup):
+    """One OpenVINO round in a child process of its own (like segctl's): the CPU plugin sizes
+    its thread pool from the affinity it first sees and keeps its workers alive after a call,
+    which in this process would leave them on the cores while the next side runs."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--openvino-child", onnx_path, "--size", str(size),
+           "--batches", str(batch), "--threads", str(threads), "--calls", str(calls), "--warmup", str(warmup),
+           "--openvino-precision", precision or "default"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    return result["median_s"], result["precision"]
+
+
+def ov_child(args):
+    import openvino as ov
+    batch, threads = int(args.batches), int(args.threads)
+    precision = None if args.openvino_precision == "default" else args.openvino_precision
+    compiled, used = ov_compile(ov.Core(), args.openvino_child, batch, args.size, threads, precision)
     request = compiled.create_infer_request()
-    x = np.random.default_rng(7).standard_normal((batch, 3, size, size), dtype=np.float32)
-    for _ in range(warmup):
+    x = np.random.default_rng(7).standard_normal((batch, 3, args.size, args.size), dtype=np.float32)
+    for _ in range(args.warmup):
         request.infer({0: x})
     times = []
-    for _ in range(calls):
+    for _ in range(args.calls):
         t = time.perf_counter()
         request.infer({0: x})
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    print(json.dumps({"median_s": statistics.median(times), "precision": used}))
 
 
 SIDES = ["segctl", "segctl_bf16", "onnxruntime", "openvino_f32", "openvino"]
@@ -123,15 +140,17 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--sides", default=",".join(SIDES), help="any of " + ", ".join(SIDES))
     p.add_argument("--out", default=os.path.join(ROOT, "scripts/bench/results/infer.json"))
+    p.add_argument("--openvino-child", help=argparse.SUPPRESS)
+    p.add_argument("--openvino-precision", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.openvino_child:
+        ov_child(args)
+        return
     sides = args.sides.split(",")
     unknown = set(sides) - set(SIDES)
     if unknown:
         p.error(f"unknown sides {sorted(unknown)}")
-    core = None
-    if any(s.startswith("openvino") for s in sides):
-        import openvino as ov
-        core = ov.Core()
+    core = any(s.startswith("openvino") for s in sides)
 
     rows = []
     all_cpus = os.sched_getaffinity(0)
@@ -154,11 +173,7 @@ def main():
                 so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
                 session = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
             for batch in map(int, args.batches.split(",")):
-                compiled, ov_precision = {}, None
-                if "openvino_f32" in sides:
-                    compiled["openvino_f32"], _ = ov_compile(core, onnx_path, batch, args.size, threads, "f32")
-                if "openvino" in sides:
-                    compiled["openvino"], ov_precision = ov_compile(core, onnx_path, batch, args.size, threads, None)
+                ov_precision = None
                 times = {s: [] for s in sides}
                 reports = {}
                 for _ in range(args.rounds):
@@ -169,8 +184,10 @@ def main():
                             t, reports[side] = segctl_round(args.segctl, arch, batch, threads, args.calls, args.warmup, "bf16")
                         elif side == "onnxruntime":
                             t = ort_round(session, batch, args.size, args.calls, args.warmup)
+                        elif side == "openvino_f32":
+                            t, _ = ov_round(onnx_path, batch, args.size, threads, "f32", args.calls, args.warmup)
                         else:
-                            t = ov_round(compiled[side], batch, args.size, args.calls, args.warmup)
+                            t, ov_precision = ov_round(onnx_path, batch, args.size, threads, None, args.calls, args.warmup)
                         times[side].append(t)
                 report = reports.get("segctl") or reports.get("segctl_bf16")
                 flops = report["gflop_per_image"] if report else None
@@ -194,7 +211,7 @@ def main():
     os.sched_setaffinity(0, all_cpus)
     meta = {"onnxruntime": ort.__version__, "torch": torch.__version__, "calls": args.calls, "rounds": args.rounds,
             "size": args.size, "cpu": cpu_name(), "flags": cpu_flags(), "date": time.strftime("%Y-%m-%d %H:%M")}
-    if core is not None:
+    if core:
         import openvino as ov
         meta["openvino"] = ov.__version__
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
