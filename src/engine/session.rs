@@ -157,8 +157,13 @@ impl Session {
             self.output = vec![0f32; n * plan.output_len()];
         }
         // A bf16 plan computes 3–4× faster than it can stream maps that have left the cache:
-        // a batch runs image by image (each image's maps stay in L2), all threads on each.
-        let chunk = if plan.precision == super::Precision::Bf16 { 1 } else { n };
+        // a batch runs a few images at a time, about 6 MB of maps per thread (measured on
+        // 2 MB-L2 cores: unet-d4w32, 9.7 MB per image, 192 → 235 img/s at batch 8 in chunks
+        // of one; the smoke UNet, 3.2 MB, best in chunks of 3–4 on two threads).
+        let chunk = match plan.precision {
+            super::Precision::Bf16 => (threads.clamp(1, self.threads) * (6 << 20) / (plan.arena_per_image * 4).max(1)).clamp(1, n),
+            _ => n,
+        };
         for first in (0..n).step_by(chunk) {
             let m = chunk.min(n - first);
             self.run_chunk(&input[first * plan.input_len()..(first + m) * plan.input_len()], m, threads, first * plan.output_len())?;
