@@ -487,48 +487,13 @@ mod amx {
                 while m < rows {
                     let a0 = a.add(m * kp);
                     let a1 = a0.add(16 * kp);
+                    zero_tiles();
                     if pair {
-                        asm!(
-                            "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-                            "2:",
-                            "tileloadd tmm4, [{a0} + {lda}*1]",
-                            "tileloadd tmm6, [{b0} + {ldb}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tileloadd tmm7, [{b1} + {ldb}*1]",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tileloadd tmm5, [{a1} + {lda}*1]",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            "add {a0}, 64", "add {a1}, 64", "add {b0}, 1024", "add {b1}, 1024",
-                            "dec {k}", "jnz 2b",
-                            "tilestored [{c} + {ldc}*1], tmm0",
-                            "tilestored [{c1} + {ldc}*1], tmm1",
-                            "tilestored [{c2} + {ldc}*1], tmm2",
-                            "tilestored [{c3} + {ldc}*1], tmm3",
-                            a0 = inout(reg) a0 => _, a1 = inout(reg) a1 => _, b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _,
-                            k = inout(reg) kc => _, lda = in(reg) lda, ldb = in(reg) 64usize, ldc = in(reg) 64usize,
-                            c = in(reg) acc, c1 = in(reg) acc.add(256), c2 = in(reg) acc.add(512), c3 = in(reg) acc.add(768),
-                            options(nostack),
-                        );
+                        dot_2x2(a0, a1, b0, b1, kc, lda);
                     } else {
-                        asm!(
-                            "tilezero tmm0", "tilezero tmm2",
-                            "2:",
-                            "tileloadd tmm6, [{b0} + {ldb}*1]",
-                            "tileloadd tmm4, [{a0} + {lda}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tileloadd tmm5, [{a1} + {lda}*1]",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "add {a0}, 64", "add {a1}, 64", "add {b0}, 1024",
-                            "dec {k}", "jnz 2b",
-                            "tilestored [{c} + {ldc}*1], tmm0",
-                            "tilestored [{c2} + {ldc}*1], tmm2",
-                            a0 = inout(reg) a0 => _, a1 = inout(reg) a1 => _, b0 = inout(reg) b0 => _,
-                            k = inout(reg) kc => _, lda = in(reg) lda, ldb = in(reg) 64usize, ldc = in(reg) 64usize,
-                            c = in(reg) acc, c2 = in(reg) acc.add(512),
-                            options(nostack),
-                        );
+                        dot_2x1(a0, a1, b0, kc, lda);
                     }
+                    store_tiles(acc);
                     epilogue(conv, ctx, phase_index, block + m, (rows - m).min(MB), panel, pair, acc);
                     m += MB;
                 }
@@ -572,58 +537,83 @@ mod amx {
                 let pair = panel + 1 < p_hi;
                 let b = conv.packed.as_ptr().add(panel * conv.kp * NP);
                 let b1 = b.add(conv.kp * NP);
-                asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                zero_tiles();
                 for dy in 0..k {
                     // Padded column of the window's first tap: x·stride + 1 − k/2.
                     let a0 = rows.add(dy * pitch + (x0 * s + 1 - k / 2) * cin);
                     let a1 = a0.add(16 * s * cin);
-                    let b0 = b.add(dy * kd * NP);
                     if pair {
-                        asm!(
-                            "2:",
-                            "tileloadd tmm4, [{a0} + {lda}*1]",
-                            "tileloadd tmm6, [{b0} + {ldb}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tileloadd tmm7, [{b1} + {ldb}*1]",
-                            "tdpbf16ps tmm1, tmm4, tmm7",
-                            "tileloadd tmm5, [{a1} + {lda}*1]",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "tdpbf16ps tmm3, tmm5, tmm7",
-                            "add {a0}, 64", "add {a1}, 64", "add {b0}, 1024", "add {b1}, 1024",
-                            "dec {k}", "jnz 2b",
-                            a0 = inout(reg) a0 => _, a1 = inout(reg) a1 => _, b0 = inout(reg) b0 => _, b1 = inout(reg) b1.add(dy * kd * NP) => _,
-                            k = inout(reg) chunks => _, lda = in(reg) lda, ldb = in(reg) 64usize,
-                            options(nostack, readonly),
-                        );
+                        dot_2x2(a0, a1, b.add(dy * kd * NP), b1.add(dy * kd * NP), chunks, lda);
                     } else {
-                        asm!(
-                            "2:",
-                            "tileloadd tmm6, [{b0} + {ldb}*1]",
-                            "tileloadd tmm4, [{a0} + {lda}*1]",
-                            "tdpbf16ps tmm0, tmm4, tmm6",
-                            "tileloadd tmm5, [{a1} + {lda}*1]",
-                            "tdpbf16ps tmm2, tmm5, tmm6",
-                            "add {a0}, 64", "add {a1}, 64", "add {b0}, 1024",
-                            "dec {k}", "jnz 2b",
-                            a0 = inout(reg) a0 => _, a1 = inout(reg) a1 => _, b0 = inout(reg) b0 => _,
-                            k = inout(reg) chunks => _, lda = in(reg) lda, ldb = in(reg) 64usize,
-                            options(nostack, readonly),
-                        );
+                        dot_2x1(a0, a1, b.add(dy * kd * NP), chunks, lda);
                     }
                 }
-                asm!(
-                    "tilestored [{c} + {ldc}*1], tmm0",
-                    "tilestored [{c1} + {ldc}*1], tmm1",
-                    "tilestored [{c2} + {ldc}*1], tmm2",
-                    "tilestored [{c3} + {ldc}*1], tmm3",
-                    ldc = in(reg) 64usize, c = in(reg) acc, c1 = in(reg) acc.add(256), c2 = in(reg) acc.add(512), c3 = in(reg) acc.add(768),
-                    options(nostack),
-                );
+                store_tiles(acc);
                 epilogue(conv, ctx, 0, g, MB.min(r_hi - g), panel, pair, acc);
                 panel += 2;
             }
             g += MB;
         }
+    }
+
+    #[inline(always)]
+    unsafe fn zero_tiles() {
+        asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+    }
+
+    /// The four accumulator tiles to `acc`: tile (m, j) (row block m, panel j) at
+    /// `acc + (2m + j)·256` floats, 16 floats per row.
+    #[inline(always)]
+    unsafe fn store_tiles(acc: *mut f32) {
+        asm!(
+            "tilestored [{c} + {ldc}*1], tmm0",
+            "tilestored [{c1} + {ldc}*1], tmm1",
+            "tilestored [{c2} + {ldc}*1], tmm2",
+            "tilestored [{c3} + {ldc}*1], tmm3",
+            ldc = in(reg) 64usize, c = in(reg) acc, c1 = in(reg) acc.add(256), c2 = in(reg) acc.add(512), c3 = in(reg) acc.add(768),
+            options(nostack),
+        );
+    }
+
+    /// Accumulates rows 0–15 (`a0`) and 16–31 (`a1`) of A, `lda` bytes per row, times the
+    /// panels `b0` and `b1` (pair-interleaved, 1 KB per K block) into tiles 0–3, over `chunks`
+    /// K blocks of [`KT`].
+    #[inline(always)]
+    unsafe fn dot_2x2(a0: *const u16, a1: *const u16, b0: *const u16, b1: *const u16, chunks: usize, lda: usize) {
+        asm!(
+            "2:",
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tileloadd tmm6, [{b0} + {ldb}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm7, [{b1} + {ldb}*1]",
+            "tdpbf16ps tmm1, tmm4, tmm7",
+            "tileloadd tmm5, [{a1} + {lda}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "tdpbf16ps tmm3, tmm5, tmm7",
+            "add {a0}, 64", "add {a1}, 64", "add {b0}, 1024", "add {b1}, 1024",
+            "dec {k}", "jnz 2b",
+            a0 = inout(reg) a0 => _, a1 = inout(reg) a1 => _, b0 = inout(reg) b0 => _, b1 = inout(reg) b1 => _,
+            k = inout(reg) chunks => _, lda = in(reg) lda, ldb = in(reg) 64usize,
+            options(nostack, readonly),
+        );
+    }
+
+    /// [`dot_2x2`] with one panel: tiles 0 and 2.
+    #[inline(always)]
+    unsafe fn dot_2x1(a0: *const u16, a1: *const u16, b0: *const u16, chunks: usize, lda: usize) {
+        asm!(
+            "2:",
+            "tileloadd tmm6, [{b0} + {ldb}*1]",
+            "tileloadd tmm4, [{a0} + {lda}*1]",
+            "tdpbf16ps tmm0, tmm4, tmm6",
+            "tileloadd tmm5, [{a1} + {lda}*1]",
+            "tdpbf16ps tmm2, tmm5, tmm6",
+            "add {a0}, 64", "add {a1}, 64", "add {b0}, 1024",
+            "dec {k}", "jnz 2b",
+            a0 = inout(reg) a0 => _, a1 = inout(reg) a1 => _, b0 = inout(reg) b0 => _,
+            k = inout(reg) chunks => _, lda = in(reg) lda, ldb = in(reg) 64usize,
+            options(nostack, readonly),
+        );
     }
 
     /// One padded input row (`w` pixels, `cin` of every `cs` channels) as bf16, `cin` values
