@@ -30,6 +30,8 @@ use super::plan::{Ctx, View};
 pub enum Bf16Unit {
     /// Intel AMX tiles (`amx_bf16`): 16×16 f32 accumulators, `tdpbf16ps`.
     Amx,
+    /// AVX512-BF16 `vdpbf16ps`: pairs of bf16 products summed into 16 f32 lanes.
+    Avx512Bf16,
     /// Plain Rust: the same bf16 products, summed in f32.
     Portable,
 }
@@ -38,6 +40,7 @@ impl Bf16Unit {
     pub fn name(self) -> &'static str {
         match self {
             Bf16Unit::Amx => "amx",
+            Bf16Unit::Avx512Bf16 => "avx512bf16",
             Bf16Unit::Portable => "portable",
         }
     }
@@ -46,12 +49,36 @@ impl Bf16Unit {
         match self {
             Bf16Unit::Portable => true,
             Bf16Unit::Amx => amx_available(),
+            Bf16Unit::Avx512Bf16 => avx512bf16_available(),
         }
     }
 
     /// The fastest unit this CPU has.
     pub fn detect() -> Bf16Unit {
-        if amx_available() { Bf16Unit::Amx } else { Bf16Unit::Portable }
+        if amx_available() {
+            Bf16Unit::Amx
+        } else if avx512bf16_available() {
+            Bf16Unit::Avx512Bf16
+        } else {
+            Bf16Unit::Portable
+        }
+    }
+}
+
+/// Whether the CPU has AVX512-BF16 (with the AVX-512 subsets its kernels use).
+pub fn avx512bf16_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("avx512bf16")
+            && std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -211,19 +238,10 @@ impl Bf16Conv {
     /// once per tap. K then runs per kernel row, `k · cin` rounded up to [`KT`] (the values
     /// past `k · cin` are the next pixel's, met by zero weights).
     fn row_mode(phases: &[Phase], stride: usize, grid: (usize, usize), in_w: usize, unit: Bf16Unit) -> Option<usize> {
-        if unit != Bf16Unit::Amx || phases.len() != 1 || grid.1 % MB != 0 {
+        if unit == Bf16Unit::Portable || grid.1 % MB != 0 {
             return None;
         }
-        let taps = &phases[0].taps;
-        let k = match taps.len() {
-            1 => 1,
-            9 => 3,
-            _ => return None,
-        };
-        let pad = (k / 2) as isize;
-        let centred = taps.iter().enumerate().all(|(t, &(dy, dx))| dy == (t / k) as isize - pad && dx == (t % k) as isize - pad);
-        // Every read stays inside the padded row (the last pixel's window ends at its edge).
-        (centred && stride * (grid.1 - 1) + k <= in_w + 2).then_some(k)
+        centred_kernel(phases, stride, grid.1, in_w)
     }
 
     /// u16 values of one converted input row, with slack for the last pixel's K tail.
@@ -292,7 +310,9 @@ impl Bf16Conv {
         let a = aligned.add(4 * 256) as *mut u16;
         match self.unit {
             #[cfg(target_arch = "x86_64")]
-            Bf16Unit::Amx => amx::run(self, ctx, phase_index, (p_lo, p_hi), (r_lo, r_hi), a, acc),
+            Bf16Unit::Amx => amx::run(self, ctx, phase_index, (p_lo, p_hi), (r_lo, r_hi), a, acc, true),
+            #[cfg(target_arch = "x86_64")]
+            Bf16Unit::Avx512Bf16 => amx::run(self, ctx, phase_index, (p_lo, p_hi), (r_lo, r_hi), a, acc, false),
             _ => self.run_portable(ctx, phase_index, (p_lo, p_hi), (r_lo, r_hi), a, acc),
         }
     }
@@ -361,9 +381,27 @@ impl Bf16Conv {
     }
 }
 
+/// `k` when `phases` is one phase of `k × k` taps centred on the pixel (`k` = 1 or 3) and
+/// a row of `gw` outputs at `stride` reads inside a padded input row `in_w + 2` wide.
+pub(super) fn centred_kernel(phases: &[Phase], stride: usize, gw: usize, in_w: usize) -> Option<usize> {
+    if phases.len() != 1 {
+        return None;
+    }
+    let taps = &phases[0].taps;
+    let k = match taps.len() {
+        1 => 1,
+        9 => 3,
+        _ => return None,
+    };
+    let pad = (k / 2) as isize;
+    let centred = taps.iter().enumerate().all(|(t, &(dy, dx))| dy == (t / k) as isize - pad && dx == (t % k) as isize - pad);
+    // Every read stays inside the padded row (the last pixel's window ends at its edge).
+    (centred && stride * (gw - 1) + k <= in_w + 2).then_some(k)
+}
+
 /// Consecutive grid rows' input and output positions, without a division per row.
 #[derive(Clone, Copy)]
-struct Rows {
+pub(super) struct Rows {
     x: usize,
     gw: usize,
     input: usize,
@@ -383,12 +421,18 @@ struct Rows {
 impl Rows {
     #[inline(always)]
     fn new(conv: &Bf16Conv, g: usize, phase: &Phase) -> Rows {
-        let (gh, gw) = conv.grid;
+        Rows::at(&conv.input, &conv.output, conv.grid, conv.stride, conv.up, g, phase)
+    }
+
+    /// Grid row `g` of a convolution from `input` to `output` over `grid`, reading with
+    /// `stride` and writing phase `phase` of `up × up` output pixels per grid pixel.
+    #[inline(always)]
+    pub(super) fn at(input: &View, output: &View, grid: (usize, usize), s: usize, up: usize, g: usize, phase: &Phase) -> Rows {
+        let (gh, gw) = grid;
         let (img, rem) = (g / (gh * gw), g % (gh * gw));
         let (y, x) = (rem / gw, rem % gw);
-        let (iw, ih) = (conv.input.w + 2, conv.input.h + 2);
-        let (ow, oh) = (conv.output.w + 2, conv.output.h + 2);
-        let (s, up) = (conv.stride, conv.up);
+        let (iw, ih) = (input.w + 2, input.h + 2);
+        let (ow, oh) = (output.w + 2, output.h + 2);
         let input = (img * ih + y * s + 1) * iw + x * s + 1;
         let output = (img * oh + y * up + phase.sub.0 + 1) * ow + x * up + phase.sub.1 + 1;
         Rows {
@@ -409,12 +453,12 @@ impl Rows {
     }
 
     #[inline(always)]
-    fn positions(&self) -> (usize, usize) {
+    pub(super) fn positions(&self) -> (usize, usize) {
         (self.input, self.output)
     }
 
     #[inline(always)]
-    fn advance(&mut self) {
+    pub(super) fn advance(&mut self) {
         self.x += 1;
         if self.x < self.gw {
             self.input += self.in_step;
@@ -458,20 +502,28 @@ mod amx {
         TileConfig(c)
     };
 
+    /// The register blocks on the AMX tiles (`tiles`) or on `vdpbf16ps` (AVX512-BF16).
+    ///
     /// # Safety
-    /// AMX is available (and permitted); the pointers are as [`Bf16Conv::run`] describes.
+    /// AVX512-BF16 is available, and AMX (permitted) when `tiles`; the pointers are as
+    /// [`Bf16Conv::run`] describes.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vl")]
-    pub(super) unsafe fn run(conv: &Bf16Conv, ctx: &Ctx, phase_index: usize, (p_lo, p_hi): (usize, usize), (r_lo, r_hi): (usize, usize), a: *mut u16, acc: *mut f32) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn run(conv: &Bf16Conv, ctx: &Ctx, phase_index: usize, (p_lo, p_hi): (usize, usize), (r_lo, r_hi): (usize, usize), a: *mut u16, acc: *mut f32, tiles: bool) {
         let phase = &conv.phases[phase_index];
         let offsets = conv.tap_offsets(phase);
         let input = ctx.ptr(&conv.input);
         let kp = conv.kp;
         let kc = kp / KT;
         let lda = kp * 2;
-        asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+        if tiles {
+            asm!("ldtilecfg [{0}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+        }
         if let Some(kd) = conv.row_k {
-            run_rows(conv, ctx, (p_lo, p_hi), (r_lo, r_hi), kd, a, acc);
-            asm!("tilerelease", options(nostack, nomem));
+            run_rows(conv, ctx, (p_lo, p_hi), (r_lo, r_hi), kd, a, acc, tiles);
+            if tiles {
+                asm!("tilerelease", options(nostack, nomem));
+            }
             return;
         }
         let mut block = r_lo;
@@ -487,13 +539,17 @@ mod amx {
                 while m < rows {
                     let a0 = a.add(m * kp);
                     let a1 = a0.add(16 * kp);
-                    zero_tiles();
-                    if pair {
-                        dot_2x2(a0, a1, b0, b1, kc, lda);
+                    if tiles {
+                        zero_tiles();
+                        if pair {
+                            dot_2x2(a0, a1, b0, b1, kc, lda);
+                        } else {
+                            dot_2x1(a0, a1, b0, kc, lda);
+                        }
+                        store_tiles(acc);
                     } else {
-                        dot_2x1(a0, a1, b0, kc, lda);
+                        vector_block(&[(a0, b0)], kp / 2, kp, kp * NP, pair, acc);
                     }
-                    store_tiles(acc);
                     epilogue(conv, ctx, phase_index, block + m, (rows - m).min(MB), panel, pair, acc);
                     m += MB;
                 }
@@ -501,14 +557,17 @@ mod amx {
             }
             block += rows;
         }
-        asm!("tilerelease", options(nostack, nomem));
+        if tiles {
+            asm!("tilerelease", options(nostack, nomem));
+        }
     }
 
     /// Row mode: for each output row, its `k` input rows converted to bf16 (`cin` values
     /// per pixel, border included), then every block of [`MB`] pixels × panel pair from tile
     /// loads that step `stride · cin` values per pixel through the row copies.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vl")]
-    unsafe fn run_rows(conv: &Bf16Conv, ctx: &Ctx, (p_lo, p_hi): (usize, usize), (r_lo, r_hi): (usize, usize), kd: usize, rows: *mut u16, acc: *mut f32) {
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run_rows(conv: &Bf16Conv, ctx: &Ctx, (p_lo, p_hi): (usize, usize), (r_lo, r_hi): (usize, usize), kd: usize, rows: *mut u16, acc: *mut f32, tiles: bool) {
         let (gh, gw) = conv.grid;
         let k = conv.kp / kd;
         let pitch = conv.row_pitch();
@@ -537,6 +596,16 @@ mod amx {
                 let pair = panel + 1 < p_hi;
                 let b = conv.packed.as_ptr().add(panel * conv.kp * NP);
                 let b1 = b.add(conv.kp * NP);
+                if !tiles {
+                    let mut segments = [(rows as *const u16, b); 3];
+                    for (dy, seg) in segments.iter_mut().enumerate().take(k) {
+                        *seg = (rows.add(dy * pitch + (x0 * s + 1 - k / 2) * cin), b.add(dy * kd * NP));
+                    }
+                    vector_block(&segments[..k], kd / 2, s * cin, conv.kp * NP, pair, acc);
+                    epilogue(conv, ctx, 0, g, MB.min(r_hi - g), panel, pair, acc);
+                    panel += 2;
+                    continue;
+                }
                 zero_tiles();
                 for dy in 0..k {
                     // Padded column of the window's first tap: x·stride + 1 − k/2.
@@ -553,6 +622,48 @@ mod amx {
                 panel += 2;
             }
             g += MB;
+        }
+    }
+
+    /// [`MB`] rows × one or two panels of sums into `acc` in the tiles' layout (row `r` of
+    /// panel `j` at `acc + (2·(r / 16) + j)·256 + (r % 16)·16`) with `vdpbf16ps`: over the
+    /// `segments` (A of row 0, `lda` values per row; B of panel 0, the second panel
+    /// `b_next` values on), `pairs` K pairs each. Eight rows at a time: 16 accumulators, two
+    /// weight vectors and one broadcast pair of A per step.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vl")]
+    unsafe fn vector_block(segments: &[(*const u16, *const u16)], pairs: usize, lda: usize, b_next: usize, pair: bool, acc: *mut f32) {
+        for r0 in (0..MB).step_by(8) {
+            if pair {
+                vector_rows::<2>(segments, pairs, lda, b_next, r0, acc);
+            } else {
+                vector_rows::<1>(segments, pairs, lda, b_next, r0, acc);
+            }
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn vector_rows<const P: usize>(segments: &[(*const u16, *const u16)], pairs: usize, lda: usize, b_next: usize, r0: usize, acc: *mut f32) {
+        let mut c = [[_mm512_setzero_ps(); P]; 8];
+        for &(a, b) in segments {
+            let a = a.add(r0 * lda);
+            for q in 0..pairs {
+                let mut w = [_mm512_setzero_si512(); P];
+                for (j, w) in w.iter_mut().enumerate() {
+                    *w = _mm512_loadu_si512(b.add(j * b_next + q * 2 * NP) as *const __m512i);
+                }
+                for (i, row) in c.iter_mut().enumerate() {
+                    let x = _mm512_set1_epi32((a.add(i * lda + 2 * q) as *const i32).read_unaligned());
+                    for j in 0..P {
+                        row[j] = _mm512_dpbf16_ps(row[j], std::mem::transmute::<__m512i, __m512bh>(x), std::mem::transmute::<__m512i, __m512bh>(w[j]));
+                    }
+                }
+            }
+        }
+        for (i, row) in c.iter().enumerate() {
+            let r = r0 + i;
+            for (j, v) in row.iter().enumerate() {
+                _mm512_storeu_ps(acc.add((2 * (r / 16) + j) * 256 + (r % 16) * 16), *v);
+            }
         }
     }
 

@@ -14,6 +14,7 @@ use anyhow::{Context, Result, bail, ensure};
 
 use super::Isa;
 use super::bf16::{Bf16Conv, Bf16Unit};
+use super::int8::{Int8Conv, Int8Unit, activation_quant};
 use super::conv::{DirectConv, Phase, Positions, SMALL_K, SmallKConv};
 use super::gemm::{self, panel_vectors};
 use super::graph::{ConvKind, ConvOp, Graph, NodeId, Op};
@@ -137,7 +138,7 @@ impl Plan {
         // Steps.
         let mut steps: Vec<Step> = Vec::new();
         let push = |steps: &mut Vec<Step>, kind: StepKind, flops: u64| {
-            steps.push(Step { kind, alt: None, zero_borders: Vec::new(), flops });
+            steps.push(Step { kind, alt: None, zero_borders: Vec::new(), flops, source: None });
         };
         for (id, node) in nodes.iter().enumerate() {
             let out_size = sizes[id];
@@ -149,26 +150,26 @@ impl Plan {
                         continue;
                     }
                     let x = node.inputs[0];
-                    let (kind, alt) = lower_conv_pair(conv, view(x)?, view(id)?, None, 1, lanes, options).with_context(|| format!("node {id}"))?;
+                    let (kind, alt) = lower_conv_pair(conv, x, view(x)?, view(id)?, None, 1, lanes, options).with_context(|| format!("node {id}"))?;
                     push(&mut steps, kind, 2 * pixels * conv.macs_per_output_pixel() as u64);
-                    set_alt(&mut steps, alt);
+                    set_alt(&mut steps, alt, x);
                 }
                 Op::DepthToSpace(_) => {
                     let src = node.inputs[0];
                     let Op::Conv(conv) = &nodes[src].op else { unreachable!("checked above") };
-                    let (kind, alt) = lower_conv_pair(conv, view(nodes[src].inputs[0])?, view(id)?, None, 2, lanes, options).with_context(|| format!("node {src}"))?;
+                    let (kind, alt) = lower_conv_pair(conv, nodes[src].inputs[0], view(nodes[src].inputs[0])?, view(id)?, None, 2, lanes, options).with_context(|| format!("node {src}"))?;
                     let in_pixels = (sizes[src].0 * sizes[src].1) as u64;
                     push(&mut steps, kind, 2 * in_pixels * conv.macs_per_output_pixel() as u64);
-                    set_alt(&mut steps, alt);
+                    set_alt(&mut steps, alt, nodes[src].inputs[0]);
                 }
                 Op::Add => match residual_of[id] {
                     Some(other) => {
                         let conv_node = if node.inputs[0] == other { node.inputs[1] } else { node.inputs[0] };
                         let Op::Conv(conv) = &nodes[conv_node].op else { unreachable!("checked above") };
-                        let (kind, alt) = lower_conv_pair(conv, view(nodes[conv_node].inputs[0])?, view(id)?, Some(view(other)?), 1, lanes, options)
+                        let (kind, alt) = lower_conv_pair(conv, nodes[conv_node].inputs[0], view(nodes[conv_node].inputs[0])?, view(id)?, Some(view(other)?), 1, lanes, options)
                             .with_context(|| format!("node {conv_node}"))?;
                         push(&mut steps, kind, 2 * pixels * (conv.macs_per_output_pixel() + conv.cout) as u64);
-                        set_alt(&mut steps, alt);
+                        set_alt(&mut steps, alt, nodes[conv_node].inputs[0]);
                     }
                     None => {
                         let step = EltwiseStep { a: view(node.inputs[0])?, b: Some(view(node.inputs[1])?), output: view(id)? };
@@ -216,20 +217,35 @@ impl Plan {
             StepKind::Bf16(b) => Some(b.unit),
             _ => None,
         });
-        Ok(Plan { isa, precision: options.precision, bf16_unit, height: h, width: w, in_channels, out_channels, out_size, steps, buffers, offsets, arena_per_image, scratch_floats })
+        let int8_unit = steps.iter().find_map(|s| match &s.kind {
+            StepKind::Int8(b) => Some(b.unit),
+            _ => None,
+        });
+        Ok(Plan { isa, precision: options.precision, bf16_unit, int8_unit, height: h, width: w, in_channels, out_channels, out_size, steps, buffers, offsets, arena_per_image, scratch_floats })
     }
 }
 
-/// Sets the large-batch kernel of the step just pushed.
-fn set_alt(steps: &mut [Step], alt: Option<Box<LazyKernel>>) {
+/// Sets the large-batch kernel of the convolution step just pushed, and the node it reads.
+fn set_alt(steps: &mut [Step], alt: Option<Box<LazyKernel>>, source: NodeId) {
     if let Some(last) = steps.last_mut() {
         last.alt = alt;
+        last.source = Some(source);
     }
 }
 
 /// The kernel for `options.batch`, and the one for [`LARGE_BATCH`] when it differs.
 #[allow(clippy::too_many_arguments)]
-fn lower_conv_pair(conv: &ConvOp, input: View, output: View, residual: Option<View>, up: usize, lanes: usize, options: &PlanOptions) -> Result<(StepKind, Option<Box<LazyKernel>>)> {
+fn lower_conv_pair(conv: &ConvOp, source: NodeId, input: View, output: View, residual: Option<View>, up: usize, lanes: usize, options: &PlanOptions) -> Result<(StepKind, Option<Box<LazyKernel>>)> {
+    if options.precision == Precision::Int8 {
+        let calibration = options.calibration.as_ref().context("an int8 plan needs a calibration (the activation ranges)")?;
+        let unit = match options.int8_unit {
+            Some(unit) => unit,
+            None => Int8Unit::active()?,
+        };
+        if let Some(kind) = lower_int8(conv, input, output, residual, up, calibration.range(source), unit)? {
+            return Ok((kind, None));
+        }
+    }
     if options.precision == Precision::Bf16 {
         let unit = match options.bf16_unit {
             Some(unit) => unit,
@@ -269,6 +285,7 @@ pub(super) fn max_scratch<'a>(kinds: impl Iterator<Item = &'a StepKind>) -> usiz
         .map(|k| match k {
             StepKind::Winograd(w) => w.scratch_floats(),
             StepKind::Bf16(b) => b.scratch_floats(),
+            StepKind::Int8(b) => b.scratch_floats(),
             _ => 0,
         })
         .max()
@@ -287,6 +304,7 @@ fn step_buffers(kind: &StepKind) -> (Vec<usize>, Vec<usize>) {
         StepKind::MaxPool(d) => (vec![d.input.buffer], vec![d.output.buffer]),
         StepKind::Eltwise(e) => (e.b.iter().map(|b| b.buffer).chain([e.a.buffer]).collect(), vec![e.output.buffer]),
         StepKind::Bf16(d) => (d.residual.iter().map(|r| r.buffer).chain([d.input.buffer]).collect(), vec![d.output.buffer]),
+        StepKind::Int8(d) => (d.residual.iter().map(|r| r.buffer).chain([d.input.buffer]).collect(), vec![d.output.buffer]),
     }
 }
 
@@ -320,17 +338,54 @@ fn assign_offsets(buffers: &mut [Buffer]) -> usize {
     end.div_ceil(16) * 16
 }
 
-/// A convolution in bf16 ([`Bf16Conv`]), or `None` for the layers that stay f32: depthwise
-/// (memory-bound, as their sums are few), and the logits (at most [`SMALL_K`] channels).
-fn lower_bf16(conv: &ConvOp, input: View, output: View, residual: Option<View>, up: usize, unit: Bf16Unit) -> Result<Option<StepKind>> {
+/// A convolution as the reduced-precision kernels compute it: phases of taps over a grid,
+/// weights `[phase][tap][c][o]` and biases `[phase][o]`.
+struct GemmForm {
+    phases: Vec<Phase>,
+    stride: usize,
+    up: usize,
+    grid: (usize, usize),
+    cin: usize,
+    cout: usize,
+    weights: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl GemmForm {
+    fn weight(&self, p: usize, t: usize, c: usize, o: usize) -> f32 {
+        let taps = self.phases[0].taps.len();
+        self.weights[((p * taps + t) * self.cin + c) * self.cout + o]
+    }
+}
+
+/// The GEMM form of a convolution, or `None` for the layers that stay f32 in every
+/// precision: depthwise (memory-bound, as their sums are few), and the logits (at most
+/// [`SMALL_K`] channels).
+fn gemm_form(conv: &ConvOp, input: View, output: View, residual: Option<View>, up: usize) -> Result<Option<GemmForm>> {
     if conv.kind == ConvKind::Depthwise || conv.cout / if up == 2 && conv.kind == ConvKind::Dense { 4 } else { 1 } <= SMALL_K {
         return Ok(None);
     }
-    ensure!(unit.supported(), "this CPU cannot run the {} bf16 kernels", unit.name());
     let (cin, k, w) = (conv.cin, conv.k, &conv.weight);
-    let bounds = conv.act.bounds();
     let grid = (input.h, input.w);
-    let kind = match conv.kind {
+    let form = |phases: Vec<Phase>, stride: usize, up: usize, grid: (usize, usize), cout: usize, weight: &dyn Fn(usize, usize, usize, usize) -> f32, bias: &dyn Fn(usize, usize) -> f32| {
+        let taps = phases[0].taps.len();
+        let mut weights = vec![0f32; phases.len() * taps * cin * cout];
+        let mut biases = vec![0f32; phases.len() * cout];
+        for p in 0..phases.len() {
+            for t in 0..taps {
+                for c in 0..cin {
+                    for o in 0..cout {
+                        weights[((p * taps + t) * cin + c) * cout + o] = weight(p, t, c, o);
+                    }
+                }
+            }
+            for o in 0..cout {
+                biases[p * cout + o] = bias(p, o);
+            }
+        }
+        GemmForm { phases, stride, up, grid, cin, cout, weights, bias: biases }
+    };
+    let lowered = match conv.kind {
         ConvKind::Transposed => {
             ensure!(k == 4 && conv.stride == 2 && conv.pad == 1 && up == 1 && residual.is_none(), "transposed convolutions must be 4×4, stride 2, padding 1");
             let cout = conv.cout;
@@ -350,14 +405,14 @@ fn lower_bf16(conv: &ConvOp, input: View, output: View, residual: Option<View>, 
                 let (ty, tx) = kernel_taps[p][t];
                 w[((c * cout + o) * 4 + ty) * 4 + tx]
             };
-            Bf16Conv::new(input, output, None, phases, 1, 2, grid, cin, cout, &weight, &|_, o| conv.bias[o], bounds, unit)
+            form(phases, 1, 2, grid, cout, &weight, &|_, o| conv.bias[o])
         }
         ConvKind::Dense if up == 2 => {
             ensure!(k == 1 && residual.is_none(), "internal: depth-to-space after a {k}×{k} convolution");
             let cout = conv.cout / 4;
             let phases = (0..4).map(|p| Phase { taps: vec![(0, 0)], sub: (p / 2, p % 2) }).collect();
             let weight = |p: usize, _: usize, c: usize, o: usize| w[(o * 4 + p) * cin + c];
-            Bf16Conv::new(input, output, None, phases, 1, 2, grid, cin, cout, &weight, &|p, o| conv.bias[o * 4 + p], bounds, unit)
+            form(phases, 1, 2, grid, cout, &weight, &|p, o| conv.bias[o * 4 + p])
         }
         _ => {
             ensure!(conv.pad <= 1 || conv.stride == 1, "strided convolutions with padding over 1 are not supported");
@@ -367,11 +422,32 @@ fn lower_bf16(conv: &ConvOp, input: View, output: View, residual: Option<View>, 
             let pad = conv.pad as isize;
             let taps = (0..k * k).map(|t| ((t / k) as isize - pad, (t % k) as isize - pad)).collect();
             let weight = |_: usize, t: usize, c: usize, o: usize| w[(o * cin + c) * k * k + t];
-            let grid = (output.h, output.w);
-            Bf16Conv::new(input, output, residual, vec![Phase { taps, sub: (0, 0) }], conv.stride, 1, grid, cin, conv.cout, &weight, &|_, o| conv.bias[o], bounds, unit)
+            form(vec![Phase { taps, sub: (0, 0) }], conv.stride, 1, (output.h, output.w), conv.cout, &weight, &|_, o| conv.bias[o])
         }
     };
+    Ok(Some(lowered))
+}
+
+/// A convolution in bf16 ([`Bf16Conv`]), or `None` for the layers that stay f32.
+fn lower_bf16(conv: &ConvOp, input: View, output: View, residual: Option<View>, up: usize, unit: Bf16Unit) -> Result<Option<StepKind>> {
+    let Some(f) = gemm_form(conv, input, output, residual, up)? else { return Ok(None) };
+    ensure!(unit.supported(), "this CPU cannot run the {} bf16 kernels", unit.name());
+    let residual = if f.up == 1 { residual } else { None };
+    let kind = Bf16Conv::new(input, output, residual, f.phases.clone(), f.stride, f.up, f.grid, f.cin, f.cout, &|p, t, c, o| f.weight(p, t, c, o), &|p, o| f.bias[p * f.cout + o], conv.act.bounds(), unit);
     Ok(Some(StepKind::Bf16(kind)))
+}
+
+/// A convolution in int8 ([`Int8Conv`]) quantizing its input with `range`, or `None` for the
+/// layers that stay f32 (those of [`gemm_form`], and any without a calibrated range).
+#[allow(clippy::too_many_arguments)]
+fn lower_int8(conv: &ConvOp, input: View, output: View, residual: Option<View>, up: usize, range: Option<(f32, f32)>, unit: Int8Unit) -> Result<Option<StepKind>> {
+    let Some((lo, hi)) = range else { return Ok(None) };
+    let Some(f) = gemm_form(conv, input, output, residual, up)? else { return Ok(None) };
+    ensure!(unit.supported(), "this CPU cannot run the {} int8 kernels", unit.name());
+    let residual = if f.up == 1 { residual } else { None };
+    let quant = activation_quant(lo, hi);
+    let kind = Int8Conv::new(input, output, residual, f.phases.clone(), f.stride, f.up, f.grid, f.cin, f.cout, &|p, t, c, o| f.weight(p, t, c, o), &|p, o| f.bias[p * f.cout + o], conv.act.bounds(), quant, unit);
+    Ok(Some(StepKind::Int8(kind)))
 }
 
 /// Chooses a kernel for one convolution and packs its weights.

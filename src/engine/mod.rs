@@ -29,6 +29,7 @@ pub mod conv;
 pub mod gemm;
 pub mod grad;
 pub mod graph;
+pub mod int8;
 pub mod kernels;
 pub mod maps;
 pub mod plan;
@@ -44,7 +45,8 @@ use anyhow::{Result, bail};
 
 pub use graph::{Act, ConvKind, ConvOp, Graph, GraphBuilder, NodeId, Op};
 pub use bf16::Bf16Unit;
-pub use plan::{Plan, PlanOptions, PlanSummary, Precision, WinogradPolicy};
+pub use int8::Int8Unit;
+pub use plan::{Calibration, Plan, PlanOptions, PlanSummary, Precision, WinogradPolicy};
 pub use session::Session;
 
 /// An instruction set the kernels are compiled for.
@@ -96,53 +98,93 @@ impl Isa {
         [Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.supported()).unwrap_or(Isa::Portable)
     }
 
-    /// Parses a `SEGCTL_KERNELS` value.
+    /// Parses a `SEGCTL_KERNELS` value: the f32 instruction set it names.
     pub fn parse(text: &str) -> Result<Isa> {
-        let isa = match text.trim().to_ascii_lowercase().as_str() {
-            "avx512" | "avx-512" | "avx512f" => Isa::Avx512,
-            "avx2" | "avx2+fma" | "fma" => Isa::Avx2,
-            "portable" | "scalar" | "generic" => Isa::Portable,
-            // The AMX tile unit computes bf16 convolutions; the f32 kernels around them are
-            // AVX-512's.
-            "amx" => {
-                if !Bf16Unit::Amx.supported() {
-                    bail!("{ISA_ENV}={}: this CPU (or its kernel) does not offer AMX-BF16", text.trim());
-                }
-                Isa::Avx512
-            }
-            other => bail!("{ISA_ENV}={other}: expected amx, avx512, avx2 or portable"),
-        };
-        if !isa.supported() {
-            bail!("{ISA_ENV}={}: this CPU does not have {}", text.trim(), isa.name());
-        }
-        Ok(isa)
+        Ok(Kernels::parse(text)?.isa)
     }
 
     /// The instruction set in use: `SEGCTL_KERNELS` if set, else [`Isa::detect`]; read once.
     pub fn active() -> Result<Isa> {
-        static ACTIVE: OnceLock<std::result::Result<Isa, String>> = OnceLock::new();
-        ACTIVE
-            .get_or_init(|| match std::env::var(ISA_ENV) {
-                Ok(v) if !v.trim().is_empty() => Isa::parse(&v).map_err(|e| e.to_string()),
-                _ => Ok(Isa::detect()),
-            })
-            .clone()
-            .map_err(anyhow::Error::msg)
+        Ok(Kernels::active()?.isa)
     }
 }
 
-
 impl Bf16Unit {
-    /// The unit bf16 convolutions use: AMX where the CPU has it, unless `SEGCTL_KERNELS`
-    /// names an instruction set (`amx` forces the tiles; `avx512`, `avx2` or `portable`
-    /// the portable bf16 products); read once.
+    /// The unit bf16 convolutions use: [`Kernels::active`]'s.
     pub fn active() -> Result<Bf16Unit> {
-        Isa::active()?;
-        Ok(match std::env::var(ISA_ENV) {
-            Ok(v) if v.trim().eq_ignore_ascii_case("amx") => Bf16Unit::Amx,
-            Ok(v) if !v.trim().is_empty() => Bf16Unit::Portable,
-            _ => Bf16Unit::detect(),
-        })
+        Ok(Kernels::active()?.bf16)
+    }
+}
+
+impl Int8Unit {
+    /// The unit int8 convolutions use: [`Kernels::active`]'s.
+    pub fn active() -> Result<Int8Unit> {
+        Ok(Kernels::active()?.int8)
+    }
+}
+
+/// The kernels of each precision: what the CPU offers, or what `SEGCTL_KERNELS` forces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernels {
+    /// The f32 kernels (and everything around a reduced-precision convolution).
+    pub isa: Isa,
+    pub bf16: Bf16Unit,
+    pub int8: Int8Unit,
+}
+
+impl Kernels {
+    /// The fastest of each this CPU has.
+    pub fn detect() -> Kernels {
+        Kernels { isa: Isa::detect(), bf16: Bf16Unit::detect(), int8: Int8Unit::detect() }
+    }
+
+    /// Parses a `SEGCTL_KERNELS` value. Each value forces one path and what it implies:
+    ///
+    /// | value | f32 | bf16 | int8 |
+    /// |---|---|---|---|
+    /// | `amx` | avx512 | AMX tiles | avx512vnni |
+    /// | `avx512bf16` | avx512 | `vdpbf16ps` | portable |
+    /// | `avx512vnni` | avx512 | portable | `vpdpbusd` (zmm) |
+    /// | `avxvnni` | avx2 | portable | `vpdpbusd` (ymm, VEX) |
+    /// | `avx512` | avx512 | portable | avx2 |
+    /// | `avx2` | avx2 | portable | avx2 (`vpmaddwd`) |
+    /// | `portable` | portable | portable | portable |
+    ///
+    /// Asking for one the CPU lacks is an error.
+    pub fn parse(text: &str) -> Result<Kernels> {
+        let value = text.trim().to_ascii_lowercase();
+        let (isa, bf16, int8) = match value.as_str() {
+            "amx" => (Isa::Avx512, Bf16Unit::Amx, Int8Unit::Avx512Vnni),
+            "avx512bf16" | "avx512-bf16" | "avx512_bf16" => (Isa::Avx512, Bf16Unit::Avx512Bf16, Int8Unit::Portable),
+            "avx512vnni" | "avx512-vnni" | "avx512_vnni" => (Isa::Avx512, Bf16Unit::Portable, Int8Unit::Avx512Vnni),
+            "avxvnni" | "avx-vnni" | "avx_vnni" => (Isa::Avx2, Bf16Unit::Portable, Int8Unit::AvxVnni),
+            "avx512" | "avx-512" | "avx512f" => (Isa::Avx512, Bf16Unit::Portable, Int8Unit::Avx2),
+            "avx2" | "avx2+fma" | "fma" => (Isa::Avx2, Bf16Unit::Portable, Int8Unit::Avx2),
+            "portable" | "scalar" | "generic" => (Isa::Portable, Bf16Unit::Portable, Int8Unit::Portable),
+            other => bail!("{ISA_ENV}={other}: expected amx, avx512bf16, avx512vnni, avxvnni, avx512, avx2 or portable"),
+        };
+        if !isa.supported() {
+            bail!("{ISA_ENV}={}: this CPU does not have {}", text.trim(), isa.name());
+        }
+        if !bf16.supported() {
+            bail!("{ISA_ENV}={}: this CPU (or its kernel) does not offer {}", text.trim(), bf16.name());
+        }
+        if !int8.supported() {
+            bail!("{ISA_ENV}={}: this CPU does not have {}", text.trim(), int8.name());
+        }
+        Ok(Kernels { isa, bf16, int8 })
+    }
+
+    /// The kernels in use: `SEGCTL_KERNELS` if set, else [`Kernels::detect`]; read once.
+    pub fn active() -> Result<Kernels> {
+        static ACTIVE: OnceLock<std::result::Result<Kernels, String>> = OnceLock::new();
+        ACTIVE
+            .get_or_init(|| match std::env::var(ISA_ENV) {
+                Ok(v) if !v.trim().is_empty() => Kernels::parse(&v).map_err(|e| e.to_string()),
+                _ => Ok(Kernels::detect()),
+            })
+            .clone()
+            .map_err(anyhow::Error::msg)
     }
 }
 

@@ -10,6 +10,8 @@ use serde::Serialize;
 
 use super::Isa;
 use super::bf16::{Bf16Conv, Bf16Unit};
+use super::graph::NodeId;
+use super::int8::{Int8Conv, Int8Unit};
 use super::conv::{DirectConv, Positions, SmallKConv, Split};
 use super::graph::ConvOp;
 use super::pool::{DepthwiseStep, EltwiseStep, InputStep, MaxPoolStep, OutputStep};
@@ -103,6 +105,7 @@ pub enum StepKind {
     MaxPool(MaxPoolStep),
     Eltwise(EltwiseStep),
     Bf16(Bf16Conv),
+    Int8(Int8Conv),
 }
 
 /// One step of the plan.
@@ -117,12 +120,27 @@ pub struct Step {
     pub zero_borders: Vec<usize>,
     /// Floating-point operations per image (multiply-adds count two).
     pub flops: u64,
+    /// The graph node whose map a convolution step reads (for calibration).
+    pub source: Option<NodeId>,
 }
 
 /// Batches from this size on run each step's `alt` kernel.
 pub const LARGE_BATCH: usize = 4;
 
 impl Step {
+    /// The map a convolution step reads.
+    pub fn input_view(&self) -> Option<View> {
+        match &self.kind {
+            StepKind::Direct(d) => Some(d.input),
+            StepKind::SmallK(d) => Some(d.input),
+            StepKind::Winograd(d) => Some(d.input),
+            StepKind::Depthwise(d) => Some(d.input),
+            StepKind::Bf16(d) => Some(d.input),
+            StepKind::Int8(d) => Some(d.input),
+            _ => None,
+        }
+    }
+
     /// Kernel name, for summaries.
     pub fn name(&self) -> &'static str {
         kind_name(&self.kind)
@@ -200,7 +218,14 @@ pub fn kind_name(kind: &StepKind) -> &'static str {
             }
             StepKind::Bf16(b) => match b.unit {
                 Bf16Unit::Amx => "bf16-amx",
+                Bf16Unit::Avx512Bf16 => "bf16-avx512",
                 Bf16Unit::Portable => "bf16-portable",
+            },
+            StepKind::Int8(i) => match i.unit {
+                Int8Unit::Avx512Vnni => "int8-avx512vnni",
+                Int8Unit::AvxVnni => "int8-avxvnni",
+                Int8Unit::Avx2 => "int8-avx2",
+                Int8Unit::Portable => "int8-portable",
             },
     }
 }
@@ -224,6 +249,7 @@ impl StepKind {
                 StepKind::MaxPool(s) => s.run::<S>(ctx, item),
                 StepKind::Eltwise(s) => s.run::<S>(ctx, item),
                 StepKind::Bf16(s) => s.run(ctx, split, item, scratch),
+                StepKind::Int8(s) => s.run::<S>(ctx, split, item, scratch),
             }
         }
     }
@@ -234,6 +260,7 @@ impl StepKind {
             StepKind::SmallK(s) => s.split(n, threads),
             StepKind::Winograd(w) => w.split(n, threads),
             StepKind::Bf16(b) => b.split(n, threads),
+            StepKind::Int8(b) => b.split(n, threads),
             _ => Split { groups: 1, chunks: 1 },
         }
     }
@@ -249,6 +276,7 @@ impl StepKind {
             StepKind::MaxPool(s) => s.items(n),
             StepKind::Eltwise(s) => s.items(n),
             StepKind::Bf16(b) => b.items(split),
+            StepKind::Int8(b) => b.items(split),
         }
     }
 }
@@ -276,6 +304,10 @@ pub enum Precision {
     /// Convolution operands (weights and activations) rounded to bfloat16, sums in f32; the
     /// logits, depthwise layers, pooling and sums stay f32.
     Bf16,
+    /// Convolutions in int8 (weights per output channel, activations per tensor from a
+    /// [`Calibration`]), exact integer sums; what `Bf16` keeps in f32 stays f32, and so does
+    /// every convolution whose input has no calibrated range.
+    Int8,
 }
 
 impl Precision {
@@ -283,6 +315,7 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
         }
     }
 
@@ -290,7 +323,8 @@ impl Precision {
         match text.trim().to_ascii_lowercase().as_str() {
             "f32" | "fp32" | "float32" => Ok(Precision::F32),
             "bf16" | "bfloat16" => Ok(Precision::Bf16),
-            other => anyhow::bail!("precision {other:?}: expected f32 or bf16"),
+            "int8" | "i8" => Ok(Precision::Int8),
+            other => anyhow::bail!("precision {other:?}: expected f32, bf16 or int8"),
         }
     }
 }
@@ -314,16 +348,55 @@ pub struct PlanOptions {
     pub precision: Precision,
     /// The unit of bf16 convolutions; `None`: [`Bf16Unit::active`].
     pub bf16_unit: Option<Bf16Unit>,
+    /// The unit of int8 convolutions; `None`: [`Int8Unit::active`].
+    pub int8_unit: Option<Int8Unit>,
+    /// The activation ranges an int8 plan quantizes with (required for [`Precision::Int8`]).
+    pub calibration: Option<std::sync::Arc<Calibration>>,
 }
 
 impl PlanOptions {
     pub fn new(height: usize, width: usize) -> Self {
-        Self { height, width, isa: None, winograd: WinogradPolicy::Auto, batch: 1, precision: Precision::F32, bf16_unit: None }
+        Self { height, width, isa: None, winograd: WinogradPolicy::Auto, batch: 1, precision: Precision::F32, bf16_unit: None, int8_unit: None, calibration: None }
+    }
+
+    /// An int8 plan quantizing with `calibration`.
+    pub fn int8(mut self, calibration: std::sync::Arc<Calibration>) -> Self {
+        self.precision = Precision::Int8;
+        self.calibration = Some(calibration);
+        self
     }
 
     pub fn with_precision(mut self, precision: Precision) -> Self {
         self.precision = precision;
         self
+    }
+}
+
+/// The range each convolution input took on calibration images ([`super::Session::observe`]),
+/// by graph node: what an int8 plan quantizes with.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Calibration {
+    /// `(node, min, max)`, by node.
+    pub ranges: Vec<(NodeId, f32, f32)>,
+}
+
+impl Calibration {
+    pub fn range(&self, node: NodeId) -> Option<(f32, f32)> {
+        self.ranges.iter().find(|r| r.0 == node).map(|r| (r.1, r.2))
+    }
+
+    /// The union of two calibrations' ranges.
+    pub fn merge(&mut self, other: &Calibration) {
+        for &(node, lo, hi) in &other.ranges {
+            match self.ranges.iter_mut().find(|r| r.0 == node) {
+                Some(r) => {
+                    r.1 = r.1.min(lo);
+                    r.2 = r.2.max(hi);
+                }
+                None => self.ranges.push((node, lo, hi)),
+            }
+        }
+        self.ranges.sort_by_key(|r| r.0);
     }
 }
 
@@ -334,6 +407,8 @@ pub struct Plan {
     pub precision: Precision,
     /// The unit of the bf16 convolutions (a bf16 plan only).
     pub bf16_unit: Option<Bf16Unit>,
+    /// The unit of the int8 convolutions (an int8 plan only).
+    pub int8_unit: Option<Int8Unit>,
     pub height: usize,
     pub width: usize,
     pub in_channels: usize,
@@ -391,6 +466,7 @@ impl Plan {
                 StepKind::Winograd(w) => w.u.len() + w.bias.len(),
                 StepKind::Depthwise(d) => d.weights.len() + d.bias.len(),
                 StepKind::Bf16(b) => b.weight_bytes().div_ceil(4),
+                StepKind::Int8(b) => b.weight_bytes().div_ceil(4),
                 _ => 0,
             })
             .sum::<usize>()

@@ -11,7 +11,7 @@ use anyhow::{Result, ensure};
 use super::Isa;
 use super::compile::max_scratch;
 use super::conv::Split;
-use super::plan::{Ctx, LARGE_BATCH, Plan, Step, View};
+use super::plan::{Calibration, Ctx, LARGE_BATCH, Plan, Step, View};
 use super::simd::Simd;
 use super::team::{SpinBarrier, Team};
 
@@ -161,18 +161,60 @@ impl Session {
         // 2 MB-L2 cores: unet-d4w32, 9.7 MB per image, 192 → 235 img/s at batch 8 in chunks
         // of one; the smoke UNet, 3.2 MB, best in chunks of 3–4 on two threads).
         let chunk = match plan.precision {
-            super::Precision::Bf16 => (threads.clamp(1, self.threads) * (6 << 20) / (plan.arena_per_image * 4).max(1)).clamp(1, n),
+            super::Precision::Bf16 | super::Precision::Int8 => (threads.clamp(1, self.threads) * (6 << 20) / (plan.arena_per_image * 4).max(1)).clamp(1, n),
             _ => n,
         };
         for first in (0..n).step_by(chunk) {
             let m = chunk.min(n - first);
-            self.run_chunk(&input[first * plan.input_len()..(first + m) * plan.input_len()], m, threads, first * plan.output_len())?;
+            self.run_chunk(&input[first * plan.input_len()..(first + m) * plan.input_len()], m, threads, first * plan.output_len(), None)?;
         }
         Ok(&self.output[..n * plan.output_len()])
     }
 
-    /// Runs `n` images, writing their logits from `self.output[out_offset]` on.
-    fn run_chunk(&mut self, input: &[f32], n: usize, threads: usize, out_offset: usize) -> Result<()> {
+    /// Runs the plan on `n` images (on one thread) and returns the range each convolution's
+    /// input map took (its interior pixels and channels), by graph node: what an int8 plan
+    /// is calibrated with. Merge the results of several calls with [`Calibration::merge`].
+    pub fn observe(&mut self, input: &[f32], n: usize) -> Result<Calibration> {
+        let plan = Arc::clone(&self.plan);
+        ensure!(n > 0, "empty batch");
+        ensure!(input.len() == n * plan.input_len(), "input has {} values, the plan expects {n}×{}", input.len(), plan.input_len());
+        if self.output.len() < n * plan.output_len() {
+            self.output = vec![0f32; n * plan.output_len()];
+        }
+        let seen = std::sync::Mutex::new(Calibration::default());
+        let hook = |s: usize, ctx: &Ctx| {
+            let step = &plan.steps[s];
+            let Some(node) = step.source else { return };
+            let Some(view) = step.input_view() else { return };
+            let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+            let b = &plan.buffers[view.buffer];
+            let wp = view.w + 2;
+            // SAFETY: the step's input lies in the arena for `ctx.n` images.
+            unsafe {
+                let base = ctx.ptr(&view);
+                for img in 0..ctx.n {
+                    for y in 1..=view.h {
+                        for x in 1..=view.w {
+                            let px = base.add(((img * (view.h + 2) + y) * wp + x) * b.cs);
+                            for c in 0..view.c {
+                                let v = *px.add(c);
+                                lo = lo.min(v);
+                                hi = hi.max(v);
+                            }
+                        }
+                    }
+                }
+            }
+            let one = Calibration { ranges: vec![(node, lo, hi)] };
+            seen.lock().unwrap_or_else(|e| e.into_inner()).merge(&one);
+        };
+        self.run_chunk(input, n, 1, 0, Some(&hook))?;
+        Ok(seen.into_inner().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Runs `n` images, writing their logits from `self.output[out_offset]` on; `hook` (on
+    /// thread 0, before each step) sees the arena.
+    fn run_chunk(&mut self, input: &[f32], n: usize, threads: usize, out_offset: usize, hook: Option<&(dyn Fn(usize, &Ctx) + Sync)>) -> Result<()> {
         let threads = threads.clamp(1, self.threads);
         let plan = Arc::clone(&self.plan);
         if n >= LARGE_BATCH && self.large_batch_kernels {
@@ -220,6 +262,9 @@ impl Session {
             let mut clock = (profile && tid == 0).then(std::time::Instant::now);
             for (s, step) in plan.steps.iter().enumerate() {
                 let (split, items) = work[s];
+                if let Some(hook) = hook.filter(|_| tid == 0) {
+                    hook(s, &ctx);
+                }
                 loop {
                     let item = counters[s].fetch_add(1, Ordering::Relaxed);
                     if item >= items {
