@@ -1,5 +1,6 @@
 //! Seconds and GFLOP/s of each step of a plan:
-//! `cargo run --release --example plan_profile -- [smoke|unet|mobilenetv2_unet] [f32|bf16] [batch] [threads]`.
+//! `cargo run --release --example plan_profile -- [smoke|unet|mobilenetv2_unet] [f32|bf16|int8] [batch] [threads]`
+//! (int8 calibrated on random images).
 use std::sync::Arc;
 
 use segctl::config::{Arch, Config};
@@ -28,9 +29,23 @@ fn main() {
     let spec = ModelSpec::from_config(&config);
     let state = ModelState::new(&spec, &candle_core::Device::Cpu, 1).unwrap();
     let graph = state.model.lower().unwrap();
-    let plan = Arc::new(Plan::compile(&graph, &PlanOptions { batch, ..PlanOptions::new(128, 128).with_precision(precision) }).unwrap());
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    let input: Vec<f32> = (0..batch * 3 * 128 * 128)
+        .map(|_| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+        })
+        .collect();
+    let mut options = PlanOptions { batch, ..PlanOptions::new(128, 128).with_precision(precision) };
+    if precision == Precision::Int8 {
+        let f32_plan = Arc::new(Plan::compile(&graph, &PlanOptions::new(128, 128)).unwrap());
+        let calibration = Session::new(f32_plan, 1).unwrap().observe(&input[..3 * 128 * 128], 1).unwrap();
+        options = options.int8(Arc::new(calibration));
+    }
+    let plan = Arc::new(Plan::compile(&graph, &options).unwrap());
     let mut session = Session::new(Arc::clone(&plan), threads).unwrap();
-    let input = vec![0.25f32; batch * 3 * 128 * 128];
     for _ in 0..5 {
         session.run(&input, batch).unwrap();
     }
@@ -53,7 +68,8 @@ fn main() {
 
 fn kind_label(step: &segctl::engine::plan::Step) -> String {
     match &step.kind {
-        segctl::engine::plan::StepKind::Bf16(b) => format!("bf16 {}x{} k{} c{}", b.grid.0, b.grid.1, b.kp, b.cout),
+        segctl::engine::plan::StepKind::Bf16(b) => format!("bf16 {}x{} k{} c{}{}", b.grid.0, b.grid.1, b.kp, b.cout, if b.row_k.is_some() { " r" } else { "" }),
+        segctl::engine::plan::StepKind::Int8(b) => format!("int8 {}x{} k{} c{}{}", b.grid.0, b.grid.1, b.kp, b.cout, if b.row_k.is_some() { " r" } else { "" }),
         _ => step.name().to_string(),
     }
 }

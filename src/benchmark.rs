@@ -62,22 +62,27 @@ pub struct BenchmarkReport {
 pub fn benchmark(options: &BenchmarkOptions) -> Result<BenchmarkReport> {
     ensure!(options.batch >= 1, "--batch must be at least 1");
     ensure!(options.iterations >= 1, "--iterations must be at least 1");
-    let (state, name, own) = match &options.model {
+    let (state, name, own, calibration) = match &options.model {
         Some(path) => {
             let loaded = model_store::load_any(path, &options.device)?;
-            let own = loaded.precision();
-            (loaded.state, path.display().to_string(), own)
+            let (own, calibration) = (loaded.precision(), loaded.calibration());
+            (loaded.state, path.display().to_string(), own, calibration)
         }
-        None => (ModelState::new(&options.spec, &options.device, 1)?, "untrained".to_string(), Precision::F32),
+        None => (ModelState::new(&options.spec, &options.device, 1)?, "untrained".to_string(), Precision::F32, None),
     };
     let precision = options.precision.unwrap_or(own);
     ensure!(precision == Precision::F32 || options.device.is_cpu(), "--precision {precision} runs on the CPU engine only");
     let threads = if options.threads == 0 { available_cores() } else { options.threads };
-    let model = InferenceModel::new(state, InferenceOptions { threads, precision: Some(precision), ..Default::default() })?;
-    let spec = model.spec().clone();
-    let size = spec.input_size;
+    let size = state.spec.input_size;
     let mut rng = Rng::new(7);
     let input: Vec<f32> = (0..options.batch * 3 * size * size).map(|_| rng.normal()).collect();
+    // An f32 model timed at int8 is calibrated on the timing input itself.
+    let calibration = match (precision, calibration) {
+        (Precision::Int8, None) => Some(std::sync::Arc::new(crate::model::inference::calibrate(&state, &input[..3 * size * size], 1)?)),
+        (_, c) => c,
+    };
+    let model = InferenceModel::new(state, InferenceOptions { threads, precision: Some(precision), calibration, ..Default::default() })?;
+    let spec = model.spec().clone();
     let mut out = Vec::new();
     for _ in 0..options.warmup {
         model.logits_into(&input, options.batch, &mut out)?;

@@ -20,11 +20,15 @@ pub struct BuildInfo {
     pub kernels: String,
     /// SIMD features this CPU reports that the kernels care about.
     pub cpu_features: Vec<&'static str>,
-    /// Precisions whose convolutions this CPU computes on their own units (`f32`, and `bf16`
-    /// on AMX tiles); the others run too, through the portable conversion path.
+    /// Precisions whose convolutions this CPU computes on their own units (`f32`; `bf16` on
+    /// AMX tiles or AVX512-BF16; `int8` on AVX512-VNNI or AVX-VNNI); the others run too,
+    /// through the portable path (bf16) or AVX2's integer products (int8).
     pub native_precisions: Vec<&'static str>,
-    /// The unit of bf16 convolutions here (`amx` or `portable`; `SEGCTL_KERNELS` honoured).
+    /// The unit of bf16 convolutions here (`amx`, `avx512bf16` or `portable`;
+    /// `SEGCTL_KERNELS` honoured).
     pub bf16_kernels: String,
+    /// The unit of int8 convolutions (`avx512vnni`, `avxvnni`, `avx2` or `portable`).
+    pub int8_kernels: String,
     pub cuda: CudaStatus,
 }
 
@@ -50,6 +54,18 @@ pub fn features() -> Vec<&'static str> {
     f
 }
 
+fn native_precisions() -> Vec<&'static str> {
+    use crate::engine::{Bf16Unit, Int8Unit};
+    let mut native = vec!["f32"];
+    if Bf16Unit::detect() != Bf16Unit::Portable {
+        native.push("bf16");
+    }
+    if matches!(Int8Unit::detect(), Int8Unit::Avx512Vnni | Int8Unit::AvxVnni) {
+        native.push("int8");
+    }
+    native
+}
+
 fn cpu_features() -> Vec<&'static str> {
     #[allow(unused_mut)]
     let mut found = Vec::new();
@@ -58,7 +74,7 @@ fn cpu_features() -> Vec<&'static str> {
         macro_rules! probe {
             ($($f:tt),*) => {$( if std::is_x86_feature_detected!($f) { found.push($f); } )*};
         }
-        probe!("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512bf16");
+        probe!("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avx512bf16", "avxvnni");
         if crate::engine::bf16::amx_available() {
             found.push("amx-bf16");
         }
@@ -96,8 +112,12 @@ pub fn collect() -> BuildInfo {
             Err(e) => format!("error: {e}"),
         },
         cpu_features: cpu_features(),
-        native_precisions: if crate::engine::Bf16Unit::Amx.supported() { vec!["f32", "bf16"] } else { vec!["f32"] },
+        native_precisions: native_precisions(),
         bf16_kernels: match crate::engine::Bf16Unit::active() {
+            Ok(unit) => unit.name().to_string(),
+            Err(e) => format!("error: {e}"),
+        },
+        int8_kernels: match crate::engine::Int8Unit::active() {
             Ok(unit) => unit.name().to_string(),
             Err(e) => format!("error: {e}"),
         },
@@ -116,7 +136,7 @@ impl BuildInfo {
             (false, None) => "unavailable".to_string(),
         };
         format!(
-            "{} {}{commit}\ntarget: {}, features: {features}\ncpu kernels: {} (cpu features: {})\nprecisions: {} native; bf16 convolutions on {}\ncuda: {cuda}\n",
+            "{} {}{commit}\ntarget: {}, features: {features}\ncpu kernels: {} (cpu features: {})\nprecisions: {} native; bf16 convolutions on {}, int8 on {}\ncuda: {cuda}\n",
             self.name,
             self.version,
             self.target,
@@ -124,6 +144,7 @@ impl BuildInfo {
             if self.cpu_features.is_empty() { "none".to_string() } else { self.cpu_features.join(" ") },
             self.native_precisions.join(", "),
             self.bf16_kernels,
+            self.int8_kernels,
         )
     }
 }

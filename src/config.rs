@@ -387,6 +387,8 @@ pub enum Precision {
     #[default]
     F32,
     Bf16,
+    /// Inference only (`export.precision`): post-training static quantization.
+    Int8,
 }
 
 impl Precision {
@@ -398,6 +400,7 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+            Precision::Int8 => "int8",
         }
     }
 }
@@ -570,18 +573,22 @@ pub struct ExportConfig {
     pub fold_batchnorm: bool,
     /// Also write `model.onnx` (opset 17) into the version folder.
     pub onnx: bool,
-    /// The arithmetic the version is checked at and served at: `f32`, or `bf16` (AMX tiles
-    /// where the CPU has them). A reduced precision is published only when its validation
-    /// mIoU is within `max_miou_drop` of the f32 plan's.
+    /// The arithmetic the version is checked at and served at: `f32`, `bf16` (AMX tiles or
+    /// AVX512-BF16 where the CPU has them), or `int8` (post-training static quantization,
+    /// calibrated on `calibration_samples` training images). A reduced precision is
+    /// published only when its validation mIoU is within `max_miou_drop` of the f32 plan's.
     #[serde(skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
+    /// Training images (drawn with `data.seed`) whose activation ranges calibrate an int8
+    /// export.
+    pub calibration_samples: usize,
     /// Largest validation mIoU loss (f32 minus reduced) a reduced-precision export accepts.
     pub max_miou_drop: f64,
 }
 
 impl Default for ExportConfig {
     fn default() -> Self {
-        Self { repository: PathBuf::from("models"), fold_batchnorm: true, onnx: false, precision: Precision::F32, max_miou_drop: 0.005 }
+        Self { repository: PathBuf::from("models"), fold_batchnorm: true, onnx: false, precision: Precision::F32, calibration_samples: 64, max_miou_drop: 0.005 }
     }
 }
 
@@ -920,6 +927,9 @@ impl Config {
         ensure_key(self.evaluate.batch_size >= 1, "evaluate.batch_size", || "must be at least 1".into())?;
         ensure_key(self.storage.timeout_s >= 1, "storage.timeout_s", || "must be at least 1".into())?;
         ensure_key(self.storage.max_object_bytes >= 1, "storage.max_object_bytes", || "must be at least 1".into())?;
+        ensure_key(t.precision != Precision::Int8, "train.precision", || "int8 is an inference precision (export.precision); train at f32 or bf16".into())?;
+        let samples = self.export.calibration_samples;
+        ensure_key((1..=100_000).contains(&samples), "export.calibration_samples", || format!("{samples} must be from 1 to 100000"))?;
         let drop = self.export.max_miou_drop;
         ensure_key(drop.is_finite() && (-1.0..=1.0).contains(&drop), "export.max_miou_drop", || format!("{drop} must be a number from -1 to 1"))?;
         let s = &self.serve;

@@ -88,9 +88,9 @@ pub struct EvaluateReport {
 pub fn evaluate(config: &Config, options: &EvaluateOptions) -> Result<EvaluateReport> {
     let start = Instant::now();
     let loaded = model_store::load_any(&options.checkpoint, &options.device)?;
-    let precision = Some(loaded.precision());
+    let (precision, calibration) = (Some(loaded.precision()), loaded.calibration());
     let origin = loaded.origin;
-    let model = InferenceModel::new(loaded.state, InferenceOptions { precision, ..Default::default() })?;
+    let model = InferenceModel::new(loaded.state, InferenceOptions { precision, calibration, ..Default::default() })?;
     let scoring = Instant::now();
     let (metrics, skipped) = score(config, &model, options.split, options.progress)?;
     let images_per_s = metrics.samples as f64 / scoring.elapsed().as_secs_f64().max(1e-9);
@@ -220,6 +220,7 @@ fn baseline_miou(config: &Config, path: &Path, options: &EvaluateOptions) -> Res
     }
     let loaded = model_store::load_any(path, &options.device).with_context(|| format!("baseline `{}`", path.display()))?;
     let precision = Some(loaded.precision());
-    let model = InferenceModel::new(loaded.state, InferenceOptions { precision, ..Default::default() })?;
+    let calibration = loaded.calibration();
+    let model = InferenceModel::new(loaded.state, InferenceOptions { precision, calibration, ..Default::default() })?;
     Ok(score(config, &model, options.split, options.progress)?.0.mean_iou)
 }

@@ -127,12 +127,17 @@ pub fn export(options: &ExportOptions) -> Result<ExportReport> {
         None => meta.val_mean_iou.map(|m| serde_json::json!({ "source": "validation", "mean_iou": m })),
     };
     // The gate runs before a version is claimed: a refused precision publishes nothing.
-    let precision_check = match options.precision {
-        Precision::F32 => None,
+    let (precision_check, calibration) = match options.precision {
+        Precision::F32 => (None, None),
         precision => {
             let config = options.config.as_ref().context("a reduced-precision export needs the configuration of its validation data")?;
             let state = ModelState::from_tensors(&spec, &tensors, &device)?;
-            Some(precision_gate(config, state, precision, options.max_miou_drop)?)
+            let calibration = match precision {
+                Precision::Int8 => Some(calibrate_on_training_images(config, &state)?),
+                _ => None,
+            };
+            let check = precision_gate(config, state, precision, options.max_miou_drop, calibration.as_ref())?;
+            (Some(check), calibration.map(|c| c.ranges))
         }
     };
     let claim = claim_version(&model_dir, &options.name, options.version)?;
@@ -154,6 +159,7 @@ pub fn export(options: &ExportOptions) -> Result<ExportReport> {
         onnx_sha256: None,
         precision: options.precision,
         precision_check: precision_check.clone(),
+        calibration,
         source_checkpoint: loaded.origin.path.display().to_string(),
         created: crate::util::utc_timestamp(),
         segctl_version: env!("CARGO_PKG_VERSION").into(),
@@ -197,12 +203,12 @@ impl std::error::Error for PrecisionRefused {}
 /// and through the `precision` plan (the plan `serve` will run), each image's mask compared
 /// pixel by pixel; refuses (an error naming both mIoUs) when the mIoU drops by more than
 /// `max_drop`.
-pub fn precision_gate(config: &Config, state: ModelState, precision: Precision, max_drop: f64) -> Result<PrecisionCheck> {
+pub fn precision_gate(config: &Config, state: ModelState, precision: Precision, max_drop: f64, calibration: Option<&CalibrationSet>) -> Result<PrecisionCheck> {
     use crate::config::Split;
     use crate::model::inference::{InferenceModel, InferenceOptions};
     use crate::validation::EvalModel;
     let quiet = crate::progress::ProgressMode::Hidden;
-    let options = |p| InferenceOptions { precision: Some(p), ..Default::default() };
+    let options = |p| InferenceOptions { precision: Some(p), calibration: calibration.map(|c| std::sync::Arc::new(c.ranges.clone())), ..Default::default() };
     let graph_state = ModelState::from_tensors(&state.spec, &state.named_tensors(), &state.device)?;
     let reduced = InferenceModel::new(graph_state, options(precision)).with_context(|| format!("the {precision} plan"))?;
     let reference = InferenceModel::new(state, options(Precision::F32))?;
@@ -242,7 +248,65 @@ pub fn precision_gate(config: &Config, state: ModelState, precision: Precision, 
         ))
         .into());
     }
-    Ok(PrecisionCheck { f32_miou, miou, miou_drop: drop, max_miou_drop: max_drop, images: report.samples, mask_agreement: agreement, calibration_samples: None, calibration_digest: None })
+    Ok(PrecisionCheck {
+        f32_miou,
+        miou,
+        miou_drop: drop,
+        max_miou_drop: max_drop,
+        images: report.samples,
+        mask_agreement: agreement,
+        calibration_samples: calibration.map(|c| c.samples),
+        calibration_digest: calibration.map(|c| c.digest.clone()),
+    })
+}
+
+/// An int8 calibration and the images it was measured on.
+pub struct CalibrationSet {
+    pub ranges: crate::engine::Calibration,
+    /// Images used, and the SHA-256 of their names, one per line, in order.
+    pub samples: usize,
+    pub digest: String,
+}
+
+/// `export.calibration_samples` images of the training split (never the validation split
+/// the gate scores), drawn with `data.seed`, decoded and resized as for evaluation, through
+/// the f32 plan: the range of every convolution input.
+pub fn calibrate_on_training_images(config: &Config, state: &ModelState) -> Result<CalibrationSet> {
+    let data = &config.data;
+    let dataset = crate::data::PetDataset::open(&data.root, crate::config::Split::Train, data.val_fraction, data.seed).context("calibration reads the training split")?;
+    let mut order: Vec<usize> = (0..dataset.len()).collect();
+    // Fisher–Yates with a splitmix64 stream of `data.seed`.
+    let mut x = data.seed ^ 0x5eed_ca1b;
+    let mut next = || {
+        x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    for i in (1..order.len()).rev() {
+        order.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+    let size = state.spec.input_size as u32;
+    let want = config.export.calibration_samples;
+    let (mut images, mut names) = (Vec::new(), Vec::new());
+    for &i in &order {
+        if names.len() == want {
+            break;
+        }
+        if let Some(sample) = dataset.get(i) {
+            images.extend(crate::data::transform::preprocess(&sample.image, size, &state.spec.normalization));
+            names.push(sample.stem);
+        }
+    }
+    anyhow::ensure!(!names.is_empty(), "no readable training image to calibrate int8 with in `{}`", data.root.display());
+    if names.len() < want {
+        log::warn!("int8 calibration: {} training images readable, export.calibration_samples asks for {want}", names.len());
+    }
+    let ranges = crate::model::inference::calibrate(state, &images, names.len())?;
+    let digest = crate::util::sha256_hex(names.join("\n").as_bytes());
+    log::info!("int8 calibration: {} training images, {} convolution inputs", names.len(), ranges.ranges.len());
+    Ok(CalibrationSet { ranges, samples: names.len(), digest })
 }
 
 /// Name of the object that claims a version number in a bucket before its files are uploaded.

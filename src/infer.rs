@@ -42,6 +42,9 @@ impl Predictor {
     /// A version runs at the precision its export checked (`options.precision` overrides).
     pub fn from_loaded(loaded: LoadedModel, mut options: InferenceOptions) -> Result<Self> {
         options.precision = options.precision.or(Some(loaded.precision()));
+        if options.calibration.is_none() {
+            options.calibration = loaded.calibration();
+        }
         let device = loaded.state.device.clone();
         let model = InferenceModel::new(loaded.state, options)?;
         Ok(Self { model, origin: loaded.origin, manifest: loaded.manifest, device })

@@ -42,6 +42,10 @@ pub struct ModelManifest {
     /// The export gate's measurement of a reduced-precision version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision_check: Option<PrecisionCheck>,
+    /// An int8 version's activation ranges (`[node, min, max]` per convolution input of the
+    /// network's graph), measured on the calibration images `precision_check` names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<crate::engine::Calibration>,
     pub source_checkpoint: String,
     pub created: String,
     pub segctl_version: String,
@@ -91,6 +95,11 @@ impl LoadedModel {
     /// The precision the model runs at: an exported version's own, f32 for checkpoints.
     pub fn precision(&self) -> Precision {
         self.manifest.as_ref().map_or(Precision::F32, |m| m.precision)
+    }
+
+    /// An int8 version's calibration.
+    pub fn calibration(&self) -> Option<std::sync::Arc<crate::engine::Calibration>> {
+        self.manifest.as_ref().and_then(|m| m.calibration.clone()).map(std::sync::Arc::new)
     }
 }
 

@@ -138,12 +138,35 @@ fn version_names_the_build() {
     let v = json(&run(segctl().env("SEGCTL_KERNELS", "portable").args(["--version", "--json"])));
     assert_eq!(v["kernels"], "portable");
     assert_eq!(v["bf16_kernels"], "portable");
-    // bf16 is native exactly where the CPU has AMX-BF16 (and Linux grants the tile state).
-    let amx = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.split_whitespace().any(|f| f == "amx_bf16"));
+    assert_eq!(v["int8_kernels"], "portable");
+    // bf16 is native where the CPU has AMX-BF16 (and Linux grants the tile state) or
+    // AVX512-BF16; int8 where it has AVX512-VNNI or AVX-VNNI.
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let (amx, avx512bf16) = (has("amx_bf16"), has("avx512_bf16"));
     let v = json(&run(segctl().args(["--version", "--json"])));
     let native: Vec<&str> = v["native_precisions"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
-    assert_eq!(native.contains(&"bf16"), amx, "{v}");
-    assert_eq!(v["bf16_kernels"], if amx { "amx" } else { "portable" });
+    assert_eq!(native.contains(&"bf16"), amx || avx512bf16, "{v}");
+    assert_eq!(native.contains(&"int8"), has("avx512_vnni") || has("avx_vnni"), "{v}");
+    assert_eq!(v["bf16_kernels"], if amx { "amx" } else if avx512bf16 { "avx512bf16" } else { "portable" });
+    let int8 = if has("avx512_vnni") { "avx512vnni" } else if has("avx_vnni") { "avxvnni" } else if has("avx2") { "avx2" } else { "portable" };
+    assert_eq!(v["int8_kernels"], int8, "{v}");
+    // Every path can be forced (where the CPU has it).
+    for (value, field, unit) in [("avx512bf16", "bf16_kernels", "avx512bf16"), ("avx512vnni", "int8_kernels", "avx512vnni"), ("avxvnni", "int8_kernels", "avxvnni"), ("avx2", "int8_kernels", "avx2")] {
+        let forced = run(segctl().env("SEGCTL_KERNELS", value).args(["--version", "--json"]));
+        let v = json(&forced);
+        let supported = match value {
+            "avx512bf16" => avx512bf16,
+            "avx512vnni" => has("avx512_vnni"),
+            "avxvnni" => has("avx_vnni"),
+            _ => has("avx2"),
+        };
+        if supported {
+            assert_eq!(v[field], unit, "{value}: {v}");
+        } else {
+            assert!(v["kernels"].as_str().unwrap().contains(value), "{value}: forcing a missing unit is an error: {v}");
+        }
+    }
     let forced = run(segctl().env("SEGCTL_KERNELS", "amx").args(["--version", "--json"]));
     if amx {
         assert_eq!(json(&forced)["bf16_kernels"], "amx");

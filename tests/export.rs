@@ -305,3 +305,107 @@ fn bf16_export_is_gated_recorded_and_served_at_its_precision() {
     assert!(total > 24 * 1000, "{total} pixels");
     assert!(same as f64 >= 0.995 * total as f64, "bf16 and f32 masks agree on {same} of {total} pixels");
 }
+
+#[test]
+fn int8_export_is_calibrated_gated_recorded_and_served_at_its_precision() {
+    let dir = tempfile::tempdir().unwrap();
+    let (config, run_dir) = trained_wide(dir.path());
+    let repo = dir.path().join("repo");
+
+    // Version 1 at int8: calibrated on training images, gated on the validation split.
+    let out = run(export_cmd(&config, &run_dir, &repo).args(["--precision", "int8"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = json(&out);
+    assert_eq!((report["version"].as_u64(), report["precision"].as_str()), (Some(1), Some("int8")), "{report}");
+    let check = &report["precision_check"];
+    let (f32_miou, miou) = (check["f32_miou"].as_f64().unwrap(), check["miou"].as_f64().unwrap());
+    assert!(f32_miou > 0.25 && miou > 0.25, "a trained model: {check}");
+    assert!(f32_miou - miou <= 0.005, "the gate held the drop: {check}");
+    assert!(check["mask_agreement"].as_f64().unwrap() >= 0.99, "{check}");
+    // The 12 training images (trainval's 16 less a quarter for validation): all of them,
+    // fewer than export.calibration_samples' 64.
+    assert_eq!(check["calibration_samples"].as_u64(), Some(12), "{check}");
+    let digest = check["calibration_digest"].as_str().unwrap();
+    assert!(digest.len() == 64 && digest.chars().all(|c| c.is_ascii_hexdigit()), "{check}");
+    let m = manifest(&repo.join("pets/1"));
+    assert_eq!(m["precision"].as_str(), Some("int8"));
+    assert_eq!(m["precision_check"]["calibration_digest"].as_str(), Some(digest));
+    let ranges = m["calibration"]["ranges"].as_sequence().unwrap();
+    assert!(ranges.len() >= 10, "a range per convolution input: {m:?}");
+    // The input image's range is the photos' (this config scales them to 0..1).
+    let input = ranges.iter().find(|r| r[0].as_u64() == Some(0)).expect("the input's range");
+    let (lo, hi) = (input[1].as_f64().unwrap(), input[2].as_f64().unwrap());
+    assert!((0.0..0.5).contains(&lo) && (0.5..=1.0).contains(&hi), "{input:?}");
+    // The same seed draws the same images: a second export records the same digest.
+    let out = run(export_cmd(&config, &run_dir, &repo).args(["--precision", "int8", "--set", "export.calibration_samples=5"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let five = json(&out)["precision_check"].clone();
+    assert_eq!(five["calibration_samples"].as_u64(), Some(5));
+    assert_ne!(five["calibration_digest"].as_str(), Some(digest));
+    let out = run(export_cmd(&config, &run_dir, &repo).args(["--precision", "int8", "--set", "export.calibration_samples=5"]));
+    assert_eq!(json(&out)["precision_check"]["calibration_digest"], five["calibration_digest"], "the draw follows data.seed");
+    // Version 4 at f32.
+    let out = run(&mut export_cmd(&config, &run_dir, &repo));
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // evaluate --model runs version 1 at int8: the gate's own mIoU; every int8 unit computes
+    // the same integer sums.
+    let evaluate = |version: &str, kernels: Option<&str>| {
+        let mut cmd = segctl();
+        if let Some(k) = kernels {
+            cmd.env("SEGCTL_KERNELS", k);
+        }
+        let out = run(cmd.args(["evaluate", "--json", "--split", "val", "--config"]).arg(&config).arg("--model").arg(repo.join("pets").join(version)));
+        assert!(out.status.success(), "{}", stderr(&out));
+        json(&out)["mean_iou"].as_f64().unwrap()
+    };
+    assert!((evaluate("1", None) - miou).abs() < 1e-9, "evaluate runs the version at int8");
+    assert!((evaluate("4", None) - f32_miou).abs() < 1e-9, "and the f32 version at f32");
+    for kernels in ["portable", "avx2"] {
+        assert!((evaluate("1", Some(kernels)) - miou).abs() < 1e-3, "{kernels}");
+    }
+    let out = run(segctl().args(["benchmark", "--json", "--iterations", "2", "--warmup", "0", "--model"]).arg(repo.join("pets/1")));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bench = json(&out);
+    assert_eq!(bench["precision"], "int8");
+    assert!(bench["plan"]["kernels"].as_object().unwrap().keys().any(|k| k.starts_with("int8-")), "{bench}");
+    // An f32 version converted on the fly for timing.
+    let out = run(segctl().args(["benchmark", "--json", "--iterations", "2", "--warmup", "0", "--precision", "int8", "--model"]).arg(repo.join("pets/4")));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json(&out)["plan"]["precision"], "int8");
+
+    // predict: int8 and f32 masks of the synthetic photos agree on ≥ 99 % of pixels.
+    let photos = dir.path().join("pets/images");
+    let masks = |version: &str| {
+        let out_dir = dir.path().join(format!("pred{version}"));
+        let out = run(segctl().args(["predict", "--model"]).arg(repo.join("pets").join(version)).arg(&photos).arg("--out").arg(&out_dir));
+        assert!(out.status.success(), "{}", stderr(&out));
+        out_dir
+    };
+    let (a, b) = (masks("1"), masks("4"));
+    let (mut same, mut total) = (0usize, 0usize);
+    for name in entries(&a).into_iter().filter(|n| n.ends_with("_mask.png")) {
+        let x = image::open(a.join(&name)).unwrap().to_luma8();
+        let y = image::open(b.join(&name)).unwrap().to_luma8();
+        same += x.pixels().zip(y.pixels()).filter(|(p, q)| p == q).count();
+        total += x.pixels().len();
+    }
+    assert!(total > 24 * 1000, "{total} pixels");
+    assert!(same as f64 >= 0.99 * total as f64, "int8 and f32 masks agree on {same} of {total} pixels");
+
+    // A calibration made to fail: every training photo black. The gate refuses, names both
+    // mIoUs, and publishes nothing.
+    let root = dir.path().join("pets");
+    let train = segctl::data::PetDataset::open(&root, segctl::config::Split::Train, 0.25, 1).unwrap();
+    for i in 0..train.len() {
+        let path = root.join("images").join(format!("{}.jpg", train.stem(i)));
+        let (w, h) = image::image_dimensions(&path).unwrap();
+        image::RgbImage::new(w, h).save(&path).unwrap();
+    }
+    let before = entries(&repo.join("pets"));
+    let out = run(export_cmd(&config, &run_dir, &repo).args(["--precision", "int8", "--set", "export.calibration_samples=1"]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("int8 loses too much accuracy") && err.contains("at f32") && err.contains("export.max_miou_drop"), "{err}");
+    assert_eq!(entries(&repo.join("pets")), before, "nothing published");
+}

@@ -58,10 +58,7 @@ pub fn exec(args: ExportArgs, global: &GlobalArgs) -> Result<ExitCode> {
         fold_batchnorm: config.export.fold_batchnorm,
         metrics: args.metrics,
         onnx: config.export.onnx,
-        precision: match config.export.precision {
-            segctl::config::Precision::F32 => segctl::engine::Precision::F32,
-            segctl::config::Precision::Bf16 => segctl::engine::Precision::Bf16,
-        },
+        precision: config.export.precision.into(),
         max_miou_drop: config.export.max_miou_drop,
         config: Some(config.clone()),
     };

@@ -321,6 +321,11 @@ impl PetDataset {
         self.stems.len()
     }
 
+    /// The name of sample `index`.
+    pub fn stem(&self, index: usize) -> &str {
+        &self.stems[index]
+    }
+
     pub fn is_empty(&self) -> bool {
         self.stems.is_empty()
     }

@@ -167,7 +167,8 @@ impl Kernels {
             bail!("{ISA_ENV}={}: this CPU does not have {}", text.trim(), isa.name());
         }
         if !bf16.supported() {
-            bail!("{ISA_ENV}={}: this CPU (or its kernel) does not offer {}", text.trim(), bf16.name());
+            let what = if bf16 == Bf16Unit::Amx { "AMX-BF16 tiles" } else { bf16.name() };
+            bail!("{ISA_ENV}={}: this CPU (or its kernel) does not offer {what}", text.trim());
         }
         if !int8.supported() {
             bail!("{ISA_ENV}={}: this CPU does not have {}", text.trim(), int8.name());

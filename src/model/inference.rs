@@ -11,7 +11,7 @@ use crate::engine::{self, Plan, PlanOptions, PlanSummary, Precision, Session};
 use super::{ModelSpec, ModelState};
 
 /// How to prepare a model for inference.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct InferenceOptions {
     /// Threads one model call may use (0 = one per core).
     pub threads: usize,
@@ -25,12 +25,42 @@ pub struct InferenceOptions {
     /// The arithmetic of the plan's convolutions; `None`: an exported version's own
     /// `precision` (see [`crate::infer::Predictor::from_loaded`]), f32 for a bare state.
     pub precision: Option<Precision>,
+    /// The activation ranges an int8 plan quantizes with (an int8 version's own, from its
+    /// `model.yaml`; see [`calibrate`]).
+    pub calibration: Option<Arc<engine::Calibration>>,
 }
 
 impl Default for InferenceOptions {
     fn default() -> Self {
-        Self { threads: 0, idle_spin: None, large_batch_kernels: true, precision: None }
+        Self { threads: 0, idle_spin: None, large_batch_kernels: true, precision: None, calibration: None }
     }
+}
+
+impl From<crate::config::Precision> for Precision {
+    fn from(p: crate::config::Precision) -> Precision {
+        match p {
+            crate::config::Precision::F32 => Precision::F32,
+            crate::config::Precision::Bf16 => Precision::Bf16,
+            crate::config::Precision::Int8 => Precision::Int8,
+        }
+    }
+}
+
+/// The activation ranges of `state`'s convolution inputs over `images` (`n` normalized
+/// images of `spec.input_size`², one at a time through the f32 plan): what an int8 plan of
+/// it quantizes with.
+pub fn calibrate(state: &ModelState, images: &[f32], n: usize) -> Result<engine::Calibration> {
+    let size = state.spec.input_size;
+    let graph = state.model.lower().context("failed to describe the model for the inference engine")?;
+    let plan = Arc::new(Plan::compile(&graph, &PlanOptions::new(size, size)).context("failed to compile the f32 calibration plan")?);
+    let per = plan.input_len();
+    ensure!(n > 0 && images.len() == n * per, "calibration needs at least one {size}² image");
+    let mut session = Session::new(plan, 1)?;
+    let mut calibration = engine::Calibration::default();
+    for image in images.chunks(per) {
+        calibration.merge(&session.observe(image, 1)?);
+    }
+    Ok(calibration)
 }
 
 /// The number of cores this process may use.
@@ -60,7 +90,12 @@ impl InferenceModel {
         let graph = state.model.lower().context("failed to describe the model for the inference engine")?;
         drop(state);
         let precision = options.precision.unwrap_or_default();
-        let plan = Plan::compile(&graph, &PlanOptions::new(spec.input_size, spec.input_size).with_precision(precision))
+        let mut plan_options = PlanOptions::new(spec.input_size, spec.input_size).with_precision(precision);
+        if precision == Precision::Int8 {
+            let calibration = options.calibration.clone().context("an int8 model needs its calibration (an int8 version carries it in model.yaml)")?;
+            plan_options = plan_options.int8(calibration);
+        }
+        let plan = Plan::compile(&graph, &plan_options)
             .with_context(|| format!("failed to compile the {precision} inference plan"))?;
         ensure!(
             plan.out_size == (spec.input_size, spec.input_size) && plan.out_channels == spec.num_classes(),
@@ -92,9 +127,9 @@ impl InferenceModel {
     /// `plan` (the kernel set is named) or `candle`.
     pub fn engine(&self) -> String {
         match &self.backend {
-            Backend::Plan { plan, .. } => match plan.bf16_unit {
-                Some(unit) => format!("plan ({}, {} on {})", plan.isa.name(), plan.precision, unit.name()),
-                None => format!("plan ({})", plan.isa.name()),
+            Backend::Plan { plan, .. } => match (plan.bf16_unit.map(|u| u.name()), plan.int8_unit.map(|u| u.name())) {
+                (Some(unit), _) | (None, Some(unit)) => format!("plan ({}, {} on {})", plan.isa.name(), plan.precision, unit),
+                (None, None) => format!("plan ({})", plan.isa.name()),
             },
             Backend::Candle(_) => "candle".into(),
         }

@@ -349,7 +349,7 @@ fn load_version(registry: Weak<Registry>, name: String, version: u64, path: Path
         let threads = reg.cpu.total();
         // Idle inference threads spin only briefly (the request stages need the cores), and
         // no second set of large-batch kernels (memory; serving batches are small).
-        let options = crate::model::inference::InferenceOptions { threads, idle_spin: Some(2048), large_batch_kernels: false, precision: None };
+        let options = crate::model::inference::InferenceOptions { threads, idle_spin: Some(2048), large_batch_kernels: false, ..Default::default() };
         let predictor = Arc::new(Predictor::from_loaded(loaded, options)?);
         let settings = BatchSettings { threads: model_threads(reg.settings.threads, reg.cpu.total()), ..reg.settings };
         let worker = Worker::start(predictor.clone(), settings, reg.cpu.clone(), reg.metrics.clone(), name.clone(), version)?;

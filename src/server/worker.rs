@@ -242,7 +242,7 @@ mod tests {
         let state = ModelState::new(&spec, &candle_core::Device::Cpu, 1).unwrap();
         let origin = ModelOrigin { kind: "checkpoint", path: "test".into(), name: None, version: None };
         let loaded = LoadedModel { state, origin, manifest: None, checkpoint_meta: None };
-        let options = InferenceOptions { threads: 1, idle_spin: Some(0), large_batch_kernels: false, precision: None };
+        let options = InferenceOptions { threads: 1, idle_spin: Some(0), large_batch_kernels: false, ..Default::default() };
         Arc::new(Predictor::from_loaded(loaded, options).unwrap())
     }
 
