@@ -11,15 +11,17 @@
 //! - [`session`] runs a plan; [`team`] is its thread team.
 //! - The kernels: [`gemm`] (the register tile every dense kernel is built on, with [`asm`]'s
 //!   hand-scheduled versions), [`conv`] (direct convolutions), [`winograd`], [`pool`]
-//!   (depthwise, pooling, element-wise, input and output steps), over [`simd`].
+//!   (depthwise, pooling, element-wise, input and output steps), over [`simd`]; [`bf16`] and
+//!   [`int8`] (reduced-precision convolutions as GEMMs on their own units).
 //!
-//! **Dispatch rule.** [`Isa::active`] is the widest instruction set the CPU has (AVX-512F,
-//! then AVX2+FMA, then the portable Rust path), unless the `SEGCTL_KERNELS` environment
-//! variable names one (`amx`, `avx512`, `avx2`, `portable`; asking for one the CPU lacks is
-//! an error). Kernels are generic over [`simd::Simd`] and instantiated once per instruction
-//! set. A plan compiled at [`Precision::Bf16`] runs its convolutions on [`Bf16Unit::active`]
-//! (the AMX tiles where the CPU has them, else the portable bf16 products) and everything
-//! else on the f32 kernels of [`Isa::active`].
+//! **Dispatch rule.** [`Kernels::active`] holds, once per process, the path of each precision:
+//! the f32 instruction set ([`Isa`]: AVX-512F, then AVX2+FMA, then portable Rust), the bf16
+//! unit ([`Bf16Unit`]: AMX tiles, then AVX512-BF16, then portable) and the int8 unit
+//! ([`Int8Unit`]: AVX512-VNNI, AVX-VNNI, AVX2, portable) — the fastest the CPU has, unless the
+//! `SEGCTL_KERNELS` environment variable forces one path (see [`Kernels::parse`]; asking for
+//! one the CPU lacks is an error). Kernels are generic over [`simd::Simd`] and instantiated
+//! once per instruction set. A reduced-precision plan runs its dense convolutions on its unit
+//! ([`bf16`], [`int8`]) and everything else on the f32 kernels of [`Isa::active`].
 
 #[cfg(target_arch = "x86_64")]
 pub mod asm;
