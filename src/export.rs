@@ -144,7 +144,7 @@ pub fn export(options: &ExportOptions) -> Result<ExportReport> {
     let version = claim.version;
     let onnx = if options.onnx {
         let state = ModelState::from_tensors(&spec, &tensors, &device)?;
-        Some(onnx_file(&state, &options.name, version)?)
+        Some(onnx_file(&state, &options.name, version, calibration.as_ref())?)
     } else {
         None
     };
@@ -374,7 +374,7 @@ fn export_to_bucket(options: &ExportOptions, repository: &crate::storage::Remote
 /// `model.onnx` of `state`, checked: the bytes are read back into a graph, compiled by the
 /// engine and run on a probe batch against the candle model. Returns the bytes and the
 /// largest logit difference.
-fn onnx_file(state: &ModelState, name: &str, version: u64) -> Result<(Vec<u8>, f32)> {
+fn onnx_file(state: &ModelState, name: &str, version: u64, calibration: Option<&crate::engine::Calibration>) -> Result<(Vec<u8>, f32)> {
     let spec = &state.spec;
     let graph = state.model.lower().context("failed to describe the model as a graph")?;
     let metadata = vec![
@@ -398,18 +398,29 @@ fn onnx_file(state: &ModelState, name: &str, version: u64) -> Result<(Vec<u8>, f
         ),
         metadata,
     };
-    let bytes = model::onnx::write(&graph, &info)?;
-    drop(graph);
+    let bytes = model::onnx::write_quantized(&graph, &info, calibration)?;
     let back = model::onnx::read(&bytes).context("the ONNX file segctl wrote does not read back")?;
     let size = spec.input_size;
-    let plan = Plan::compile(&back.graph, &PlanOptions::new(size, size)).context("the ONNX file does not compile in the engine")?;
+    let options = match calibration {
+        Some(c) => PlanOptions::new(size, size).int8(std::sync::Arc::new(c.clone())),
+        None => PlanOptions::new(size, size),
+    };
+    let plan = Plan::compile(&back.graph, &options).context("the ONNX file does not compile in the engine")?;
     let mut session = Session::new(std::sync::Arc::new(plan), 0)?;
     let mut rng = Rng::new(0x0cc5);
     let n = 2;
     let values: Vec<f32> = (0..n * 3 * size * size).map(|_| rng.normal()).collect();
     let engine = session.run(&values, n)?.to_vec();
-    let x = Tensor::from_vec(values, (n, 3, size, size), &state.device)?;
-    let reference: Vec<f32> = state.forward(&x, false)?.flatten_all()?.to_vec1()?;
+    // An int8 file read back holds the dequantized weights, which requantize to the same
+    // integers: its int8 plan is compared with the version's own; an f32 file with candle.
+    let reference: Vec<f32> = match calibration {
+        Some(_) => Session::new(std::sync::Arc::new(Plan::compile(&graph, &options)?), 0)?.run(&values, n)?.to_vec(),
+        None => {
+            let x = Tensor::from_vec(values, (n, 3, size, size), &state.device)?;
+            state.forward(&x, false)?.flatten_all()?.to_vec1()?
+        }
+    };
+    drop(graph);
     if engine.len() != reference.len() {
         bail!("model.onnx gives {} logits, the model {}", engine.len(), reference.len());
     }

@@ -111,3 +111,58 @@ fn export_onnx_from_the_config_key() {
     let out = run(segctl().args(["predict", "--model"]).arg(repo.join("pets/2")).arg(&photo).arg("--out").arg(dir.path().join("p")));
     assert!(out.status.success());
 }
+
+#[test]
+fn an_int8_version_exports_qdq_onnx_that_onnxruntime_runs_as_segctl_does() {
+    let Some(python) = checker() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (config, run_dir, _) = trained_model(dir.path(), 12);
+    let repo = dir.path().join("models");
+    let out = run(segctl().args(["export", "--onnx", "--precision", "int8", "--json", "--config"]).arg(&config).arg("--checkpoint").arg(&run_dir).args(["--name", "pets", "--repository"]).arg(&repo));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report = json(&out);
+    assert_eq!(report["precision"], "int8");
+    // Read back by segctl, its int8 plan gives the version's own logits.
+    assert!(report["onnx"]["max_abs_diff"].as_f64().unwrap() < 1e-3, "{report}");
+    let version_dir = Path::new(report["path"].as_str().unwrap()).to_path_buf();
+    let predictor = segctl::infer::Predictor::load(&version_dir, &candle_core::Device::Cpu).unwrap();
+    let size = 32;
+    let n = 3;
+    let mut seed = 5u64;
+    let inputs: Vec<Vec<f32>> = (0..n)
+        .map(|_| {
+            (0..3 * size * size)
+                .map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (seed >> 40) as f32 / (1u64 << 24) as f32
+                })
+                .collect()
+        })
+        .collect();
+    let logits = predictor.logits(&inputs).unwrap();
+    write_f32(&dir.path().join("input.f32"), &inputs.concat());
+    write_f32(&dir.path().join("logits.f32"), &logits.concat());
+    let out = Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check/onnx_check.py"))
+        .arg(version_dir.join("model.onnx"))
+        .arg(dir.path().join("input.f32"))
+        .arg(n.to_string())
+        .arg(size.to_string())
+        .arg(dir.path().join("logits.f32"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "onnx check failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("int8 onnx check: {v}");
+    assert_eq!(v["checker"], "ok");
+    // QDQ: every int8 convolution reads a quantized activation and int8 weights.
+    let ops = &v["op_types"];
+    let convs = ops["Conv"].as_u64().unwrap() + ops["ConvTranspose"].as_u64().unwrap_or(0);
+    let (q, dq) = (ops["QuantizeLinear"].as_u64().unwrap_or(0), ops["DequantizeLinear"].as_u64().unwrap_or(0));
+    // (This UNet's 4-channel layers and the logits stay f32: at most 4 channels.)
+    assert!(q >= 5 && dq > q && dq - q < convs, "one QDQ pair per quantized input, one DequantizeLinear per int8 weight: {ops}");
+    // onnxruntime computes the same quantized numbers in its own order.
+    let bound = 2e-3 * v["scale"].as_f64().unwrap().max(1.0);
+    assert!(v["max_abs_diff"].as_f64().unwrap() <= bound, "onnxruntime vs segctl int8: {v}");
+    assert!(v["argmax_agreement"].as_f64().unwrap() >= 0.999, "{v}");
+}

@@ -5,7 +5,8 @@
 INPUT.f32 holds N normalized images [N, 3, SIZE, SIZE] and LOGITS.f32 segctl's logits for them,
 both little-endian float32. Runs onnx.checker (full_check), then onnxruntime's InferenceSession
 at batch N and at batch 1 (the batch dimension is dynamic), and prints one JSON line:
-{"checker": "ok", "max_abs_diff": ..., "scale": ..., "metadata": {...}, "inputs": [...], "outputs": [...]}.
+{"checker": "ok", "max_abs_diff": ..., "scale": ..., "argmax_agreement": ..., "op_types": {...},
+"metadata": {...}, "inputs": [...], "outputs": [...]}.
 """
 import json
 import sys
@@ -34,6 +35,8 @@ def main():
         "max_abs_diff": float(np.abs(got - expected).max()),
         "batch1_max_abs_diff": float(np.abs(single - expected[:1]).max()),
         "scale": float(np.abs(expected).max()),
+        "argmax_agreement": float((got.argmax(axis=1) == expected.argmax(axis=1)).mean()),
+        "op_types": {t: sum(1 for n in model.graph.node if n.op_type == t) for t in sorted({n.op_type for n in model.graph.node})},
         "metadata": {p.key: p.value for p in model.metadata_props},
         "inputs": io(model.graph.input),
         "outputs": io(model.graph.output),

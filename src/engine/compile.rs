@@ -362,7 +362,7 @@ impl GemmForm {
 /// precision: depthwise (memory-bound, as their sums are few), and the logits (at most
 /// [`SMALL_K`] channels).
 fn gemm_form(conv: &ConvOp, input: View, output: View, residual: Option<View>, up: usize) -> Result<Option<GemmForm>> {
-    if conv.kind == ConvKind::Depthwise || conv.cout / if up == 2 && conv.kind == ConvKind::Dense { 4 } else { 1 } <= SMALL_K {
+    if !runs_reduced(conv, up) {
         return Ok(None);
     }
     let (cin, k, w) = (conv.cin, conv.k, &conv.weight);
@@ -428,6 +428,13 @@ fn gemm_form(conv: &ConvOp, input: View, output: View, residual: Option<View>, u
     Ok(Some(lowered))
 }
 
+/// Whether a convolution (followed by depth-to-space by 2 when `up` = 2) runs in a plan's
+/// reduced precision: all but the depthwise ones and the logits (at most [`SMALL_K`]
+/// channels). The ONNX writer quantizes exactly these.
+pub fn runs_reduced(conv: &ConvOp, up: usize) -> bool {
+    conv.kind != ConvKind::Depthwise && conv.cout / if up == 2 && conv.kind == ConvKind::Dense { 4 } else { 1 } > SMALL_K
+}
+
 /// A convolution in bf16 ([`Bf16Conv`]), or `None` for the layers that stay f32.
 fn lower_bf16(conv: &ConvOp, input: View, output: View, residual: Option<View>, up: usize, unit: Bf16Unit) -> Result<Option<StepKind>> {
     let Some(f) = gemm_form(conv, input, output, residual, up)? else { return Ok(None) };
@@ -446,7 +453,7 @@ fn lower_int8(conv: &ConvOp, input: View, output: View, residual: Option<View>, 
     ensure!(unit.supported(), "this CPU cannot run the {} int8 kernels", unit.name());
     let residual = if f.up == 1 { residual } else { None };
     let quant = activation_quant(lo, hi);
-    let kind = Int8Conv::new(input, output, residual, f.phases.clone(), f.stride, f.up, f.grid, f.cin, f.cout, &|p, t, c, o| f.weight(p, t, c, o), &|p, o| f.bias[p * f.cout + o], conv.act.bounds(), quant, unit);
+    let kind = Int8Conv::new(input, output, residual, f.phases.clone(), f.stride, f.up, f.grid, f.cin, f.cout, &|p, t, c, o| f.weight(p, t, c, o), &|p, o| f.bias[p * f.cout + o], conv.act.bounds(), quant, conv.kind == ConvKind::Transposed, unit);
     Ok(Some(StepKind::Int8(kind)))
 }
 

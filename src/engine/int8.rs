@@ -94,6 +94,17 @@ pub fn activation_quant(min: f32, max: f32) -> (f32, u8) {
     if min >= 0.0 { (ok(max / 255.0), 0) } else { (ok(min.abs().max(max.abs()) / 127.0), 128) }
 }
 
+/// The scale of a weight channel whose largest magnitude is `max_abs` (symmetric, ±127).
+pub fn weight_scale(max_abs: f32) -> f32 {
+    if max_abs > 0.0 && max_abs.is_finite() { max_abs / 127.0 } else { 1.0 }
+}
+
+/// A weight on the int8 grid of `scale`.
+#[inline]
+pub fn quantize_weight(w: f32, scale: f32) -> i8 {
+    (w / scale).round_ties_even().clamp(-127.0, 127.0) as i8
+}
+
 /// `x` quantized with `1 / scale` = `inv` and zero point `zp` (ties to even; the
 /// vector paths compute the same).
 #[inline(always)]
@@ -144,8 +155,10 @@ pub struct Int8Conv {
 }
 
 impl Int8Conv {
-    /// Quantizes and packs `weight(phase, tap, c, o)`; the input is quantized with
-    /// `(scale, zero point)` = `input_quant`.
+    /// Quantizes and packs `weight(phase, tap, c, o)`, one scale per output channel of each
+    /// phase, or of all phases together when `shared_scales` (a transposed convolution,
+    /// whose phases are parts of one kernel); the input is quantized with `(scale, zero
+    /// point)` = `input_quant`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         input: View,
@@ -161,6 +174,7 @@ impl Int8Conv {
         bias: &dyn Fn(usize, usize) -> f32,
         (min, max): (f32, f32),
         input_quant: (f32, u8),
+        shared_scales: bool,
         unit: Int8Unit,
     ) -> Int8Conv {
         let taps = phases[0].taps.len();
@@ -178,22 +192,26 @@ impl Int8Conv {
         let mut comp = vec![0i32; phases.len() * panels * NP];
         let mut scale = vec![0f32; phases.len() * panels * NP];
         let mut biases = vec![0f32; phases.len() * panels * NP];
+        let max_abs = |p: usize, o: usize| {
+            let mut m = 0f32;
+            for t in 0..taps {
+                for c in 0..cin {
+                    m = m.max(weight(p, t, c, o).abs());
+                }
+            }
+            m
+        };
         for p in 0..phases.len() {
             for o in 0..cout {
-                let mut m = 0f32;
-                for t in 0..taps {
-                    for c in 0..cin {
-                        m = m.max(weight(p, t, c, o).abs());
-                    }
-                }
-                let s_w = if m > 0.0 && m.is_finite() { m / 127.0 } else { 1.0 };
+                let m = if shared_scales { (0..phases.len()).map(|q| max_abs(q, o)).fold(0f32, f32::max) } else { max_abs(p, o) };
+                let s_w = weight_scale(m);
                 let (panel, j) = (o / NP, o % NP);
                 let dst = &mut packed[(p * panels + panel) * kp * NP..][..kp * NP];
                 let mut sum = 0i32;
                 for (t, &k0) in tap_k.iter().enumerate() {
                     for c in 0..cin {
                         let k = k0 + c;
-                        let q = (weight(p, t, c, o) / s_w).round_ties_even().clamp(-127.0, 127.0) as i8;
+                        let q = quantize_weight(weight(p, t, c, o), s_w);
                         dst[(k / 4) * 4 * NP + 4 * j + (k % 4)] = q;
                         sum += q as i32;
                     }

@@ -6,6 +6,11 @@
 //! float32 `[N, 3, H, W]`, normalized, with a dynamic batch `N`; output `logits` is
 //! `[N, C, H, W]`. What a user needs around the tensors (normalization, class names, the
 //! whole model spec) is in the model's metadata properties.
+//!
+//! An int8 version is written as QDQ ([`write_quantized`]): every convolution the engine runs
+//! in int8 reads its input through `QuantizeLinear` → `DequantizeLinear` (uint8, per tensor, the
+//! calibrated scale and zero point) and its weights as an int8 initializer through
+//! `DequantizeLinear` (per output channel) — the same numbers the engine computes with.
 
 pub mod proto;
 
@@ -15,7 +20,10 @@ use anyhow::{Context, Result, bail, ensure};
 use prost::Message;
 
 use super::blocks::{Act, ConvKind};
+use crate::engine::Calibration;
+use crate::engine::compile::runs_reduced;
 use crate::engine::graph::{ConvOp, Graph, Node, NodeId, Op};
+use crate::engine::int8::{activation_quant, quantize_weight, weight_scale};
 use proto::*;
 
 /// The opset segctl writes (and the newest it reads).
@@ -82,9 +90,21 @@ fn node(op: &str, name: String, inputs: Vec<String>, output: String, attribute: 
     NodeProto { op_type: op.into(), name, input: inputs, output: vec![output], attribute, ..Default::default() }
 }
 
+fn bytes_tensor(name: &str, dims: &[usize], data_type: i32, raw_data: Vec<u8>) -> TensorProto {
+    TensorProto { name: name.into(), dims: dims.iter().map(|&d| d as i64).collect(), data_type, raw_data, ..Default::default() }
+}
+
 /// The graph as an ONNX model file.
 pub fn write(graph: &Graph, info: &ModelInfo) -> Result<Vec<u8>> {
+    write_quantized(graph, info, None)
+}
+
+/// [`write`], with the convolutions an int8 plan of `calibration` runs in int8 as QDQ (see the
+/// module docs); `None`: float throughout.
+pub fn write_quantized(graph: &Graph, info: &ModelInfo, calibration: Option<&Calibration>) -> Result<Vec<u8>> {
     graph.channels().context("the graph is inconsistent")?;
+    // The activations already quantized (one QuantizeLinear/DequantizeLinear per value).
+    let mut quantized: HashMap<NodeId, String> = HashMap::new();
     let name = |id: NodeId| if id == 0 { INPUT_NAME.to_string() } else if id == graph.output { OUTPUT_NAME.to_string() } else { format!("n{id}") };
     let mut nodes = Vec::new();
     let mut initializers = Vec::new();
@@ -103,13 +123,52 @@ pub fn write(graph: &Graph, info: &ModelInfo) -> Result<Vec<u8>> {
                 };
                 ensure!(c.weight.len() == dims.iter().product::<usize>(), "node {id}: {} weights for {dims:?}", c.weight.len());
                 ensure!(c.bias.len() == c.cout, "node {id}: {} biases for {} channels", c.bias.len(), c.cout);
-                initializers.push(tensor(&wname, &dims, &c.weight));
+                let up = if graph.consumers(id).iter().any(|&r| matches!(graph.nodes[r].op, Op::DepthToSpace(2))) { 2 } else { 1 };
+                let range = calibration.filter(|_| runs_reduced(c, up)).and_then(|cal| cal.range(n.inputs[0]));
+                let mut conv_input = inputs[0].clone();
+                match range {
+                    None => initializers.push(tensor(&wname, &dims, &c.weight)),
+                    Some((lo, hi)) => {
+                        let x = n.inputs[0];
+                        conv_input = match quantized.get(&x) {
+                            Some(dq) => dq.clone(),
+                            None => {
+                                let (scale, zero) = activation_quant(lo, hi);
+                                let base = &inputs[0];
+                                let (sname, zname, q, dq) = (format!("{base}.scale"), format!("{base}.zero_point"), format!("{base}.q"), format!("{base}.dq"));
+                                initializers.push(tensor(&sname, &[], &[scale]));
+                                initializers.push(bytes_tensor(&zname, &[], UINT8, vec![zero]));
+                                nodes.push(node("QuantizeLinear", format!("{base}.quantize"), vec![base.clone(), sname.clone(), zname.clone()], q.clone(), vec![]));
+                                nodes.push(node("DequantizeLinear", format!("{base}.dequantize"), vec![q, sname, zname], dq.clone(), vec![]));
+                                quantized.insert(x, dq.clone());
+                                dq
+                            }
+                        };
+                        // Per output channel: axis 0 of [cout, cin, k, k], axis 1 of a transposed
+                        // convolution's [cin, cout, k, k].
+                        let (axis, channels) = if c.kind == ConvKind::Transposed { (1, c.cout) } else { (0, dims[0]) };
+                        let per = c.weight.len() / channels;
+                        let channel_of = |i: usize| if axis == 0 { i / per } else { (i / (c.k * c.k)) % c.cout };
+                        let mut max_abs = vec![0f32; channels];
+                        for (i, w) in c.weight.iter().enumerate() {
+                            let ch = channel_of(i);
+                            max_abs[ch] = max_abs[ch].max(w.abs());
+                        }
+                        let scales: Vec<f32> = max_abs.iter().map(|&m| weight_scale(m)).collect();
+                        let q: Vec<u8> = c.weight.iter().enumerate().map(|(i, &w)| quantize_weight(w, scales[channel_of(i)]) as u8).collect();
+                        let (qname, sname, zname) = (format!("n{id}.weight_quantized"), format!("n{id}.weight_scale"), format!("n{id}.weight_zero_point"));
+                        initializers.push(bytes_tensor(&qname, &dims, INT8, q));
+                        initializers.push(tensor(&sname, &[channels], &scales));
+                        initializers.push(bytes_tensor(&zname, &[channels], INT8, vec![0; channels]));
+                        nodes.push(node("DequantizeLinear", format!("n{id}.weight_dequantize"), vec![qname, sname, zname], wname.clone(), vec![attr_int("axis", axis)]));
+                    }
+                }
                 initializers.push(tensor(&bname, &[c.cout], &c.bias));
                 let (k, s, p) = (c.k as i64, c.stride as i64, c.pad as i64);
                 let mut attrs = vec![attr_ints("kernel_shape", &[k, k]), attr_ints("strides", &[s, s]), attr_ints("pads", &[p, p, p, p]), attr_ints("dilations", &[1, 1])];
                 attrs.push(attr_int("group", group as i64));
                 let conv_out = if c.act == Act::Identity { out.clone() } else { format!("n{id}.conv") };
-                nodes.push(node(op, format!("n{id}.{}", op.to_lowercase()), vec![inputs[0].clone(), wname, bname], conv_out.clone(), attrs));
+                nodes.push(node(op, format!("n{id}.{}", op.to_lowercase()), vec![conv_input, wname, bname], conv_out.clone(), attrs));
                 match c.act {
                     Act::Identity => {}
                     Act::Relu => nodes.push(node("Relu", format!("n{id}.relu"), vec![conv_out], out, vec![])),
@@ -182,6 +241,52 @@ fn floats(t: &TensorProto) -> Result<Vec<f32>> {
     Ok(values)
 }
 
+/// The f32 tensors of the graph's `DequantizeLinear` nodes over int8/uint8 initializers (per
+/// tensor, or per channel along `axis`), named as the nodes' outputs.
+fn dequantized_weights(graph: &GraphProto) -> Result<Vec<TensorProto>> {
+    let inits: HashMap<&str, &TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut out = Vec::new();
+    for n in graph.node.iter().filter(|n| n.op_type == "DequantizeLinear") {
+        let Some(q) = n.input.first().and_then(|i| inits.get(i.as_str())) else { continue };
+        let what = format!("DequantizeLinear `{}`", n.name);
+        ensure!(q.data_type == INT8 || q.data_type == UINT8, "{what}: data type {} (int8 or uint8 weights)", q.data_type);
+        let count: i64 = q.dims.iter().product();
+        ensure!(q.dims.iter().all(|&d| d >= 0) && q.raw_data.len() as i64 == count, "{what}: {} bytes for dims {:?}", q.raw_data.len(), q.dims);
+        let scale = floats(inits.get(n.input.get(1).map(String::as_str).unwrap_or("")).with_context(|| format!("{what}: the scale must be an initializer"))?)?;
+        let zero: Vec<i32> = match n.input.get(2).filter(|z| !z.is_empty()) {
+            Some(z) => {
+                let t = inits.get(z.as_str()).with_context(|| format!("{what}: the zero point must be an initializer"))?;
+                ensure!(t.data_type == q.data_type, "{what}: zero point of data type {} for data of type {}", t.data_type, q.data_type);
+                t.raw_data.iter().map(|&b| if q.data_type == INT8 { b as i8 as i32 } else { b as i32 }).collect()
+            }
+            None => vec![0; scale.len()],
+        };
+        ensure!(zero.len() == scale.len() && !scale.is_empty(), "{what}: {} scales, {} zero points", scale.len(), zero.len());
+        let axis = attrs(n).get("axis").map_or(1, |a| a.i);
+        let dims: Vec<usize> = q.dims.iter().map(|&d| d as usize).collect();
+        let channel_of: Box<dyn Fn(usize) -> usize> = if scale.len() == 1 {
+            Box::new(|_| 0)
+        } else {
+            ensure!((0..dims.len() as i64).contains(&axis) && dims[axis as usize] == scale.len(), "{what}: {} scales along axis {axis} of {dims:?}", scale.len());
+            let inner: usize = dims[axis as usize + 1..].iter().product();
+            let len = scale.len();
+            Box::new(move |i| (i / inner) % len)
+        };
+        let values: Vec<f32> = q
+            .raw_data
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                let v = if q.data_type == INT8 { b as i8 as i32 } else { b as i32 };
+                let ch = channel_of(i);
+                (v - zero[ch]) as f32 * scale[ch]
+            })
+            .collect();
+        out.push(tensor(n.output.first().context("no output")?, &dims, &values));
+    }
+    Ok(out)
+}
+
 fn attrs(n: &NodeProto) -> HashMap<&str, &AttributeProto> {
     n.attribute.iter().map(|a| (a.name.as_str(), a)).collect()
 }
@@ -194,7 +299,11 @@ pub fn read(bytes: &[u8]) -> Result<ReadModel> {
     let opset = model.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map(|o| o.version).unwrap_or(0);
     ensure!((13..=OPSET).contains(&opset), "ONNX opset {opset}: segctl reads opsets 13 to {OPSET}");
     let graph = model.graph.context("the ONNX model has no graph")?;
-    let inits: HashMap<&str, &TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    // QDQ weights: an int8 initializer through DequantizeLinear is read as the f32 weights it
+    // stands for.
+    let dequantized = dequantized_weights(&graph)?;
+    let mut inits: HashMap<&str, &TensorProto> = graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    inits.extend(dequantized.iter().map(|t| (t.name.as_str(), t)));
     let real_inputs: Vec<&ValueInfoProto> = graph.input.iter().filter(|i| !inits.contains_key(i.name.as_str())).collect();
     ensure!(real_inputs.len() == 1, "the ONNX graph has {} inputs; segctl models have one image input", real_inputs.len());
     ensure!(graph.output.len() == 1, "the ONNX graph has {} outputs; segctl models have one (logits)", graph.output.len());
@@ -232,6 +341,14 @@ pub fn read(bytes: &[u8]) -> Result<ReadModel> {
         let int = |key: &str| a.get(key).map(|x| x.i);
         let what = format!("{} `{}`", n.op_type, n.name);
         let (op, inputs) = match n.op_type.as_str() {
+            "DequantizeLinear" if dequantized.iter().any(|t| t.name == n.output[0]) => continue,
+            // Activations through QuantizeLinear → DequantizeLinear: the engine reads the f32 map
+            // (an int8 plan quantizes as it reads, with its own calibration).
+            "QuantizeLinear" | "DequantizeLinear" => {
+                let x = value(&values, n.input.first().context("no input")?, &what)?;
+                values.insert(n.output[0].clone(), x);
+                continue;
+            }
             "Conv" | "ConvTranspose" => {
                 let x = value(&values, n.input.first().context("no input")?, &what)?;
                 let w = inits.get(n.input.get(1).map(String::as_str).unwrap_or("")).with_context(|| format!("{what}: the weight must be an initializer"))?;
