@@ -1,5 +1,5 @@
-"""Inference speed: segctl's compiled plan (f32 and bf16) against onnxruntime and OpenVINO
-on the same architecture.
+"""Inference speed: segctl's compiled plan (f32, bf16, int8) against onnxruntime (f32, int8) and
+OpenVINO on the same architecture.
 
 For each architecture, the PyTorch twin (torch_models.py, same layers and parameter counts
 as segctl's model) is exported to ONNX (opset 17, dynamic batch) and run by onnxruntime's
@@ -7,7 +7,10 @@ CPU execution provider (graph optimizations on, `intra_op_num_threads` = threads
 inter-op thread), and by OpenVINO's CPU plugin (one stream, latency hint,
 `INFERENCE_NUM_THREADS` = threads, static batch; each round in a child process of its own,
 pinned like the others) at f32 and at its default precision (bf16 on
-CPUs with AMX or AVX512-BF16): what a Python team deploys. segctl's side is `segctl benchmark --json`
+CPUs with AMX or AVX512-BF16): what a Python team deploys. onnxruntime int8 runs the same
+file after `onnxruntime.quantization.quantize_static` (QDQ, per-channel int8 weights, uint8
+activations calibrated on the 8 images segctl int8's side calibrates on), as its docs advise
+for CNNs. segctl's side is `segctl benchmark --json`
 on an untrained model of the same architecture (speed does not depend on the weights).
 
 Both sides run pinned to the same cores (the first `threads` CPUs: on a VM the vCPUs may run
@@ -58,6 +61,40 @@ def export_onnx(arch, path, size):
     model = build_model(**kwargs)
     export_model(model, path, size)
     return parameter_count(model)
+
+
+def calibration_images(size, count=8):
+    """The images both int8 sides calibrate on: standard normal, as the timing input."""
+    return np.random.default_rng(11).standard_normal((count, 3, size, size), dtype=np.float32)
+
+
+def quantize_onnx(onnx_path, size):
+    """onnxruntime's static quantization of the exported file: QDQ, per-channel."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"image": x[None]} for x in calibration_images(size)])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    pre = onnx_path.replace(".onnx", ".pre.onnx")
+    out = onnx_path.replace(".onnx", ".int8.onnx")
+    quant_pre_process(onnx_path, pre)
+    quantize_static(pre, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
+
+
+def ort_session(path, threads):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
 def ort_round(session, batch, size, calls, warmup):
@@ -123,9 +160,9 @@ def ov_child(args):
     print(json.dumps({"median_s": statistics.median(times), "precision": used}))
 
 
-SIDES = ["segctl", "segctl_bf16", "onnxruntime", "openvino_f32", "openvino"]
-LABELS = {"segctl": "segctl f32", "segctl_bf16": "segctl bf16", "onnxruntime": "onnxruntime f32",
-          "openvino_f32": "OpenVINO f32", "openvino": "OpenVINO default"}
+SIDES = ["segctl", "segctl_bf16", "segctl_int8", "onnxruntime", "onnxruntime_int8", "openvino_f32", "openvino"]
+LABELS = {"segctl": "segctl f32", "segctl_bf16": "segctl bf16", "segctl_int8": "segctl int8", "onnxruntime": "onnxruntime f32",
+          "onnxruntime_int8": "onnxruntime int8", "openvino_f32": "OpenVINO f32", "openvino": "OpenVINO default"}
 
 
 def main():
@@ -159,19 +196,14 @@ def main():
         onnx_path = os.path.join(tmp, f"{arch}.onnx")
         params = export_onnx(arch, onnx_path, args.size)
         print(f"{arch}: exported the PyTorch twin ({params:,} parameters) to ONNX", file=sys.stderr)
+        int8_path = quantize_onnx(onnx_path, args.size) if "onnxruntime_int8" in sides else None
         for threads in map(int, args.threads.split(",")):
             # This process (onnxruntime, OpenVINO) and the segctl child it starts run on the
             # same cores.
             cpus = sorted(all_cpus)[:threads]
             os.sched_setaffinity(0, cpus)
-            session = None
-            if "onnxruntime" in sides:
-                so = ort.SessionOptions()
-                so.intra_op_num_threads = threads
-                so.inter_op_num_threads = 1
-                so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-                session = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+            session = ort_session(onnx_path, threads) if "onnxruntime" in sides else None
+            session_int8 = ort_session(int8_path, threads) if int8_path else None
             for batch in map(int, args.batches.split(",")):
                 ov_precision = None
                 times = {s: [] for s in sides}
@@ -182,14 +214,18 @@ def main():
                             t, reports[side] = segctl_round(args.segctl, arch, batch, threads, args.calls, args.warmup)
                         elif side == "segctl_bf16":
                             t, reports[side] = segctl_round(args.segctl, arch, batch, threads, args.calls, args.warmup, "bf16")
+                        elif side == "segctl_int8":
+                            t, reports[side] = segctl_round(args.segctl, arch, batch, threads, args.calls, args.warmup, "int8")
                         elif side == "onnxruntime":
                             t = ort_round(session, batch, args.size, args.calls, args.warmup)
+                        elif side == "onnxruntime_int8":
+                            t = ort_round(session_int8, batch, args.size, args.calls, args.warmup)
                         elif side == "openvino_f32":
                             t, _ = ov_round(onnx_path, batch, args.size, threads, "f32", args.calls, args.warmup)
                         else:
                             t, ov_precision = ov_round(onnx_path, batch, args.size, threads, None, args.calls, args.warmup)
                         times[side].append(t)
-                report = reports.get("segctl") or reports.get("segctl_bf16")
+                report = reports.get("segctl") or reports.get("segctl_bf16") or reports.get("segctl_int8")
                 flops = report["gflop_per_image"] if report else None
                 row = {"arch": arch, "threads": threads, "batch": batch, "cpus": cpus, "gflop_per_image": flops,
                        "openvino_default_precision": ov_precision}
@@ -219,7 +255,8 @@ def main():
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
 
     head = " | ".join(f"{LABELS[s]} img/s" for s in sides)
-    ratios = [(a, b) for a, b in [("segctl", "onnxruntime"), ("segctl", "openvino_f32"), ("segctl_bf16", "openvino")]
+    ratios = [(a, b) for a, b in [("segctl", "onnxruntime"), ("segctl", "openvino_f32"), ("segctl_bf16", "openvino"),
+                                  ("segctl_int8", "onnxruntime_int8"), ("segctl_int8", "openvino")]
               if a in sides and b in sides]
     print(f"| architecture | threads | batch | {head} | " + " | ".join(f"{LABELS[a]} / {LABELS[b]}" for a, b in ratios) + " |")
     print("|---|---:|---:|" + "---:|" * (len(sides) + len(ratios)))

@@ -153,7 +153,7 @@ pub struct Bf16Conv {
     pub grid: (usize, usize),
     pub cin: usize,
     pub cout: usize,
-    /// Taps × input channels, rounded up to [`KT`].
+    /// Taps × input channels, rounded up to [`KT`] on AMX, to 2 otherwise.
     pub kp: usize,
     /// Weight panels of [`NP`] output channels.
     pub panels: usize,
@@ -193,13 +193,15 @@ impl Bf16Conv {
     ) -> Bf16Conv {
         let taps = phases[0].taps.len();
         debug_assert!(phases.iter().all(|p| p.taps.len() == taps));
-        let row_k = Self::row_mode(&phases, stride, grid, input.w, unit).map(|k| (k * cin).div_ceil(KT) * KT);
+        // The tiles take K in blocks of 32; vdpbf16ps and the portable path in pairs.
+        let kt = if unit == Bf16Unit::Amx { KT } else { 2 };
+        let row_k = Self::row_mode(&phases, stride, grid, input.w, unit).map(|k| (k * cin).div_ceil(kt) * kt);
         let (kp, tap_k): (usize, Vec<usize>) = match row_k {
             Some(kd) => {
                 let k = (taps as f64).sqrt() as usize;
                 (k * kd, (0..taps).map(|t| (t / k) * kd + (t % k) * cin).collect())
             }
-            None => ((taps * cin).div_ceil(KT) * KT, (0..taps).map(|t| t * cin).collect()),
+            None => ((taps * cin).div_ceil(kt) * kt, (0..taps).map(|t| t * cin).collect()),
         };
         let panels = cout.div_ceil(NP);
         let mut packed = vec![0u16; phases.len() * panels * kp * NP];
@@ -628,22 +630,24 @@ mod amx {
     /// [`MB`] rows × one or two panels of sums into `acc` in the tiles' layout (row `r` of
     /// panel `j` at `acc + (2·(r / 16) + j)·256 + (r % 16)·16`) with `vdpbf16ps`: over the
     /// `segments` (A of row 0, `lda` values per row; B of panel 0, the second panel
-    /// `b_next` values on), `pairs` K pairs each. Eight rows at a time: 16 accumulators, two
-    /// weight vectors and one broadcast pair of A per step.
+    /// `b_next` values on), `pairs` K pairs each. Eight rows × two panels or 16 rows × one
+    /// at a time: 16 accumulators, the weight vectors and one broadcast pair of A per step.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx512vl")]
     unsafe fn vector_block(segments: &[(*const u16, *const u16)], pairs: usize, lda: usize, b_next: usize, pair: bool, acc: *mut f32) {
-        for r0 in (0..MB).step_by(8) {
-            if pair {
-                vector_rows::<2>(segments, pairs, lda, b_next, r0, acc);
-            } else {
-                vector_rows::<1>(segments, pairs, lda, b_next, r0, acc);
+        if pair {
+            for r0 in (0..MB).step_by(8) {
+                vector_rows::<8, 2>(segments, pairs, lda, b_next, r0, acc);
+            }
+        } else {
+            for r0 in (0..MB).step_by(16) {
+                vector_rows::<16, 1>(segments, pairs, lda, b_next, r0, acc);
             }
         }
     }
 
     #[inline(always)]
-    unsafe fn vector_rows<const P: usize>(segments: &[(*const u16, *const u16)], pairs: usize, lda: usize, b_next: usize, r0: usize, acc: *mut f32) {
-        let mut c = [[_mm512_setzero_ps(); P]; 8];
+    unsafe fn vector_rows<const R: usize, const P: usize>(segments: &[(*const u16, *const u16)], pairs: usize, lda: usize, b_next: usize, r0: usize, acc: *mut f32) {
+        let mut c = [[_mm512_setzero_ps(); P]; R];
         for &(a, b) in segments {
             let a = a.add(r0 * lda);
             for q in 0..pairs {
