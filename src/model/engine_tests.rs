@@ -601,6 +601,12 @@ mod int8 {
         single(op(ConvKind::Dense, 8, 40, 3, 2, 1, Act::Relu, 186), 16, 11, false, 0.5);
         single(op(ConvKind::Dense, 24, 24, 1, 1, 0, Act::Identity, 187), 7, 10, true, 0.0);
         single(op(ConvKind::Dense, 6, 20, 5, 1, 2, Act::Identity, 188), 6, 9, false, 0.0);
+        // Rows of 50 (four full register blocks and a partial one), 24 (whole blocks) and a
+        // stride-2 row of 48: row mode on every unit but the portable one.
+        single(op(ConvKind::Dense, 16, 24, 3, 1, 1, Act::Relu, 189), 5, 50, false, 1.0);
+        single(op(ConvKind::Dense, 12, 40, 3, 1, 1, Act::Relu6, 190), 4, 24, false, 0.0);
+        single(op(ConvKind::Dense, 8, 40, 3, 2, 1, Act::Relu, 191), 6, 96, false, 0.0);
+        single(op(ConvKind::Dense, 20, 20, 1, 1, 0, Act::Identity, 192), 3, 48, true, 0.0);
     }
 
     #[test]
@@ -621,6 +627,7 @@ mod int8 {
                 })
             };
             assert_eq!(modes(op(ConvKind::Dense, 8, 16, 3, 1, 1, Act::Relu, 1)), Some(unit != Int8Unit::Portable), "{unit:?}");
+            // (A 12-pixel row is whole register blocks on every unit.)
             assert_eq!(modes(op(ConvKind::Dense, 8, 16, 5, 1, 2, Act::Relu, 2)), Some(false), "{unit:?}");
         }
         // No calibrated range: the layer stays f32.
