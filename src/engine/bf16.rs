@@ -401,6 +401,44 @@ pub(super) fn centred_kernel(phases: &[Phase], stride: usize, gw: usize, in_w: u
     (centred && stride * (gw - 1) + k <= in_w + 2).then_some(k)
 }
 
+/// The `k` (at most 3) converted input rows a row-mode output row reads, kept in `k` slots
+/// of scratch: a 3×3 stride-1 layer converts each input row once, not once per output row it
+/// feeds.
+pub(super) struct RowSlots {
+    /// The padded input row (of the whole batch) each slot holds.
+    held: [usize; 3],
+}
+
+impl RowSlots {
+    pub(super) fn new() -> RowSlots {
+        RowSlots { held: [usize::MAX; 3] }
+    }
+
+    /// The slot of padded row `wanted(dy)` for each `dy < k`; `fill(slot, row)` converts the
+    /// rows not yet held into slots no wanted row is in.
+    #[inline(always)]
+    pub(super) fn place(&mut self, k: usize, wanted: impl Fn(usize) -> usize, mut fill: impl FnMut(usize, usize)) -> [usize; 3] {
+        let mut slot = [usize::MAX; 3];
+        let mut taken = [false; 3];
+        for dy in 0..k {
+            if let Some(sl) = (0..k).find(|&sl| self.held[sl] == wanted(dy)) {
+                slot[dy] = sl;
+                taken[sl] = true;
+            }
+        }
+        for dy in 0..k {
+            if slot[dy] == usize::MAX {
+                let sl = (0..k).find(|&sl| !taken[sl]).unwrap_or(dy);
+                taken[sl] = true;
+                slot[dy] = sl;
+                self.held[sl] = wanted(dy);
+                fill(sl, wanted(dy));
+            }
+        }
+        slot
+    }
+}
+
 /// Consecutive grid rows' input and output positions, without a division per row.
 #[derive(Clone, Copy)]
 pub(super) struct Rows {
@@ -578,7 +616,9 @@ mod amx {
         let input = ctx.ptr(&conv.input);
         let lda = s * cin * 2;
         let chunks = kd / KT;
+        let mut slots = super::RowSlots::new();
         let mut current = usize::MAX;
+        let mut slot = [0usize; 3];
         let mut g = r_lo;
         while g < r_hi {
             let image_row = g / gw;
@@ -587,11 +627,9 @@ mod amx {
                 current = image_row;
                 let (img, y) = (image_row / gh, image_row % gh);
                 // Padded input row of kernel row dy: y·stride + 1 + dy − k/2.
-                for dy in 0..k {
-                    let pr = y * s + 1 + dy - k / 2;
-                    let src = input.add(((img * ih + pr) * iw) * conv.input.cs);
-                    convert_row(src, iw, cin, conv.input.cs, rows.add(dy * pitch), pitch);
-                }
+                slot = slots.place(k, |dy| img * ih + y * s + 1 + dy - k / 2, |sl, row| {
+                    convert_row(input.add(row * iw * conv.input.cs), iw, cin, conv.input.cs, rows.add(sl * pitch), pitch)
+                });
             }
             let mut panel = p_lo;
             while panel < p_hi {
@@ -601,7 +639,7 @@ mod amx {
                 if !tiles {
                     let mut segments = [(rows as *const u16, b); 3];
                     for (dy, seg) in segments.iter_mut().enumerate().take(k) {
-                        *seg = (rows.add(dy * pitch + (x0 * s + 1 - k / 2) * cin), b.add(dy * kd * NP));
+                        *seg = (rows.add(slot[dy] * pitch + (x0 * s + 1 - k / 2) * cin), b.add(dy * kd * NP));
                     }
                     vector_block(&segments[..k], kd / 2, s * cin, conv.kp * NP, pair, acc);
                     epilogue(conv, ctx, 0, g, MB.min(r_hi - g), panel, pair, acc);
@@ -611,7 +649,7 @@ mod amx {
                 zero_tiles();
                 for dy in 0..k {
                     // Padded column of the window's first tap: x·stride + 1 − k/2.
-                    let a0 = rows.add(dy * pitch + (x0 * s + 1 - k / 2) * cin);
+                    let a0 = rows.add(slot[dy] * pitch + (x0 * s + 1 - k / 2) * cin);
                     let a1 = a0.add(16 * s * cin);
                     if pair {
                         dot_2x2(a0, a1, b.add(dy * kd * NP), b1.add(dy * kd * NP), chunks, lda);

@@ -23,7 +23,7 @@
 
 #![allow(unsafe_op_in_unsafe_fn)]
 
-use super::bf16::{Rows, centred_kernel};
+use super::bf16::{RowSlots, Rows, centred_kernel};
 use super::conv::{Phase, Split, range};
 use super::plan::{Ctx, View};
 use super::simd::Simd;
@@ -395,9 +395,7 @@ impl Int8Conv {
         let (iw, ih) = (self.input.w + 2, self.input.h + 2);
         let input = ctx.ptr(&self.input);
         let mr = self.unit.mr();
-        // Which padded input row (of the whole batch) each of the k row slots holds: a 3×3
-        // stride-1 layer quantizes each input row once, not once per output row it feeds.
-        let mut held = [usize::MAX; 3];
+        let mut slots = RowSlots::new();
         let mut g = r_lo;
         while g < r_hi {
             let image_row = g / gw;
@@ -405,24 +403,8 @@ impl Int8Conv {
             let end = (image_row * gw + gw).min(r_hi);
             let (img, y) = (image_row / gh, image_row % gh);
             // Padded input row of kernel row dy: y·stride + 1 + dy − k/2.
-            let wanted = |dy: usize| img * ih + y * s + 1 + dy - k / 2;
-            let mut slot = [usize::MAX; 3];
-            let mut taken = [false; 3];
-            for dy in 0..k {
-                if let Some(sl) = (0..k).find(|&sl| held[sl] == wanted(dy)) {
-                    slot[dy] = sl;
-                    taken[sl] = true;
-                }
-            }
-            for dy in 0..k {
-                if slot[dy] != usize::MAX {
-                    continue;
-                }
-                let sl = (0..k).find(|&sl| !taken[sl]).unwrap_or(dy);
-                taken[sl] = true;
-                slot[dy] = sl;
-                held[sl] = wanted(dy);
-                let src = input.add(wanted(dy) * iw * self.input.cs);
+            let slot = slots.place(k, |dy| img * ih + y * s + 1 + dy - k / 2, |sl, row| {
+                let src = input.add(row * iw * self.input.cs);
                 let dst = rows.add(sl * pitch);
                 if self.input.cs == cin {
                     quantize_run(self.unit, src, dst, iw * cin, self.inv_scale, self.zero as i32);
@@ -431,7 +413,7 @@ impl Int8Conv {
                         quantize_run(self.unit, src.add(px * self.input.cs), dst.add(px * cin), cin, self.inv_scale, self.zero as i32);
                     }
                 }
-            }
+            });
             let mut panel = p_lo;
             while panel < p_hi {
                 let count = (p_hi - panel).min(2);
