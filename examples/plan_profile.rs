@@ -1,6 +1,7 @@
 //! Seconds and GFLOP/s of each step of a plan:
 //! `cargo run --release --example plan_profile -- [smoke|unet|mobilenetv2_unet] [f32|bf16|int8] [batch] [threads]`
-//! (int8 calibrated on random images).
+//! (int8 calibrated on random images). `VIA_MODEL=1` times the same network through
+//! `InferenceModel` (as `segctl benchmark` runs it) instead of per step.
 use std::sync::Arc;
 
 use segctl::config::{Arch, Config};
@@ -28,6 +29,24 @@ fn main() {
     }
     let spec = ModelSpec::from_config(&config);
     let state = ModelState::new(&spec, &candle_core::Device::Cpu, 1).unwrap();
+    if std::env::var("VIA_MODEL").is_ok() {
+        use segctl::model::inference::{InferenceModel, InferenceOptions, calibrate};
+        let n = 3 * 128 * 128;
+        let mut rng = segctl::util::rng::Rng::new(7);
+        let input: Vec<f32> = (0..batch * n).map(|_| rng.normal()).collect();
+        let calibration = (precision == Precision::Int8).then(|| Arc::new(calibrate(&state, &input[..n], 1).unwrap()));
+        let model = InferenceModel::new(state, InferenceOptions { threads, precision: Some(precision), calibration, ..Default::default() }).unwrap();
+        let mut out = Vec::new();
+        for _ in 0..5 {
+            model.logits_into(&input, batch, &mut out).unwrap();
+        }
+        let start = std::time::Instant::now();
+        for _ in 0..20 {
+            model.logits_into(&input, batch, &mut out).unwrap();
+        }
+        println!("InferenceModel wall {:.3} ms per call", start.elapsed().as_secs_f64() / 20.0 * 1e3);
+        return;
+    }
     let graph = state.model.lower().unwrap();
     let mut rng = 0x9e3779b97f4a7c15u64;
     let input: Vec<f32> = (0..batch * 3 * 128 * 128)
@@ -35,7 +54,7 @@ fn main() {
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
-            (rng >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0
+            ((rng >> 40) as f32 / (1u64 << 24) as f32 * 4.0 - 2.0) * std::env::var("SCALE").map_or(1.0, |s| s.parse().unwrap())
         })
         .collect();
     let mut options = PlanOptions { batch, ..PlanOptions::new(128, 128).with_precision(precision) };
@@ -58,6 +77,13 @@ fn main() {
             *t += s / rounds as f64;
         }
     }
+    session.set_profiling(false);
+    let start = std::time::Instant::now();
+    for _ in 0..rounds {
+        session.run(&input, batch).unwrap();
+    }
+    let wall = start.elapsed().as_secs_f64() / rounds as f64;
+    println!("wall {:.3} ms per call unprofiled", wall * 1e3);
     let sum: f64 = total.iter().sum();
     for (i, (step, t)) in plan.steps.iter().zip(&total).enumerate() {
         let gflops = step.flops as f64 * batch as f64 / t / 1e9;
@@ -73,3 +99,7 @@ fn kind_label(step: &segctl::engine::plan::Step) -> String {
         _ => step.name().to_string(),
     }
 }
+
+// The allocator segctl's binary uses.
+#[global_allocator]
+static ALLOCATOR: segctl::util::alloc::CachingAllocator = segctl::util::alloc::CachingAllocator;

@@ -115,6 +115,47 @@ pub fn quantize(x: f32, inv: f32, zp: i32) -> u8 {
 
 /// Output channels per weight panel.
 const NP: usize = 16;
+
+/// Bytes on 64-byte boundaries: every weight vector a kernel loads is one cache line, whatever
+/// the allocator's alignment.
+#[derive(Clone)]
+pub struct Lines {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([i8; 64]);
+
+impl Lines {
+    fn zeroed(len: usize) -> Lines {
+        Lines { lines: vec![Line([0; 64]); len.div_ceil(64)], len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_ptr(&self) -> *const i8 {
+        self.lines.as_ptr() as *const i8
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [i8] {
+        // SAFETY: `lines` holds at least `len` bytes, contiguous.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut i8, self.len) }
+    }
+}
+
+impl std::fmt::Debug for Lines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lines({} bytes)", self.len)
+    }
+}
 /// Largest rows per register block (of any unit).
 const MR_MAX: usize = 12;
 
@@ -134,8 +175,8 @@ pub struct Int8Conv {
     /// rounded up to 4.
     pub kp: usize,
     pub panels: usize,
-    /// `[phase][panel][kp / 4][NP][4]`.
-    pub packed: Vec<i8>,
+    /// `[phase][panel][kp / 4][NP][4]`, 64-byte aligned.
+    pub packed: Lines,
     /// `[phase][panels · NP]`: the zero point times the sum of the channel's int8 weights.
     pub comp: Vec<i32>,
     /// `[phase][panels · NP]`: input scale × weight scale.
@@ -193,7 +234,7 @@ impl Int8Conv {
         };
         let panels = cout.div_ceil(NP);
         let (in_scale, zero) = input_quant;
-        let mut packed = vec![0i8; phases.len() * panels * kp * NP];
+        let mut packed = Lines::zeroed(phases.len() * panels * kp * NP);
         let mut comp = vec![0i32; phases.len() * panels * NP];
         let mut scale = vec![0f32; phases.len() * panels * NP];
         let mut biases = vec![0f32; phases.len() * panels * NP];
@@ -211,7 +252,7 @@ impl Int8Conv {
                 let m = if shared_scales { (0..phases.len()).map(|q| max_abs(q, o)).fold(0f32, f32::max) } else { max_abs(p, o) };
                 let s_w = weight_scale(m);
                 let (panel, j) = (o / NP, o % NP);
-                let dst = &mut packed[(p * panels + panel) * kp * NP..][..kp * NP];
+                let dst = &mut packed.as_mut_slice()[(p * panels + panel) * kp * NP..][..kp * NP];
                 let mut sum = 0i32;
                 for (t, &k0) in tap_k.iter().enumerate() {
                     for c in 0..cin {
