@@ -287,14 +287,21 @@ fn bf16_export_is_gated_recorded_and_served_at_its_precision() {
     assert_eq!(json(&out)["precision"], "f32", "--precision converts for timing");
 
     // predict with either version: masks of the synthetic photos agree on ≥ 99.5 % of pixels.
-    let photos = dir.path().join("pets/images");
+    let (same, total) = predicted_mask_agreement(dir.path(), &repo, "1", "2");
+    assert!(same as f64 >= 0.995 * total as f64, "bf16 and f32 masks agree on {same} of {total} pixels");
+}
+
+/// `predict --model` of two versions over the synthetic photos: pixels whose class both give,
+/// of all.
+fn predicted_mask_agreement(dir: &Path, repo: &Path, a: &str, b: &str) -> (usize, usize) {
+    let photos = dir.join("pets/images");
     let masks = |version: &str| {
-        let out_dir = dir.path().join(format!("pred{version}"));
+        let out_dir = dir.join(format!("pred{version}"));
         let out = run(segctl().args(["predict", "--model"]).arg(repo.join("pets").join(version)).arg(&photos).arg("--out").arg(&out_dir));
         assert!(out.status.success(), "{}", stderr(&out));
         out_dir
     };
-    let (a, b) = (masks("1"), masks("2"));
+    let (a, b) = (masks(a), masks(b));
     let (mut same, mut total) = (0usize, 0usize);
     for name in entries(&a).into_iter().filter(|n| n.ends_with("_mask.png")) {
         let x = image::open(a.join(&name)).unwrap().to_luma8();
@@ -303,7 +310,7 @@ fn bf16_export_is_gated_recorded_and_served_at_its_precision() {
         total += x.pixels().len();
     }
     assert!(total > 24 * 1000, "{total} pixels");
-    assert!(same as f64 >= 0.995 * total as f64, "bf16 and f32 masks agree on {same} of {total} pixels");
+    (same, total)
 }
 
 #[test]
@@ -375,22 +382,7 @@ fn int8_export_is_calibrated_gated_recorded_and_served_at_its_precision() {
     assert_eq!(json(&out)["plan"]["precision"], "int8");
 
     // predict: int8 and f32 masks of the synthetic photos agree on ≥ 99 % of pixels.
-    let photos = dir.path().join("pets/images");
-    let masks = |version: &str| {
-        let out_dir = dir.path().join(format!("pred{version}"));
-        let out = run(segctl().args(["predict", "--model"]).arg(repo.join("pets").join(version)).arg(&photos).arg("--out").arg(&out_dir));
-        assert!(out.status.success(), "{}", stderr(&out));
-        out_dir
-    };
-    let (a, b) = (masks("1"), masks("4"));
-    let (mut same, mut total) = (0usize, 0usize);
-    for name in entries(&a).into_iter().filter(|n| n.ends_with("_mask.png")) {
-        let x = image::open(a.join(&name)).unwrap().to_luma8();
-        let y = image::open(b.join(&name)).unwrap().to_luma8();
-        same += x.pixels().zip(y.pixels()).filter(|(p, q)| p == q).count();
-        total += x.pixels().len();
-    }
-    assert!(total > 24 * 1000, "{total} pixels");
+    let (same, total) = predicted_mask_agreement(dir.path(), &repo, "1", "4");
     assert!(same as f64 >= 0.99 * total as f64, "int8 and f32 masks agree on {same} of {total} pixels");
 
     // A calibration made to fail: every training photo black. The gate refuses, names both

@@ -196,13 +196,7 @@ impl Bf16Conv {
         // The tiles take K in blocks of 32; vdpbf16ps and the portable path in pairs.
         let kt = if unit == Bf16Unit::Amx { KT } else { 2 };
         let row_k = Self::row_mode(&phases, stride, grid, input.w, unit).map(|k| (k * cin).div_ceil(kt) * kt);
-        let (kp, tap_k): (usize, Vec<usize>) = match row_k {
-            Some(kd) => {
-                let k = (taps as f64).sqrt() as usize;
-                (k * kd, (0..taps).map(|t| (t / k) * kd + (t % k) * cin).collect())
-            }
-            None => ((taps * cin).div_ceil(kt) * kt, (0..taps).map(|t| t * cin).collect()),
-        };
+        let (kp, tap_k) = k_layout(taps, cin, row_k, kt);
         let panels = cout.div_ceil(NP);
         let mut packed = vec![0u16; phases.len() * panels * kp * NP];
         let mut biases = vec![0f32; phases.len() * panels * NP];
@@ -380,6 +374,19 @@ impl Bf16Conv {
                 self.store_row(ctx, phase_index, g, phase, panel * NP, &sums);
             }
         }
+    }
+}
+
+/// Where each tap's `cin` values sit in a row of A, and the row's length `kp`: row mode
+/// (`row_k` = `Some(kd)`) lays out `k` kernel rows of `kd` values (tap `t` at `(t / k)·kd + (t %
+/// k)·cin`); gather mode every tap after the other, rounded up to `kt`.
+pub(super) fn k_layout(taps: usize, cin: usize, row_k: Option<usize>, kt: usize) -> (usize, Vec<usize>) {
+    match row_k {
+        Some(kd) => {
+            let k = (taps as f64).sqrt() as usize;
+            (k * kd, (0..taps).map(|t| (t / k) * kd + (t % k) * cin).collect())
+        }
+        None => ((taps * cin).div_ceil(kt) * kt, (0..taps).map(|t| t * cin).collect()),
     }
 }
 

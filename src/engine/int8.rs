@@ -23,7 +23,7 @@
 
 #![allow(unsafe_op_in_unsafe_fn)]
 
-use super::bf16::{RowSlots, Rows, centred_kernel};
+use super::bf16::{RowSlots, Rows, centred_kernel, k_layout};
 use super::conv::{Phase, Split, range};
 use super::plan::{Ctx, View};
 use super::simd::Simd;
@@ -225,13 +225,7 @@ impl Int8Conv {
         // 16×16 and 8×8 layers 480–580 → 640–780 GOP/s; 64×64 ones 600 → 700 in row mode).
         let rows_fit = grid.1 % unit.mr() == 0 || grid.1 >= 4 * unit.mr();
         let row_k = (unit != Int8Unit::Portable && rows_fit).then(|| centred_kernel(&phases, stride, grid.1, input.w)).flatten().map(|k| (k * cin).div_ceil(4) * 4);
-        let (kp, tap_k): (usize, Vec<usize>) = match row_k {
-            Some(kd) => {
-                let k = (taps as f64).sqrt() as usize;
-                (k * kd, (0..taps).map(|t| (t / k) * kd + (t % k) * cin).collect())
-            }
-            None => ((taps * cin).div_ceil(4) * 4, (0..taps).map(|t| t * cin).collect()),
-        };
+        let (kp, tap_k) = k_layout(taps, cin, row_k, 4);
         let panels = cout.div_ceil(NP);
         let (in_scale, zero) = input_quant;
         let mut packed = Lines::zeroed(phases.len() * panels * kp * NP);
