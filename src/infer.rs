@@ -50,6 +50,16 @@ impl Predictor {
         Ok(Self { model, origin: loaded.origin, manifest: loaded.manifest, device })
     }
 
+    /// The precision the compiled model runs at (a version's own unless overridden).
+    pub fn precision(&self) -> crate::engine::Precision {
+        self.model.precision()
+    }
+
+    /// The engine and kernels running the model (for example `plan (avx512, int8 on avx512vnni)`).
+    pub fn engine(&self) -> String {
+        self.model.engine()
+    }
+
     pub fn spec(&self) -> &ModelSpec {
         self.model.spec()
     }

@@ -740,6 +740,7 @@ fn metadata(state: &AppState, path: &ModelPath) -> Result<Response, ApiError> {
                 "outputs": { "mask": { "dtype": "uint8", "shape": [-1, -1], "classes": spec.class_names } }
             },
             "manifest": served.manifest,
+            "runtime": { "precision": served.predictor.precision().name(), "engine": served.predictor.engine() },
         }
     }))
     .into_response())
