@@ -264,15 +264,7 @@ fn bf16_export_is_gated_recorded_and_served_at_its_precision() {
     assert!(manifest(&repo.join("pets/2")).get("precision").is_none_or(|p| p.as_str() == Some("f32")));
 
     // evaluate --model and benchmark run version 1 at bf16: the gate's own mIoU comes back.
-    let evaluate = |version: &str, kernels: Option<&str>| {
-        let mut cmd = segctl();
-        if let Some(k) = kernels {
-            cmd.env("SEGCTL_KERNELS", k);
-        }
-        let out = run(cmd.args(["evaluate", "--json", "--split", "val", "--config"]).arg(&config).arg("--model").arg(repo.join("pets").join(version)));
-        assert!(out.status.success(), "{}", stderr(&out));
-        json(&out)["mean_iou"].as_f64().unwrap()
-    };
+    let evaluate = |version: &str, kernels: Option<&str>| evaluated_miou(&config, &repo, version, kernels);
     assert!((evaluate("1", None) - miou).abs() < 1e-9, "evaluate runs the version at bf16");
     assert!((evaluate("2", None) - f32_miou).abs() < 1e-9, "and the f32 version at f32");
     // The portable bf16 path computes the same products: the same mIoU within rounding.
@@ -357,15 +349,7 @@ fn int8_export_is_calibrated_gated_recorded_and_served_at_its_precision() {
 
     // evaluate --model runs version 1 at int8: the gate's own mIoU; every int8 unit computes
     // the same integer sums.
-    let evaluate = |version: &str, kernels: Option<&str>| {
-        let mut cmd = segctl();
-        if let Some(k) = kernels {
-            cmd.env("SEGCTL_KERNELS", k);
-        }
-        let out = run(cmd.args(["evaluate", "--json", "--split", "val", "--config"]).arg(&config).arg("--model").arg(repo.join("pets").join(version)));
-        assert!(out.status.success(), "{}", stderr(&out));
-        json(&out)["mean_iou"].as_f64().unwrap()
-    };
+    let evaluate = |version: &str, kernels: Option<&str>| evaluated_miou(&config, &repo, version, kernels);
     assert!((evaluate("1", None) - miou).abs() < 1e-9, "evaluate runs the version at int8");
     assert!((evaluate("4", None) - f32_miou).abs() < 1e-9, "and the f32 version at f32");
     let avx2 = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.split_whitespace().any(|f| f == "avx2"));
@@ -436,4 +420,16 @@ fn copy_dir(from: &Path, to: &Path) {
         let e = e.unwrap();
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
+}
+
+/// `evaluate --model <repo>/pets/<version>` on the validation split (with `SEGCTL_KERNELS` =
+/// `kernels`): its mIoU.
+fn evaluated_miou(config: &Path, repo: &Path, version: &str, kernels: Option<&str>) -> f64 {
+    let mut cmd = segctl();
+    if let Some(k) = kernels {
+        cmd.env("SEGCTL_KERNELS", k);
+    }
+    let out = run(cmd.args(["evaluate", "--json", "--split", "val", "--config"]).arg(config).arg("--model").arg(repo.join("pets").join(version)));
+    assert!(out.status.success(), "{}", stderr(&out));
+    json(&out)["mean_iou"].as_f64().unwrap()
 }

@@ -170,6 +170,8 @@ pub struct Bf16Conv {
     pub row_k: Option<usize>,
     /// Where tap `t`'s `cin` values start in a row of A.
     pub tap_k: Vec<usize>,
+    /// `[phase][tap]`: floats from a pixel of the padded input to the tap's pixel.
+    pub offsets: Vec<Vec<isize>>,
     pub unit: Bf16Unit,
 }
 
@@ -222,7 +224,8 @@ impl Bf16Conv {
         // A block of A within a quarter of a core's L2 (with the panel pair it meets).
         let budget = super::compile::l2_bytes() / 4;
         let rows = (budget / (2 * kp) / MB).clamp(1, 32) * MB;
-        Bf16Conv { input, output, residual, phases, stride, up, grid, cin, cout, kp, panels, packed, bias: biases, min, max, rows, row_k, tap_k, unit }
+        let offsets = tap_offsets(&input, &phases);
+        Bf16Conv { input, output, residual, phases, stride, up, grid, cin, cout, kp, panels, packed, bias: biases, min, max, rows, row_k, tap_k, offsets, unit }
     }
 
     /// The kernel size `k` when the AMX tiles can read A straight from bf16 copies of the
@@ -320,11 +323,6 @@ impl Bf16Conv {
         Rows::new(self, g, phase).positions()
     }
 
-    fn tap_offsets(&self, phase: &Phase) -> Vec<isize> {
-        let wp = (self.input.w + 2) as isize;
-        phase.taps.iter().map(|&(dy, dx)| (dy * wp + dx) * self.input.cs as isize).collect()
-    }
-
     /// The epilogue of one row of sums (`acc[j]` for output channel `o0 + j`).
     #[inline(always)]
     unsafe fn store_row(&self, ctx: &Ctx, phase_index: usize, g: usize, phase: &Phase, o0: usize, acc: &[f32]) {
@@ -344,7 +342,7 @@ impl Bf16Conv {
 
     unsafe fn run_portable(&self, ctx: &Ctx, phase_index: usize, (p_lo, p_hi): (usize, usize), (r_lo, r_hi): (usize, usize), a: *mut u16, _acc: *mut f32) {
         let phase = &self.phases[phase_index];
-        let offsets = self.tap_offsets(phase);
+        let offsets = &self.offsets[phase_index];
         let input = ctx.ptr(&self.input);
         let kp = self.kp;
         let mut sums = vec![0f32; NP];
@@ -375,6 +373,13 @@ impl Bf16Conv {
             }
         }
     }
+}
+
+/// `[phase][tap]`: floats from a pixel of the padded `input` to each tap's pixel (computed
+/// once at compile time, not per work item).
+pub(super) fn tap_offsets(input: &View, phases: &[Phase]) -> Vec<Vec<isize>> {
+    let wp = (input.w + 2) as isize;
+    phases.iter().map(|p| p.taps.iter().map(|&(dy, dx)| (dy * wp + dx) * input.cs as isize).collect()).collect()
 }
 
 /// Where each tap's `cin` values sit in a row of A, and the row's length `kp`: row mode
@@ -558,7 +563,7 @@ mod amx {
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn run(conv: &Bf16Conv, ctx: &Ctx, phase_index: usize, (p_lo, p_hi): (usize, usize), (r_lo, r_hi): (usize, usize), a: *mut u16, acc: *mut f32, tiles: bool) {
         let phase = &conv.phases[phase_index];
-        let offsets = conv.tap_offsets(phase);
+        let offsets = &conv.offsets[phase_index];
         let input = ctx.ptr(&conv.input);
         let kp = conv.kp;
         let kc = kp / KT;

@@ -23,7 +23,7 @@
 
 #![allow(unsafe_op_in_unsafe_fn)]
 
-use super::bf16::{RowSlots, Rows, centred_kernel, k_layout};
+use super::bf16::{RowSlots, Rows, centred_kernel, k_layout, tap_offsets};
 use super::conv::{Phase, Split, range};
 use super::plan::{Ctx, View};
 use super::simd::Simd;
@@ -192,6 +192,8 @@ pub struct Int8Conv {
     /// Row mode: bytes per kernel row (`k · cin` rounded up to 4).
     pub row_k: Option<usize>,
     pub tap_k: Vec<usize>,
+    /// `[phase][tap]`: floats from a pixel of the padded input to the tap's pixel.
+    pub offsets: Vec<Vec<isize>>,
     pub unit: Int8Unit,
 }
 
@@ -266,7 +268,9 @@ impl Int8Conv {
         let budget = super::compile::l2_bytes() / 4;
         let rows = (budget / kp.max(1) / MR_MAX).clamp(1, 32) * MR_MAX;
         debug_assert!(rows % mr == 0);
+        let offsets = tap_offsets(&input, &phases);
         Int8Conv {
+            offsets,
             input,
             output,
             residual,
@@ -382,8 +386,7 @@ impl Int8Conv {
     /// same taps: A is gathered once for all of them).
     unsafe fn run_gather<S: Simd>(&self, ctx: &Ctx, (ph_lo, ph_hi): (usize, usize), (p_lo, p_hi): (usize, usize), (r_lo, r_hi): (usize, usize), a: *mut u8, acc: *mut f32) {
         let phase = &self.phases[ph_lo];
-        let wp = (self.input.w + 2) as isize;
-        let offsets: Vec<isize> = phase.taps.iter().map(|&(dy, dx)| (dy * wp + dx) * self.input.cs as isize).collect();
+        let offsets = &self.offsets[ph_lo];
         let input = ctx.ptr(&self.input);
         let (kp, cs) = (self.kp, self.input.cs as isize);
         let mr = self.unit.mr();
