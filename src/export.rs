@@ -310,7 +310,7 @@ pub fn calibrate_on_training_images(config: &Config, state: &ModelState) -> Resu
 }
 
 /// Name of the object that claims a version number in a bucket before its files are uploaded.
-const BUCKET_CLAIM: &str = ".segctl-claim";
+use crate::util::fs::BUCKET_CLAIM;
 
 /// `export --repository s3://…`: the version is claimed in the bucket by creating
 /// `<name>/<v>/.segctl-claim` only if absent (so two exports never share a number), exported

@@ -161,8 +161,20 @@ fn an_int8_version_exports_qdq_onnx_that_onnxruntime_runs_as_segctl_does() {
     let (q, dq) = (ops["QuantizeLinear"].as_u64().unwrap_or(0), ops["DequantizeLinear"].as_u64().unwrap_or(0));
     // (This UNet's 4-channel layers and the logits stay f32: at most 4 channels.)
     assert!(q >= 5 && dq > q && dq - q < convs, "one QDQ pair per quantized input, one DequantizeLinear per int8 weight: {ops}");
-    // onnxruntime computes the same quantized numbers in its own order.
+    // onnxruntime's reference run of the QDQ graph (as written, in float) computes the same
+    // quantized numbers in its own order.
     let bound = 2e-3 * v["scale"].as_f64().unwrap().max(1.0);
-    assert!(v["max_abs_diff"].as_f64().unwrap() <= bound, "onnxruntime vs segctl int8: {v}");
-    assert!(v["argmax_agreement"].as_f64().unwrap() >= 0.999, "{v}");
+    assert!(v["reference_max_abs_diff"].as_f64().unwrap() <= bound, "onnxruntime (QDQ as written) vs segctl int8: {v}");
+    assert!(v["reference_argmax_agreement"].as_f64().unwrap() >= 0.999, "{v}");
+    // Its fused int8 kernels agree as closely where they are exact: with VNNI. Without it,
+    // they multiply with vpmaddubsw, whose pair sums saturate, and differ by that much
+    // (segctl's AVX2 path splits the activations so that they cannot).
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let vnni = cpuinfo.split_whitespace().any(|f| f == "avx512_vnni" || f == "avx_vnni" || f == "amx_int8");
+    if vnni {
+        assert!(v["max_abs_diff"].as_f64().unwrap() <= bound, "onnxruntime vs segctl int8: {v}");
+        assert!(v["argmax_agreement"].as_f64().unwrap() >= 0.999, "{v}");
+    } else {
+        assert!(v["argmax_agreement"].as_f64().unwrap() >= 0.9, "onnxruntime's saturating kernels: {v}");
+    }
 }

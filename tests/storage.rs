@@ -382,3 +382,50 @@ fn a_store_that_dies_mid_export_publishes_no_half_version_and_serving_goes_on() 
     assert_eq!(json(&out)["version"], 3);
     assert!(moto.keys("fault", "models/pets/3/").contains(&"models/pets/3/model.yaml".to_string()));
 }
+
+#[test]
+fn trainings_started_in_one_second_on_different_machines_claim_their_own_run_in_the_bucket() {
+    let Some(moto) = Moto::start("runs") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = bucket_config(dir.path(), "runs", 1);
+    let out = run(segctl().envs(moto.env(&moto.endpoint, &dir.path().join("cache-0"))).arg("--config").arg(&config).args([
+        "fetch-data",
+        "--synthetic",
+        "16",
+        "--seed",
+        "2",
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Three "machines": each has its own cache (so no local lock sees the others), and all
+    // three name their run by the same second's timestamp.
+    let children: Vec<Child> = (1..=3)
+        .map(|m| {
+            segctl()
+                .envs(moto.env(&moto.endpoint, &dir.path().join(format!("cache-{m}"))))
+                .env("RAYON_NUM_THREADS", "1")
+                .arg("--config")
+                .arg(&config)
+                .args(["train", "--json", "--set", "train.run_name=null"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut runs = BTreeSet::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let run_dir = json(&out)["run_dir"].as_str().unwrap().to_string();
+        assert!(run_dir.starts_with("s3://runs/runs/"), "{run_dir}");
+        runs.insert(run_dir);
+    }
+    assert_eq!(runs.len(), 3, "runs shared a bucket folder: {runs:?}");
+    for run_dir in &runs {
+        let prefix = run_dir.trim_start_matches("s3://runs/");
+        let keys = moto.keys("runs", &format!("{prefix}/"));
+        assert!(keys.contains(&format!("{prefix}/checkpoints/best.safetensors")), "{keys:?}");
+        let summary: serde_json::Value = serde_json::from_slice(&moto.get(&format!("/runs/{prefix}/summary.json"))).unwrap();
+        assert_eq!(summary["run_dir"].as_str(), Some(run_dir.as_str()), "each run wrote its own summary");
+    }
+}

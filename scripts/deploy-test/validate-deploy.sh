@@ -122,7 +122,13 @@ assert model["modelFormat"]["name"] in formats and model["runtime"] == rt["metad
 assert model["storageUri"].split("://")[0] in {"s3", "gs", "pvc", "https", "azure", "hdfs", "webhdfs", "oci"}, model["storageUri"]
 [container] = spec["containers"]
 assert container["name"] == "kserve-container"
-pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "check"}, "spec": {"containers": [container]}}
+pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "check"}, "spec": {"containers": [container], "volumes": spec.get("volumes", [])}}
+# The bearer-token file comes from the Secret the k8s Deployment uses, mounted where the env says.
+env = {e["name"]: e.get("value") for e in container.get("env", [])}
+mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+secrets = {v["name"]: v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
+token_file = env["SEGCTL_AUTH_TOKEN_FILE"]
+assert any(token_file.startswith(mounts[n] + "/") and secrets.get(n) == "segctl-auth" for n in mounts), (token_file, mounts, secrets)
 for v in versions:
     kubernetes_validate.validate(pod, v, strict=True)
 args = container["args"]

@@ -165,15 +165,16 @@ impl Kernels {
             "portable" | "scalar" | "generic" => (Isa::Portable, Bf16Unit::Portable, Int8Unit::Portable),
             other => bail!("{ISA_ENV}={other}: expected amx, avx512bf16, avx512vnni, avxvnni, avx512, avx2 or portable"),
         };
-        if !isa.supported() {
-            bail!("{ISA_ENV}={}: this CPU does not have {}", text.trim(), isa.name());
-        }
+        // The unit the value names is checked first, so the error names what was asked for.
         if !bf16.supported() {
             let what = if bf16 == Bf16Unit::Amx { "AMX-BF16 tiles" } else { bf16.name() };
             bail!("{ISA_ENV}={}: this CPU (or its kernel) does not offer {what}", text.trim());
         }
         if !int8.supported() {
             bail!("{ISA_ENV}={}: this CPU does not have {}", text.trim(), int8.name());
+        }
+        if !isa.supported() {
+            bail!("{ISA_ENV}={}: this CPU does not have {}", text.trim(), isa.name());
         }
         Ok(Kernels { isa, bf16, int8 })
     }

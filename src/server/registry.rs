@@ -339,7 +339,7 @@ fn load_version(registry: Weak<Registry>, name: String, version: u64, path: Path
     let mtime = manifest_mtime(&path);
     // A panic in the loader (third-party code over untrusted files) ends the version with the
     // reason instead of leaving it LOADING.
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> anyhow::Result<Arc<ServedVersion>> {
+    let result = unpanicked("the loader", || -> anyhow::Result<Arc<ServedVersion>> {
         let loaded = model_store::load_exported(&path, &reg.device)?;
         let manifest = loaded.manifest.clone().ok_or_else(|| anyhow::anyhow!("no manifest"))?;
         if manifest.name != name || manifest.version != version {
@@ -360,10 +360,6 @@ fn load_version(registry: Weak<Registry>, name: String, version: u64, path: Path
         let served = Arc::new(ServedVersion { name: name.clone(), version, predictor, worker, manifest, prepared, prepared_slots });
         warm_up(&served)?;
         Ok(served)
-    }))
-    .unwrap_or_else(|panic| {
-        let why = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("no message");
-        Err(anyhow::anyhow!("the loader panicked: {why}"))
     });
     match result {
         Ok(served) => {
@@ -384,6 +380,14 @@ fn load_version(registry: Weak<Registry>, name: String, version: u64, path: Path
             reg.set_state(&name, version, VersionState::Failed(format!("{e:#}"), mtime, Retry::after(attempts)));
         }
     }
+}
+
+/// `work()`, with a panic turned into an error that names `what` and the panic's message.
+fn unpanicked<T>(what: &str, work: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+        let why = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("no message");
+        Err(anyhow::anyhow!("{what} panicked: {why}"))
+    })
 }
 
 /// Model threads of a version: `configured`, or for 0 one per core of the CPU budget. Under
@@ -408,4 +412,19 @@ fn warm_up(served: &ServedVersion) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("warm-up could not be queued: {e:?}"))?;
     answer.blocking_recv().map_err(|_| anyhow::anyhow!("warm-up got no answer"))?.map_err(|e| anyhow::anyhow!("warm-up failed: {e}"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_loader_becomes_an_error_with_its_message() {
+        let index = 7usize;
+        let err = unpanicked("the loader", || -> anyhow::Result<()> { panic!("index {index} out of range") }).unwrap_err();
+        assert_eq!(err.to_string(), "the loader panicked: index 7 out of range");
+        let err = unpanicked("the loader", || -> anyhow::Result<()> { std::panic::panic_any(3u8) }).unwrap_err();
+        assert_eq!(err.to_string(), "the loader panicked: no message");
+        assert_eq!(unpanicked("the loader", || Ok(5)).unwrap(), 5);
+    }
 }

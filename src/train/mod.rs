@@ -139,6 +139,24 @@ fn new_run_dir(config: &Config) -> Result<RunLayout> {
     Ok(run)
 }
 
+/// How many suffixes (`-2`, `-3`, …) a timestamped run name tries in a bucket.
+const MAX_RUN_CLAIMS: usize = 64;
+
+/// A timestamped run in a bucket: its name is claimed by creating `<name>/.segctl-claim` only
+/// if absent, as `export` claims versions, so trainings started in the same second on
+/// different machines (whose local locks cannot see each other) get `<name>-2`, `<name>-3`, ….
+fn claim_bucket_run(output: &storage::Remote, name: &str) -> Result<storage::Remote> {
+    let body = serde_json::to_vec(&serde_json::json!({ "pid": std::process::id(), "created": crate::util::utc_timestamp() }))?;
+    for k in 1..=MAX_RUN_CLAIMS {
+        let candidate = if k == 1 { name.to_string() } else { format!("{name}-{k}") };
+        let run = output.child(&candidate);
+        if run.list()?.is_empty() && run.put_new(crate::util::fs::BUCKET_CLAIM, body.clone())? {
+            return Ok(run);
+        }
+    }
+    bail!("no free run name `{name}-N` in `{}` after {MAX_RUN_CLAIMS} tries", output.url())
+}
+
 /// `--resume` without a path: the named run, or the run under `output_dir` with the most
 /// recently written checkpoint.
 pub fn default_resume_target(config: &Config) -> Result<PathBuf> {
@@ -194,8 +212,10 @@ impl RunPlace {
             let lock = Some(crate::util::fs::DirLock::acquire(&run.root, "training")?);
             return Ok(Self { shown: run.root.clone(), run, sync: None, _lock: lock });
         };
-        let name = run_name(config);
-        let remote = remote.child(&name);
+        let remote = match &config.train.run_name {
+            Some(name) => remote.child(name),
+            None => claim_bucket_run(&remote, &run_name(config))?,
+        };
         if !remote.child("checkpoints").list()?.is_empty() {
             bail!(
                 "run folder `{}` already holds checkpoints: continue it with `--resume {}` or pick another train.run_name",

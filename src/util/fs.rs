@@ -245,6 +245,10 @@ mod tests {
     }
 }
 
+/// The object that claims a name in a bucket (an exported version, a timestamped run): created
+/// only if absent, so two processes never take the same name.
+pub const BUCKET_CLAIM: &str = ".segctl-claim";
+
 /// Name of the lock file a process holds in a folder it owns for a while (a training run).
 pub const LOCK_FILE: &str = ".segctl-lock";
 
