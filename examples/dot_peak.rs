@@ -2,6 +2,7 @@
 //! measured like the FMA peak: independent accumulator chains in registers, nothing loaded
 //! in the loop. `cargo run --release --example dot_peak`.
 //!
+//! - `vfmadd231ps` ymm (AVX2+FMA f32): 8 lanes × 2 FLOP;
 //! - `vfmadd231ps` zmm (f32 reference): 16 lanes × 2 FLOP;
 //! - `vdpbf16ps` zmm (AVX512-BF16): 16 lanes × 2 products × 2 FLOP;
 //! - `vpdpbusd` zmm (AVX512-VNNI) and ymm (AVX-VNNI): 16 or 8 lanes × 4 products × 2 OP.
@@ -20,12 +21,15 @@ fn main() {
         };
         macro_rules! chains {
             ($instr:literal, $reg:literal) => {
+                chains!($instr, $reg, "vpxord")
+            };
+            ($instr:literal, $reg:literal, $zero:literal) => {
                 || unsafe {
                     std::arch::asm!(
-                        "vpxord zmm0, zmm0, zmm0", "vpxord zmm1, zmm1, zmm1", "vpxord zmm2, zmm2, zmm2", "vpxord zmm3, zmm3, zmm3",
-                        "vpxord zmm4, zmm4, zmm4", "vpxord zmm5, zmm5, zmm5", "vpxord zmm6, zmm6, zmm6", "vpxord zmm7, zmm7, zmm7",
-                        "vpxord zmm8, zmm8, zmm8", "vpxord zmm9, zmm9, zmm9", "vpxord zmm10, zmm10, zmm10", "vpxord zmm11, zmm11, zmm11",
-                        "vpxord zmm14, zmm14, zmm14", "vpxord zmm15, zmm15, zmm15",
+                        concat!($zero, " ", $reg, "0, ", $reg, "0, ", $reg, "0"), concat!($zero, " ", $reg, "1, ", $reg, "1, ", $reg, "1"), concat!($zero, " ", $reg, "2, ", $reg, "2, ", $reg, "2"), concat!($zero, " ", $reg, "3, ", $reg, "3, ", $reg, "3"),
+                        concat!($zero, " ", $reg, "4, ", $reg, "4, ", $reg, "4"), concat!($zero, " ", $reg, "5, ", $reg, "5, ", $reg, "5"), concat!($zero, " ", $reg, "6, ", $reg, "6, ", $reg, "6"), concat!($zero, " ", $reg, "7, ", $reg, "7, ", $reg, "7"),
+                        concat!($zero, " ", $reg, "8, ", $reg, "8, ", $reg, "8"), concat!($zero, " ", $reg, "9, ", $reg, "9, ", $reg, "9"), concat!($zero, " ", $reg, "10, ", $reg, "10, ", $reg, "10"), concat!($zero, " ", $reg, "11, ", $reg, "11, ", $reg, "11"),
+                        concat!($zero, " ", $reg, "14, ", $reg, "14, ", $reg, "14"), concat!($zero, " ", $reg, "15, ", $reg, "15, ", $reg, "15"),
                         "2:",
                         concat!($instr, " ", $reg, "0, ", $reg, "14, ", $reg, "15"),
                         concat!($instr, " ", $reg, "1, ", $reg, "14, ", $reg, "15"),
@@ -55,6 +59,13 @@ fn main() {
             "avxvnni" => std::is_x86_feature_detected!("avxvnni"),
             _ => false,
         };
+        if std::is_x86_feature_detected!("fma") {
+            report(
+                "vfmadd231ps ymm (f32, AVX2+FMA)",
+                16.0,
+                &chains!("vfmadd231ps", "ymm", "vxorps"),
+            );
+        }
         // Every path below zeroes its registers with AVX-512's vpxord.
         if !has("avx512f") {
             println!("this CPU has no AVX-512");

@@ -33,7 +33,11 @@ fn main() {
         use segctl::model::inference::{InferenceModel, InferenceOptions, calibrate};
         let n = 3 * 128 * 128;
         let mut rng = segctl::util::rng::Rng::new(7);
-        let input: Vec<f32> = (0..batch * n).map(|_| rng.normal()).collect();
+        let input: Vec<f32> = if std::env::var("UNIFORM").is_ok() {
+            (0..batch * n).map(|_| rng.f32() * 4.0 - 2.0).collect()
+        } else {
+            (0..batch * n).map(|_| rng.normal()).collect()
+        };
         let calibration = (precision == Precision::Int8).then(|| Arc::new(calibrate(&state, &input[..n], 1).unwrap()));
         let model = InferenceModel::new(state, InferenceOptions { threads, precision: Some(precision), calibration, ..Default::default() }).unwrap();
         let mut out = Vec::new();
@@ -58,6 +62,11 @@ fn main() {
         })
         .collect();
     let mut options = PlanOptions { batch, ..PlanOptions::new(128, 128).with_precision(precision) };
+    match std::env::var("WINOGRAD").as_deref() {
+        Ok("always") => options.winograd = segctl::engine::WinogradPolicy::Always,
+        Ok("never") => options.winograd = segctl::engine::WinogradPolicy::Never,
+        _ => {}
+    }
     if precision == Precision::Int8 {
         let f32_plan = Arc::new(Plan::compile(&graph, &PlanOptions::new(128, 128)).unwrap());
         let calibration = Session::new(f32_plan, 1).unwrap().observe(&input[..3 * 128 * 128], 1).unwrap();

@@ -678,7 +678,8 @@ fn choose_winograd(h: usize, w: usize, cin: usize, cout: usize, phases: usize, r
     let direct = {
         let positions = ((h + 2) * (w + 2)) as f64;
         let macs = p * n * positions * c * k_padded * (r * r) as f64;
-        (macs / macs_per_cycle).max(traffic(p * (r * r) as f64 * c * k * 4.0, 1.0))
+        (macs / (macs_per_cycle * direct_efficiency(lanes, r, batch)))
+            .max(traffic(p * (r * r) as f64 * c * k * 4.0, 1.0))
     };
     let winograd = |m: usize| {
         let alpha = (m + r - 1) as f64;
@@ -705,6 +706,24 @@ fn choose_winograd(h: usize, w: usize, cin: usize, cout: usize, phases: usize, r
         WinogradPolicy::Never => None,
         WinogradPolicy::Always => Some(best),
         WinogradPolicy::Auto | WinogradPolicy::AutoRepacked { .. } => (cin >= WINOGRAD_MIN_CHANNELS && winograd_total(best) < direct_total).then_some(best),
+    }
+}
+
+/// The direct kernel's share of the FMA peak, relative to the AVX-512 calibration above. With
+/// 8 lanes (AVX2's 16 ymm registers hold smaller register tiles than AVX-512's 32 zmm, and a
+/// 12-channel map pads to 16) it reached 54–73% of the one-core FMA peak on a Zen 3 (92
+/// GFLOP/s, `examples/dot_peak.rs`), while Winograd's transforms cost about the same per
+/// point: the smoke UNet's 128² 12→12 layers and its 8² 128- and 256-channel layers ran 1.6–1.8×
+/// faster as Winograd there at batch 1, where the AVX-512 calibration picks the direct kernel.
+/// The 2×2 phase form (strided and transposed layers) keeps the calibration: as Winograd
+/// F(2×2, 2×2) `mobilenetv2_unet`'s decoder ran 7% slower there. So do larger batches: at
+/// batch 8 the 128² layers' Winograd tiles lost to the direct kernel again (10.6 against
+/// 9.0 ms for eight images), and the 8² layers are Winograd under the calibration already.
+fn direct_efficiency(lanes: usize, r: usize, batch: usize) -> f64 {
+    if lanes >= 16 || r != 3 || batch > 1 {
+        1.0
+    } else {
+        0.6
     }
 }
 
