@@ -309,9 +309,6 @@ pub fn calibrate_on_training_images(config: &Config, state: &ModelState) -> Resu
     Ok(CalibrationSet { ranges, samples: names.len(), digest })
 }
 
-/// Name of the object that claims a version number in a bucket before its files are uploaded.
-use crate::util::fs::BUCKET_CLAIM;
-
 /// `export --repository s3://…`: the version is claimed in the bucket by creating
 /// `<name>/<v>/.segctl-claim` only if absent (so two exports never share a number), exported
 /// locally, then uploaded with `model.yaml` last: readers (`serve`, `predict --model`) treat a
@@ -320,11 +317,10 @@ use crate::util::fs::BUCKET_CLAIM;
 fn export_to_bucket(options: &ExportOptions, repository: &crate::storage::Remote) -> Result<ExportReport> {
     let model = repository.child(&options.name);
     let taken = |v: u64| -> Result<bool> { Ok(!model.child(&v.to_string()).list()?.is_empty()) };
-    let claim_body = serde_json::to_vec(&serde_json::json!({ "pid": std::process::id(), "created": crate::util::utc_timestamp() }))?;
     let version = match options.version {
         Some(0) => bail!("--version must be at least 1"),
         Some(v) => {
-            if taken(v)? || !model.put_new(&format!("{v}/{BUCKET_CLAIM}"), claim_body.clone())? {
+            if taken(v)? || !model.claim(&v.to_string())? {
                 bail!("version {v} of `{}` already exists in `{}`; versions are never overwritten (omit --version for the next one)", options.name, repository.url());
             }
             v
@@ -333,7 +329,7 @@ fn export_to_bucket(options: &ExportOptions, repository: &crate::storage::Remote
             let newest = model.list_children()?.iter().filter_map(|n| n.parse::<u64>().ok()).max().unwrap_or(0);
             let mut claimed = None;
             for v in newest + 1..newest + 1 + MAX_CLAIM_ATTEMPTS {
-                if !taken(v)? && model.put_new(&format!("{v}/{BUCKET_CLAIM}"), claim_body.clone())? {
+                if !taken(v)? && model.claim(&v.to_string())? {
                     claimed = Some(v);
                     break;
                 }

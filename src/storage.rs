@@ -334,6 +334,13 @@ impl Remote {
         }
     }
 
+    /// Claims the name `rel` (a version, a run) for this process by creating
+    /// `<rel>/.segctl-claim` only if absent; `false` when another process holds it.
+    pub fn claim(&self, rel: &str) -> Result<bool> {
+        let body = serde_json::to_vec(&serde_json::json!({ "pid": std::process::id(), "created": crate::util::utc_timestamp() }))?;
+        self.put_new(&format!("{rel}/{}", crate::util::fs::BUCKET_CLAIM), body)
+    }
+
     /// Uploads the file `src` to `rel` (in parts when large); the object appears whole.
     pub fn upload(&self, rel: &str, src: &Path) -> Result<()> {
         let size = std::fs::metadata(src).with_context(|| format!("failed to read `{}`", src.display()))?.len();

@@ -146,11 +146,10 @@ const MAX_RUN_CLAIMS: usize = 64;
 /// if absent, as `export` claims versions, so trainings started in the same second on
 /// different machines (whose local locks cannot see each other) get `<name>-2`, `<name>-3`, ….
 fn claim_bucket_run(output: &storage::Remote, name: &str) -> Result<storage::Remote> {
-    let body = serde_json::to_vec(&serde_json::json!({ "pid": std::process::id(), "created": crate::util::utc_timestamp() }))?;
     for k in 1..=MAX_RUN_CLAIMS {
         let candidate = if k == 1 { name.to_string() } else { format!("{name}-{k}") };
         let run = output.child(&candidate);
-        if run.list()?.is_empty() && run.put_new(crate::util::fs::BUCKET_CLAIM, body.clone())? {
+        if run.list()?.is_empty() && output.claim(&candidate)? {
             return Ok(run);
         }
     }
