@@ -63,17 +63,7 @@ unsafe fn dispatch(plan: &Plan, step: &Step, ctx: &Ctx, split: Split, item: usiz
 unsafe fn zero_border(plan: &Plan, ctx: &Ctx, buffer: usize, img: usize) {
     let b = &plan.buffers[buffer];
     let view = View { buffer, h: b.h, w: b.w, cs: b.cs, c0: 0, c: b.cs };
-    let wp = b.w + 2;
-    unsafe {
-        let base = ctx.ptr(&view).add(img * view.positions() * b.cs);
-        std::ptr::write_bytes(base, 0, wp * b.cs);
-        std::ptr::write_bytes(base.add((b.h + 1) * wp * b.cs), 0, wp * b.cs);
-        for y in 1..=b.h {
-            let row = base.add(y * wp * b.cs);
-            std::ptr::write_bytes(row, 0, b.cs);
-            std::ptr::write_bytes(row.add((wp - 1) * b.cs), 0, b.cs);
-        }
-    }
+    unsafe { super::kernels::zero_borders(ctx.ptr(&view).add(img * view.positions() * b.cs), 1, b.h, b.w, b.cs) }
 }
 
 /// Runs a compiled [`Plan`] on batches: the arena, scratch and threads of one caller.

@@ -410,14 +410,31 @@ pub fn select_device(spec: crate::config::DeviceSpec) -> Result<Device> {
     use crate::config::DeviceSpec;
     match spec {
         DeviceSpec::Cpu => Ok(Device::Cpu),
-        DeviceSpec::Auto => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        DeviceSpec::Auto => {
+            let device = Device::cuda_if_available(0).unwrap_or(Device::Cpu);
+            prepare_cuda(&device).context("CUDA device 0: setting its memory pool")?;
+            Ok(device)
+        }
         DeviceSpec::Cuda(n) => {
             if !candle_core::utils::cuda_is_available() {
                 bail!("--device cuda:{n}: this segctl was built without CUDA (rebuild with `--features cuda`)");
             }
-            Device::new_cuda(n).with_context(|| format!("CUDA device {n} is not usable"))
+            let device = Device::new_cuda(n).with_context(|| format!("CUDA device {n} is not usable"))?;
+            prepare_cuda(&device).with_context(|| format!("CUDA device {n}: setting its memory pool"))?;
+            Ok(device)
         }
     }
+}
+
+/// Start-up settings of a CUDA device: with `cudnn`, freed memory stays in the device's pool
+/// across synchronisations ([`ops::cudnn::keep_freed_memory`]).
+fn prepare_cuda(device: &Device) -> Result<()> {
+    #[cfg(feature = "cudnn")]
+    if let Device::Cuda(d) = device {
+        ops::cudnn::keep_freed_memory(d)?;
+    }
+    let _ = device;
+    Ok(())
 }
 
 /// A short name for logs and reports (`cpu`, `cuda:0`).

@@ -5,13 +5,18 @@
 //!   ([`fmap`]): padded NHWC, the layout of the inference engine, whose kernels every op here
 //!   runs ([`conv`], [`layout`], [`batchnorm`]), as candle custom ops with their own backward
 //!   passes. [`to_features`] and [`from_features`] convert at the model's edges.
-//! - **Elsewhere** (CUDA): `[N, C, H, W]` tensors and candle's own kernels; [`to_features`]
-//!   and [`from_features`] are the identity.
+//! - **CUDA**: `[N, C, H, W]` tensors; [`to_features`] and [`from_features`] are the
+//!   identity. Built with `cudnn`, every convolution pass of f32 tensors is one cuDNN call
+//!   (`cudnn`: forward, input and weight gradients, depthwise as a grouped convolution,
+//!   descriptors and algorithms cached per shape); everything else, and every convolution
+//!   without `cudnn`, runs on candle's own kernels.
 //!
 //! The models call these functions and never see either layout.
 
 pub mod batchnorm;
 pub mod conv;
+#[cfg(feature = "cudnn")]
+pub mod cudnn;
 pub mod fmap;
 pub mod layout;
 pub mod unit;
@@ -41,6 +46,10 @@ pub fn convolution(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, kind: Con
     if on_cpu_path(x) {
         let k = weight.dim(3)?;
         return conv::conv(x, weight, bias, ConvGeometry { kind, k, stride, pad }, act);
+    }
+    #[cfg(feature = "cudnn")]
+    if cudnn::handles(x) {
+        return cudnn::convolution(x, weight, bias, ConvGeometry { kind, k: weight.dim(3)?, stride, pad }, act);
     }
     let y = match kind {
         ConvKind::Dense => x.conv2d(weight, pad, stride, 1, 1)?,
