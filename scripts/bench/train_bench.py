@@ -22,9 +22,16 @@ segctl runs with RAYON_NUM_THREADS=--threads, PyTorch with OMP_NUM_THREADS=--thr
 pinned to the same first --threads CPUs (taskset). With --precision bf16 segctl's rows are also
 run at `train.precision: bf16`.
 
+--device cuda:N runs both on that GPU instead: `segctl train` with `train.device: cuda:N` (a
+binary built by scripts/cuda/check.sh --release; start the bench through
+scripts/cuda/run-gpu.sh so it finds the CUDA libraries), PyTorch with the model and tensors on
+the GPU, torch.backends.cudnn.benchmark on, autocast on "cuda", and a synchronisation at the end
+of every timed step. The bare-step example is CPU-only and is skipped there.
+
 Usage (repo root):  python scripts/bench/train_bench.py [--batch 8] [--size 128] [--steps 8]
                     [--warmup 3] [--threads 2] [--rounds 3] [--arch unet,mobilenetv2_unet]
-                    [--precision f32,bf16] [--out FILE]
+                    [--precision f32,bf16] [--torch-variants f32,...]
+                    [--device cpu|cuda:N] [--out FILE]
 """
 
 import argparse
@@ -55,25 +62,31 @@ def torch_worker(args):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if gpu:
+        torch.backends.cudnn.benchmark = True
     variant = args.variant
     channels_last = variant.endswith("channels-last")
     autocast = variant.startswith("bf16")
     model = torch_models.build_model(args.arch, depth=args.depth, base_width=args.base_width).train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = model.to(device=device, memory_format=fmt)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss()
-    x = torch.randn(args.batch, 3, args.size, args.size).to(memory_format=fmt)
-    y = torch.randint(0, torch_models.NUM_CLASSES, (args.batch, args.size, args.size))
+    x = torch.randn(args.batch, 3, args.size, args.size).to(device=device, memory_format=fmt)
+    y = torch.randint(0, torch_models.NUM_CLASSES, (args.batch, args.size, args.size)).to(device)
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn(model(x).float(), y)
         loss.backward()
         opt.step()
         loss.item()
+        if gpu:
+            torch.cuda.synchronize(device)
         dt = time.perf_counter() - t0
         if i >= args.warmup:
             times.append(dt)
@@ -83,6 +96,7 @@ def torch_worker(args):
         "median_step_s": round(median, 4), "images_per_s": round(args.batch / median, 2),
         "parameters": torch_models.parameter_count(model), "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(), "mkldnn_bf16": bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)()),
+        "device": str(device), "gpu": torch.cuda.get_device_name(device) if gpu else None,
     }))
 
 
@@ -142,7 +156,7 @@ def segctl_end_to_end(args, arch, precision, data_root, work):
         f.write(
             f"data:\n  root: {data_root}\n  image_size: {args.size}\n  val_fraction: 0.0\n  seed: 1\n"
             f"model:\n  arch: {arch}\n{unet}"
-            f"train:\n  epochs: {args.epochs}\n  batch_size: {args.batch}\n  device: cpu\n  output_dir: {work}\n"
+            f"train:\n  epochs: {args.epochs}\n  batch_size: {args.batch}\n  device: {args.device}\n  output_dir: {work}\n"
             f"  run_name: run-{arch}-{precision}\n  max_steps_per_epoch: {args.steps}\n  precision: {precision}\n"
             f"  tensorboard: false\n  checkpoint:\n    every_epochs: 1000\n    keep_last: 1\n"
         )
@@ -172,6 +186,9 @@ def main():
     p.add_argument("--base-width", type=int, default=32, help="unet base width")
     p.add_argument("--arch", default=",".join(ARCHS), help="comma-separated subset of unet,mobilenetv2_unet")
     p.add_argument("--precision", default="f32,bf16", help="segctl precisions to run (f32, bf16)")
+    p.add_argument("--torch-variants", default=",".join(TORCH_VARIANTS),
+                   help="PyTorch rows to run (bf16 autocast emulates bf16 on CPUs without AVX512-BF16/AMX and takes minutes a step)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda:N for both sides on that GPU")
     p.add_argument("--segctl", default=os.path.join(REPO, "target/release/segctl"))
     p.add_argument("--bench-bin", default=os.path.join(REPO, "target/release/examples/train_step_bench"))
     p.add_argument("--out", default=os.path.join(HERE, "results/train.json"))
@@ -184,8 +201,15 @@ def main():
         return
 
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
+    torch_variants = [v.strip() for v in args.torch_variants.split(",") if v.strip()]
+    unknown = [v for v in torch_variants if v not in TORCH_VARIANTS]
+    if unknown or "f32" not in torch_variants:
+        sys.exit(f"--torch-variants: {', '.join(unknown) or 'f32 is required'} (known: {', '.join(TORCH_VARIANTS)})")
     precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
-    for exe in (args.segctl, args.bench_bin):
+    gpu = args.device != "cpu"
+    if gpu and not args.device.startswith("cuda"):
+        sys.exit(f"--device {args.device}: cpu or cuda:N")
+    for exe in (args.segctl,) if gpu else (args.segctl, args.bench_bin):
         if not os.access(exe, os.X_OK):
             sys.exit(f"{exe} not found: `cargo build --release && cargo build --release --example train_step_bench`")
 
@@ -196,6 +220,7 @@ def main():
     run([args.segctl, "fetch-data", "--synthetic", str(2 * samples), "--seed", "3", "--root", data_root], label="fetch-data")
 
     common = ["--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    torch_common = [*common, "--device", args.device]
     figures = {}  # (arch, contender) -> [round figures]
     meta = {}
     for rnd in range(args.rounds):
@@ -203,12 +228,14 @@ def main():
             contenders = []
             for precision in precisions:
                 contenders.append((f"segctl train {precision}", lambda a=arch, pr=precision: segctl_end_to_end(args, a, pr, data_root, work)))
+                if gpu:
+                    continue
                 contenders.append((f"segctl step {precision}", lambda a=arch, pr=precision: last_json_line(run(
                     pinned([args.bench_bin, "--arch", a, *common, "--base-width", str(args.base_width), "--depth", str(args.depth), "--precision", pr], args.threads),
                     env=dict(os.environ, RAYON_NUM_THREADS=str(args.threads)), label="train_step_bench"))))
-            for variant in TORCH_VARIANTS:
+            for variant in torch_variants:
                 contenders.append((f"pytorch {variant}", lambda a=arch, v=variant: last_json_line(run(
-                    pinned([sys.executable, os.path.abspath(__file__), "--_torch-worker", "--arch", a, *common, "--threads", str(args.threads),
+                    pinned([sys.executable, os.path.abspath(__file__), "--_torch-worker", "--arch", a, *torch_common, "--threads", str(args.threads),
                             "--depth", str(args.depth), "--base-width", str(args.base_width), "--variant", v], args.threads),
                     env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)), label="PyTorch worker"))))
             # Alternate the order between rounds so no contender always runs first.
@@ -224,20 +251,20 @@ def main():
     rows = []
     for arch in archs:
         f32_rounds = figures[(arch, "pytorch f32")]
-        bf16_rounds = figures[(arch, "pytorch bf16-autocast")]
+        bf16_rounds = figures.get((arch, "pytorch bf16-autocast"))
         for (a, name), values in figures.items():
             if a != arch:
                 continue
             median = statistics.median(values)
             # Ratios within each round (the VM's speed drifts between rounds), then their median.
             over_f32 = statistics.median(v / b for v, b in zip(values, f32_rounds))
-            over_bf16 = statistics.median(v / b for v, b in zip(values, bf16_rounds))
+            over_bf16 = statistics.median(v / b for v, b in zip(values, bf16_rounds)) if bf16_rounds else None
             rows.append({"arch": arch, "contender": name, "images_per_s": round(median, 2), "rounds": values,
-                         "over_pytorch_f32": round(over_f32, 3), "over_pytorch_bf16_autocast": round(over_bf16, 3),
+                         "over_pytorch_f32": round(over_f32, 3), "over_pytorch_bf16_autocast": over_bf16 and round(over_bf16, 3),
                          "detail": meta[(a, name)]})
 
     print()
-    print(f"Training throughput, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, median of {args.rounds} alternating rounds "
+    print(f"Training throughput on {args.device}, batch {args.batch}, {args.size}x{args.size}, {args.threads} threads, median of {args.rounds} alternating rounds "
           f"(images/s, higher is better); CPU: {cpu_model()}; flags: {' '.join(cpu_flags())}")
     print()
     print("Ratios are medians of the per-round ratios (each round runs every contender once, back to back).")
@@ -245,14 +272,15 @@ def main():
     print("| arch | contender | images/s | / PyTorch f32 step | / PyTorch bf16 autocast step | rounds |")
     print("|---|---|---:|---:|---:|---|")
     for r in rows:
-        print(f"| {r['arch']} | {r['contender']} | {r['images_per_s']:.2f} | {r['over_pytorch_f32']:.2f}x | {r['over_pytorch_bf16_autocast']:.2f}x | "
+        bf16 = f"{r['over_pytorch_bf16_autocast']:.2f}x" if r["over_pytorch_bf16_autocast"] else "not run"
+        print(f"| {r['arch']} | {r['contender']} | {r['images_per_s']:.2f} | {r['over_pytorch_f32']:.2f}x | {bf16} | "
               f"{', '.join(f'{v:.2f}' for v in r['rounds'])} |")
 
     result = {
         "benchmark": "train", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpu": cpu_model(), "flags": cpu_flags(), "cpus": os.cpu_count()},
         "settings": {"batch": args.batch, "size": args.size, "steps": args.steps, "warmup": args.warmup, "epochs": args.epochs,
-                     "threads": args.threads, "rounds": args.rounds, "unet_depth": args.depth, "unet_base_width": args.base_width,
+                     "threads": args.threads, "rounds": args.rounds, "device": args.device, "unet_depth": args.depth, "unet_base_width": args.base_width,
                      "python": platform.python_version()},
         "results": rows,
     }
