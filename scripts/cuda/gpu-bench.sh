@@ -18,7 +18,8 @@ gpu() { PYTHON=$py "$here/run-gpu.sh" "$@"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.csv"
 gpu "$bin" --version --json | tee "$out/version.json"
 gpu "$py" "$here/../bench/train_bench.py" --device cuda:0 --segctl "$bin" --precision f32 \
-    --batch "${BATCH:-32}" --steps "${STEPS:-10}" --epochs 3 --rounds "${ROUNDS:-2}" --out "$out/train-cuda.json" \
+    --batch "${BATCH:-32}" --steps "${STEPS:-10}" --epochs 3 --rounds "${ROUNDS:-2}" --threads "${THREADS:-8}" \
+    --out "$out/train-cuda.json" \
     2>&1 | tee "$out/train.log"
 for arch in unet mobilenetv2_unet; do
     if [[ $arch == unet ]]; then model=(--set model.unet.depth=4 --set model.unet.base_width=32); else model=(--set model.encoder.weights=none); fi
