@@ -15,8 +15,8 @@
 //!
 //! Items are blocks of rows of `A`, each adding into a buffer of its own that the caller sums
 //! (where the maps outweigh the gradient), or `(tap, block of row tiles)` pairs over every
-//! pixel, walked in chunks that stay in L2 (all of the item's tiles read a chunk), each
-//! writing its own part of one buffer. Tiles add into a `[tap][rows][vectors]` buffer with
+//! pixel, packed into contiguous panels chunk by chunk, each writing its own part of one
+//! buffer. Tiles add into a `[tap][rows][vectors]` buffer with
 //! vector stores; [`WeightGrad::finish`] transposes it into the weight layout.
 
 use anyhow::{Result, ensure};
@@ -66,16 +66,18 @@ pub struct WeightGrad {
     split_pixels: bool,
     /// Row tiles per item when the gradient is split.
     r_block: usize,
-    /// Rows of `A` per pass over an item's tiles when the gradient is split: the pass's pixels
-    /// of both maps (the item's rows-side channels, every vector-side channel) stay in L2.
+    /// Rows of `A` per pass over an item's tiles when the gradient is split: the pass's
+    /// panels (the item's rows-side channels, every vector-side channel) stay under
+    /// [`CHUNK_BYTES`].
     chunk_rows: usize,
 }
 
 /// Pixels of `A` per block of rows when items split the pixels.
 const BLOCK_PIXELS: usize = 512;
 
-/// Bytes of both maps that one pass over a split-gradient item's tiles reads (half of a
-/// 512 KiB L2, leaving room for the item's share of the gradient).
+/// Bytes of the packed panels of one pass over a split-gradient item's tiles: a bound on the
+/// panels' memory, not a cache size (L2-sized chunks measured slower: the item's share of the
+/// gradient is read and written once per chunk).
 const CHUNK_BYTES: usize = 4 << 20;
 
 impl WeightGrad {
@@ -114,10 +116,9 @@ impl WeightGrad {
         let pixels = n * a.h * a.w;
         let grad = a.c * b.c * k * k;
         let split_pixels = pixels * (a.c + b.c) >= 8 * grad && (n * a.h).div_ceil(rows_per_block) >= 2 * threads.min(2);
-        // A split gradient: items of several row tiles (at least 8 items per thread), each
-        // walking the pixels in chunks that stay in L2 while all its tiles read them. With
-        // one tile per item and every pixel at once, each tile streamed the whole vector-side
-        // map from L3 (a 1088→256 transposed layer's weight gradient ran at 22% of peak).
+        // A split gradient: items of several row tiles (at least 8 items per thread), so the
+        // vector side is packed once for up to 16 tiles; the pixels in chunks of at most
+        // CHUNK_BYTES of panels.
         let (rows_from_b, nv) = (best.1, best.2);
         let mr = super::gemm::tile_rows(lanes, nv);
         let (r_c, v_c) = if rows_from_b { (b.c, a.c) } else { (a.c, b.c) };
@@ -314,7 +315,10 @@ impl WeightGrad {
                 let r_vectors = MR.div_ceil(S::LANES);
                 // SAFETY (both loops): the sources lie in the maps and their slack, as the
                 // unpacked tiles read them; the panels were sized above.
-                for (i, rt) in r_range.clone().enumerate().filter(|_| packed) {
+                for (i, rt) in r_range.clone().enumerate() {
+                    if !packed {
+                        break;
+                    }
                     let r0 = rt * MR;
                     let mut dst = unsafe { pa.as_mut_ptr().add(i * kt * MR) };
                     for &(ap, bp, kc) in &starts {
@@ -333,7 +337,10 @@ impl WeightGrad {
                     }
                 }
                 let mut k = 0;
-                for &(ap, bp, kc) in starts.iter().filter(|_| packed) {
+                for &(ap, bp, kc) in &starts {
+                    if !packed {
+                        break;
+                    }
                     let vp = if self.rows_from_b { ap } else { bp };
                     for kk in 0..kc {
                         unsafe {
