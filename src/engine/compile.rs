@@ -628,25 +628,7 @@ pub(super) fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Opt
             } else if conv.kind == ConvKind::Transposed {
                 // The four phases of a ConvTranspose(k4, s2, p1), weights `[cin][cout][4][4]`
                 // (the kernel taps of phase (a, b) as in its closure above).
-                let taps_1d = |a: usize| if a == 0 { [1usize, 3] } else { [0, 2] };
-                let panels = cout.div_ceil(nr);
-                packed = vec![0f32; 4 * panels * 4 * cin * nr];
-                let weight = &conv.weight;
-                gemm::for_chunks(&mut packed, 4 * cin * nr, &|chunk, dst| {
-                    let (phase, p) = (chunk / panels, chunk % panels);
-                    let (a, b) = (phase / 2, phase % 2);
-                    for (t, (ty, tx)) in taps_1d(a).into_iter().flat_map(|ty| taps_1d(b).map(move |tx| (ty, tx))).enumerate() {
-                        for c in 0..cin {
-                            let dst = &mut dst[(t * cin + c) * nr..][..nr];
-                            for (j, d) in dst.iter_mut().enumerate() {
-                                let o = p * nr + j;
-                                if o < cout {
-                                    *d = weight[((c * cout + o) * 4 + ty) * 4 + tx];
-                                }
-                            }
-                        }
-                    }
-                });
+                packed = gemm::pack_transposed_k4(&conv.weight, cin, cout, nr);
             } else {
                 for (phase, f) in &phases {
                     packed.extend(gemm::pack_panels(phase.taps.len(), cin, cout, nr, f));

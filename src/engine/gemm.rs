@@ -128,16 +128,32 @@ pub fn pack_dense(weight: &[f32], taps: usize, cin: usize, cout: usize, nr: usiz
     let panels = cout.div_ceil(nr);
     let per_panel = taps * cin * nr;
     let mut out = vec![0f32; panels * per_panel];
-    // Panel by panel: its `nr` weight rows are read together, the panel written in order.
+    // Panel by panel, in blocks of `cb` input channels: each of the panel's `nr` weight rows
+    // gives `cb · taps` consecutive floats (whole cache lines), transposed through `tmp` into
+    // `cb · taps` rows of the panel. Reading one float of each of `nr` rows per step instead
+    // (rows `cin · taps` floats apart, often a multiple of 4 KiB: one L1 set) measured
+    // 3.5 GB/s on 17.8 MB of weights, repacked on every training step.
+    let cb = (64 / taps.max(1)).clamp(1, cin.max(1));
     let pack = |p: usize, dst: &mut [f32]| {
-        for c in 0..cin {
-            for s in 0..taps {
-                let dst = &mut dst[(s * cin + c) * nr..][..nr];
-                for (j, d) in dst.iter_mut().enumerate() {
-                    let k = p * nr + j;
-                    if k < cout {
-                        *d = weight[(k * cin + c) * taps + s];
+        let mut tmp = vec![0f32; cb * taps * nr];
+        for c0 in (0..cin).step_by(cb) {
+            let cn = cb.min(cin - c0);
+            for j in 0..nr {
+                let k = p * nr + j;
+                if k < cout {
+                    let src = &weight[(k * cin + c0) * taps..][..cn * taps];
+                    for (q, v) in src.iter().enumerate() {
+                        tmp[q * nr + j] = *v;
                     }
+                } else {
+                    for q in 0..cn * taps {
+                        tmp[q * nr + j] = 0.0;
+                    }
+                }
+            }
+            for cc in 0..cn {
+                for s in 0..taps {
+                    dst[(s * cin + c0 + cc) * nr..][..nr].copy_from_slice(&tmp[(cc * taps + s) * nr..][..nr]);
                 }
             }
         }
@@ -146,12 +162,81 @@ pub fn pack_dense(weight: &[f32], taps: usize, cin: usize, cout: usize, nr: usiz
     out
 }
 
+/// The weights `[cin][cout][4][4]` of a ConvTranspose(k4, s2, p1) packed for its four phases:
+/// `[phase (a, b)][panel][tap t][cin][nr]`, tap `t` of phase `(a, b)` being kernel tap
+/// `(taps(a)[t / 2], taps(b)[t % 2])` with `taps(0) = [1, 3]`, `taps(1) = [0, 2]`. Each
+/// panel's `nr × 16` floats per input channel are read once for all four phases.
+pub fn pack_transposed_k4(weight: &[f32], cin: usize, cout: usize, nr: usize) -> Vec<f32> {
+    let taps_1d = |a: usize| if a == 0 { [1usize, 3] } else { [0, 2] };
+    let panels = cout.div_ceil(nr);
+    let per_chunk = 4 * cin * nr;
+    let mut out = vec![0f32; 4 * panels * per_chunk];
+    let base = PackPtr(out.as_mut_ptr());
+    let pack = |p: usize| {
+        let base = &base;
+        let mut tmp = vec![0f32; 16 * nr];
+        for c in 0..cin {
+            for j in 0..nr {
+                let o = p * nr + j;
+                if o < cout {
+                    for (q, v) in weight[(c * cout + o) * 16..][..16].iter().enumerate() {
+                        tmp[q * nr + j] = *v;
+                    }
+                } else {
+                    for q in 0..16 {
+                        tmp[q * nr + j] = 0.0;
+                    }
+                }
+            }
+            for phase in 0..4 {
+                let (a, b) = (phase / 2, phase % 2);
+                for (t, (ty, tx)) in taps_1d(a).into_iter().flat_map(|ty| taps_1d(b).map(move |tx| (ty, tx))).enumerate() {
+                    let q = ty * 4 + tx;
+                    // SAFETY: chunk (phase, p) row (t, c) lies in `out`; each panel `p` is
+                    // written by one call only.
+                    unsafe {
+                        let dst = base.0.add((phase * panels + p) * per_chunk + (t * cin + c) * nr);
+                        std::ptr::copy_nonoverlapping(tmp.as_ptr().add(q * nr), dst, nr);
+                    }
+                }
+            }
+        }
+    };
+    for_indices(panels, out.len(), &pack);
+    out
+}
+
+struct PackPtr(*mut f32);
+// SAFETY: the callers write disjoint parts of one buffer through it.
+unsafe impl Sync for PackPtr {}
+
+/// Threads for packing `floats` floats: up to four when there is enough to pay for starting
+/// them (weights packed on every training step), never more than `parts`.
+fn pack_threads(floats: usize, parts: usize) -> usize {
+    const PER_THREAD: usize = 1 << 19;
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(4).min(floats / PER_THREAD).min(parts).max(1)
+}
+
+/// Runs `f(i)` for `i` in `0..count` on [`pack_threads`] threads, contiguous ranges each.
+pub fn for_indices(count: usize, floats: usize, f: &(dyn Fn(usize) + Sync)) {
+    let threads = pack_threads(floats, count);
+    if threads == 1 {
+        (0..count).for_each(f);
+        return;
+    }
+    let per = count.div_ceil(threads);
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            scope.spawn(move || (t * per..((t + 1) * per).min(count)).for_each(f));
+        }
+    });
+}
+
 /// Runs `f(i, chunk)` over the `len`-float chunks of `out`, on up to four threads when there
 /// is enough of it to pay for starting them (weights packed on every training step).
 pub fn for_chunks(out: &mut [f32], len: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
-    const PER_THREAD: usize = 1 << 19;
     let chunks = out.len() / len.max(1);
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(4).min(out.len() / PER_THREAD).min(chunks).max(1);
+    let threads = pack_threads(out.len(), chunks);
     if threads == 1 {
         out.chunks_mut(len).enumerate().for_each(|(i, c)| f(i, c));
         return;
@@ -211,4 +296,40 @@ pub unsafe fn outer_tile<S: Simd, const MR: usize, const NV: usize>(
         }
     }
     acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(len: usize) -> Vec<f32> {
+        (0..len).map(|i| (i as f32 * 0.37).sin()).collect()
+    }
+
+    #[test]
+    fn dense_packing_is_the_per_value_packing() {
+        // Taps 1, 9, 16; channel blocks with a remainder (cin not a multiple of 64 / taps);
+        // a partial last panel; one large enough for two threads.
+        for (taps, cin, cout, nr) in [(1, 70, 40, 32), (9, 13, 20, 16), (16, 5, 33, 32), (16, 9, 8, 8), (16, 256, 300, 32)] {
+            let w = weights(cout * cin * taps);
+            let expected = pack_panels(taps, cin, cout, nr, |s, c, k| w[(k * cin + c) * taps + s]);
+            assert_eq!(pack_dense(&w, taps, cin, cout, nr), expected, "taps {taps} cin {cin} cout {cout} nr {nr}");
+        }
+    }
+
+    #[test]
+    fn transposed_packing_is_the_per_value_packing() {
+        let taps_1d = |a: usize| if a == 0 { [1usize, 3] } else { [0, 2] };
+        for (cin, cout, nr) in [(7, 40, 32), (3, 5, 16), (300, 70, 32), (1100, 64, 32)] {
+            let w = weights(cin * cout * 16);
+            let mut expected = Vec::new();
+            for a in 0..2 {
+                for b in 0..2 {
+                    let taps: Vec<(usize, usize)> = taps_1d(a).into_iter().flat_map(|ty| taps_1d(b).map(move |tx| (ty, tx))).collect();
+                    expected.extend(pack_panels(4, cin, cout, nr, |t, c, o| w[((c * cout + o) * 4 + taps[t].0) * 4 + taps[t].1]));
+                }
+            }
+            assert_eq!(pack_transposed_k4(&w, cin, cout, nr), expected, "cin {cin} cout {cout} nr {nr}");
+        }
+    }
 }

@@ -59,6 +59,10 @@ pub struct WeightGrad {
     rows_from_b: bool,
     /// Vectors per tile (1 or 2).
     nv: usize,
+    /// Rows are `(tx, channel of B)` pairs of one kernel row `ty`: B's `k` pixels along a row
+    /// are `k · b.c` consecutive floats, so a map of few channels (a first layer's 3, a
+    /// logits layer's 3) fills a row tile with `k` taps instead of one (see [`Self::new`]).
+    merge_taps: bool,
     /// Rows of `A` (over the whole batch, crossing images) per block of the reduction.
     rows_per_block: usize,
     /// Items are blocks of rows, each adding into a buffer of its own (else items are
@@ -100,13 +104,19 @@ impl WeightGrad {
             let mr = super::gemm::tile_rows(lanes, nv);
             rows.div_ceil(mr) * mr * vectors.div_ceil(nv * lanes) * nv * lanes
         };
-        let mut best = (usize::MAX, false, 2);
-        for rows_from_b in [false, true] {
+        // Costs per kernel tap. Merged taps (rows from B, `k · b.c` of them in one tile) pay
+        // for a tile once per kernel row.
+        let mut best = (usize::MAX, false, 2, false);
+        for (rows_from_b, merge) in [(false, false), (true, false), (true, true)] {
             for nv in [2, 1] {
-                let (rows, vectors) = if rows_from_b { (b.c, a.c) } else { (a.c, b.c) };
-                let c = cost(rows, vectors, nv) * if nv == 1 { 9 } else { 8 } / 8;
+                let mr = super::gemm::tile_rows(lanes, nv);
+                if merge && !(k > 1 && b.cs == b.c && k * b.c <= mr) {
+                    continue;
+                }
+                let (rows, vectors) = if rows_from_b { (if merge { k * b.c } else { b.c }, a.c) } else { (a.c, b.c) };
+                let c = cost(rows, vectors, nv) * if nv == 1 { 9 } else { 8 } / 8 / if merge { k } else { 1 };
                 if c < best.0 {
-                    best = (c, rows_from_b, nv);
+                    best = (c, rows_from_b, nv, merge);
                 }
             }
         }
@@ -119,16 +129,17 @@ impl WeightGrad {
         // A split gradient: items of several row tiles (at least 8 items per thread), so the
         // vector side is packed once for up to 16 tiles; the pixels in chunks of at most
         // CHUNK_BYTES of panels.
-        let (rows_from_b, nv) = (best.1, best.2);
+        let (rows_from_b, nv, merge_taps) = (best.1, best.2, best.3);
         let mr = super::gemm::tile_rows(lanes, nv);
-        let (r_c, v_c) = if rows_from_b { (b.c, a.c) } else { (a.c, b.c) };
+        let (r_c, v_c) = if rows_from_b { (if merge_taps { k * b.c } else { b.c }, a.c) } else { (a.c, b.c) };
         let r_tiles = r_c.div_ceil(mr);
-        let r_block = (r_tiles * k * k / (8 * threads.max(1))).clamp(1, 16).min(r_tiles);
+        let tap_items = if merge_taps { k } else { k * k };
+        let r_block = (r_tiles * tap_items / (8 * threads.max(1))).clamp(1, 16).min(r_tiles);
         let line_bytes = |c: usize| c.div_ceil(16) * 64;
         // per pixel of A: its rows-side channels and the vector-side ones of its paired pixel
         let per_pixel = line_bytes((r_block * mr).min(r_c)) + line_bytes(v_c);
         let chunk_rows = (CHUNK_BYTES / per_pixel / a.w.max(1)).clamp(1, n * a.h);
-        Ok(WeightGrad { isa, a, b, k, stride, pad, n, rows_from_b, nv, rows_per_block, split_pixels, r_block, chunk_rows })
+        Ok(WeightGrad { isa, a, b, k, stride, pad, n, rows_from_b, nv, merge_taps, rows_per_block, split_pixels, r_block, chunk_rows })
     }
 
     /// Floats of the gradient `[a.c][b.c][k·k]`.
@@ -150,10 +161,20 @@ impl WeightGrad {
         super::gemm::tile_rows(self.isa.lanes(), self.nv)
     }
 
+    /// Channels on the rows side of a tile (with merged taps, `k · b.c` tap-channel pairs)
+    /// and on the vector side.
+    fn sides(&self) -> (usize, usize) {
+        if self.rows_from_b { (if self.merge_taps { self.k * self.b.c } else { self.b.c }, self.a.c) } else { (self.a.c, self.b.c) }
+    }
+
+    /// Taps a tile runs over: every kernel tap, or with merged taps every kernel row.
+    fn tile_taps(&self) -> usize {
+        if self.merge_taps { self.k } else { self.k * self.k }
+    }
+
     /// Blocks of row tiles (items per tap) when the gradient is split.
     fn r_blocks(&self) -> usize {
-        let r_c = if self.rows_from_b { self.b.c } else { self.a.c };
-        r_c.div_ceil(self.row_tile()).div_ceil(self.r_block)
+        self.sides().0.div_ceil(self.row_tile()).div_ceil(self.r_block)
     }
 
     /// Work items.
@@ -161,7 +182,7 @@ impl WeightGrad {
         if self.split_pixels {
             (self.n * self.a.h).div_ceil(self.rows_per_block)
         } else {
-            self.k * self.k * self.r_blocks()
+            self.tile_taps() * self.r_blocks()
         }
     }
 
@@ -226,8 +247,10 @@ impl WeightGrad {
     unsafe fn run_shape<S: Simd, const MR: usize, const NV: usize>(&self, a: *const f32, b: *const f32, item: usize, grad: *mut f32) {
         let (am, bm) = (self.a, self.b);
         let rows = self.n * am.h;
-        let taps = self.k * self.k;
-        let (r_c, v_c) = if self.rows_from_b { (bm.c, am.c) } else { (am.c, bm.c) };
+        let taps = self.tile_taps();
+        let (r_c, v_c) = self.sides();
+        // The buffer's rows per tap: B's (or A's) channels, merged taps or not.
+        let buf_rc = if self.rows_from_b { bm.c } else { am.c };
         let nr = NV * S::LANES;
         let r_tiles = r_c.div_ceil(MR);
         // This item's rows, taps and row tiles.
@@ -256,7 +279,9 @@ impl WeightGrad {
         for block in row_range.clone().step_by(step) {
             let block = block..(block + step).min(row_range.end);
             for t in tap_range.clone() {
-                let (ty, tx) = (t / self.k, t % self.k);
+                // Merged taps: t is the kernel row, its rows start at tap (ty, 0).
+                let (ty, tx) = if self.merge_taps { (t, 0) } else { (t / self.k, t % self.k) };
+                let t_buf = ty * self.k + tx;
                 // Row starts of this tap: A's pixel (y, 0) and B's pixel (y·s + ty − p, tx − p),
                 // in padded coordinates (+1).
                 starts.clear();
@@ -395,7 +420,9 @@ impl WeightGrad {
                             if rc >= r_c {
                                 break;
                             }
-                            let dst = unsafe { grad.add((t * r_c + rc) * v_c) };
+                            // Merged: rc = tx·b.c + channel, so tap (ty, tx)'s row lands at
+                            // ((ty·k + tx)·b.c + channel), as unmerged.
+                            let dst = unsafe { grad.add((t_buf * buf_rc + rc) * v_c) };
                             for (j, v) in row.iter().enumerate() {
                                 let vc = v0 + j * S::LANES;
                                 if vc >= v_c {
