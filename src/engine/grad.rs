@@ -76,6 +76,12 @@ pub struct WeightGrad {
     chunk_rows: usize,
 }
 
+/// `(rows, vectors)` of a tile's channels: the broadcast side's (B's with `rows_from_b`; with
+/// merged taps `k · b.c` tap-channel pairs) and the vector side's.
+fn tile_sides(a: MapShape, b: MapShape, k: usize, rows_from_b: bool, merge_taps: bool) -> (usize, usize) {
+    if rows_from_b { (if merge_taps { k * b.c } else { b.c }, a.c) } else { (a.c, b.c) }
+}
+
 /// Pixels of `A` per block of rows when items split the pixels.
 const BLOCK_PIXELS: usize = 512;
 
@@ -113,7 +119,7 @@ impl WeightGrad {
                 if merge && !(k > 1 && b.cs == b.c && k * b.c <= mr) {
                     continue;
                 }
-                let (rows, vectors) = if rows_from_b { (if merge { k * b.c } else { b.c }, a.c) } else { (a.c, b.c) };
+                let (rows, vectors) = tile_sides(a, b, k, rows_from_b, merge);
                 let c = cost(rows, vectors, nv) * if nv == 1 { 9 } else { 8 } / 8 / if merge { k } else { 1 };
                 if c < best.0 {
                     best = (c, rows_from_b, nv, merge);
@@ -131,7 +137,7 @@ impl WeightGrad {
         // CHUNK_BYTES of panels.
         let (rows_from_b, nv, merge_taps) = (best.1, best.2, best.3);
         let mr = super::gemm::tile_rows(lanes, nv);
-        let (r_c, v_c) = if rows_from_b { (if merge_taps { k * b.c } else { b.c }, a.c) } else { (a.c, b.c) };
+        let (r_c, v_c) = tile_sides(a, b, k, rows_from_b, merge_taps);
         let r_tiles = r_c.div_ceil(mr);
         let tap_items = if merge_taps { k } else { k * k };
         let r_block = (r_tiles * tap_items / (8 * threads.max(1))).clamp(1, 16).min(r_tiles);
@@ -164,7 +170,7 @@ impl WeightGrad {
     /// Channels on the rows side of a tile (with merged taps, `k · b.c` tap-channel pairs)
     /// and on the vector side.
     fn sides(&self) -> (usize, usize) {
-        if self.rows_from_b { (if self.merge_taps { self.k * self.b.c } else { self.b.c }, self.a.c) } else { (self.a.c, self.b.c) }
+        tile_sides(self.a, self.b, self.k, self.rows_from_b, self.merge_taps)
     }
 
     /// Taps a tile runs over: every kernel tap, or with merged taps every kernel row.
