@@ -271,12 +271,21 @@ fn lower_conv_pair(conv: &ConvOp, source: NodeId, input: View, output: View, res
 fn winograd_choice(conv: &ConvOp, input: View, residual: Option<View>, up: usize, lanes: usize, policy: WinogradPolicy, batch: usize) -> Option<usize> {
     let dense3 = conv.kind == ConvKind::Dense && conv.k == 3 && conv.stride == 1 && conv.pad == 1 && up == 1 && residual.is_none();
     let transposed = conv.kind == ConvKind::Transposed && conv.k == 4 && conv.stride == 2 && conv.pad == 1;
-    if !(dense3 || transposed) || conv.cout <= SMALL_K {
+    let gather = gathers(conv, residual, up) && input.h >= 2 && input.w >= 2;
+    if !(dense3 || transposed || gather) || conv.cout <= SMALL_K {
         return None;
     }
     let (r, phases) = if dense3 { (3, 1) } else { (2, 4) };
     let candidates: &[usize] = if dense3 { &[4] } else { &[2, 3, 4] };
-    choose_winograd(input.h, input.w, conv.cin, conv.cout, phases, r, candidates, lanes, batch, policy)
+    // The phase grid: the input map, or a gathering convolution's output.
+    let (h, w) = if gather { (input.h / 2, input.w / 2) } else { (input.h, input.w) };
+    choose_winograd(h, w, conv.cin, conv.cout, phases, r, candidates, lanes, batch, policy)
+}
+
+/// Whether a convolution is a Conv(k4, s2, p1) (a ConvTranspose(k4, s2, p1)'s input
+/// gradient), which Winograd runs as four gathered 2×2 phases.
+fn gathers(conv: &ConvOp, residual: Option<View>, up: usize) -> bool {
+    conv.kind == ConvKind::Dense && conv.k == 4 && conv.stride == 2 && conv.pad == 1 && up == 1 && residual.is_none()
 }
 
 /// Per-thread scratch floats the kernels need.
@@ -575,24 +584,43 @@ pub(super) fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Opt
                 }
             }
             // Winograd: 3×3 stride-1 convolutions (one phase), transposed convolutions (four
-            // phases of 2×2 correlations).
+            // phases of 2×2 correlations), Conv(k4, s2, p1) (four gathered phases).
             let dense3 = conv.kind == ConvKind::Dense && k == 3 && conv.stride == 1 && up == 1 && residual.is_none();
+            let gather = gathers(conv, residual, up);
             if let Some(m) = winograd_choice(conv, input, residual, up, lanes, policy, batch) {
                 let transform = winograd::Transform::new(m, if dense3 { 3 } else { 2 });
                 let mr = gemm::tile_rows(lanes, nv);
                 let cin_padded = cin.div_ceil(lanes) * lanes;
                 let xi = transform.alpha * transform.alpha;
-                let tiles = input.h.div_ceil(m) * input.w.div_ceil(m);
+                let (gh, gw) = if gather { (output.h, output.w) } else { (input.h, input.w) };
+                let tiles = gh.div_ceil(m) * gw.div_ceil(m);
+                // Rows of V: all four phases' channels when gathering.
+                let row_phases = if gather { 4 } else { 1 };
                 // V and one panel of M for a block within half of a core's L2; when the
                 // transformed weights (read once per block) are larger than that themselves,
                 // within all of it: fewer, larger blocks read them fewer times.
-                let u_bytes = xi * cin * cout * 4;
+                let u_bytes = xi * row_phases * cin * cout * 4;
                 let budget = if u_bytes > l2_bytes() / 2 { l2_bytes() / 4 } else { l2_bytes() / 2 / 4 };
-                let per_tile = xi * (cin_padded + nr);
+                let per_tile = xi * (row_phases * cin_padded + nr);
                 let block = ((budget / per_tile) / mr).clamp(1, tiles.div_ceil(mr).max(1)) * mr;
                 let (wphases, u) = if dense3 {
                     let phase = winograd::WinogradPhase { origin: (-1, -1), sub: (0, 0) };
                     (vec![phase], winograd::pack(&transform, cin, cout, nr, |o, c, g| g.copy_from_slice(&conv.weight[(o * cin + c) * 9..][..9])))
+                } else if gather {
+                    // Phase (a, b) reads input pixels 2(i + u) − a, 2(j + v) − b through kernel
+                    // taps [1, 3] (a = 0) or [0, 2] (a = 1); U's channels are the phases'
+                    // channels in turn, `q·cin + c`.
+                    let taps = |a: usize| if a == 0 { [1usize, 3] } else { [0, 2] };
+                    let wphases = (0..4).map(|q| winograd::WinogradPhase { origin: (-((q / 2) as isize), -((q % 2) as isize)), sub: (0, 0) }).collect();
+                    let u = winograd::pack(&transform, 4 * cin, cout, nr, |o, qc, g| {
+                        let (q, c) = (qc / cin, qc % cin);
+                        for (i, ty) in taps(q / 2).into_iter().enumerate() {
+                            for (j, tx) in taps(q % 2).into_iter().enumerate() {
+                                g[i * 2 + j] = conv.weight[((o * cin + c) * 4 + ty) * 4 + tx];
+                            }
+                        }
+                    });
+                    (wphases, u)
                 } else {
                     // Phase (a, b) correlates 2×2 inputs from offset (a − 1, b − 1) with kernel
                     // taps [3, 1] (a = 0) or [2, 0] (a = 1) of the 4×4 transposed kernel.
@@ -613,8 +641,12 @@ pub(super) fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Opt
                     }
                     (wphases, u)
                 };
-                let up = if dense3 { 1 } else { 2 };
-                return Ok(StepKind::Winograd(WinogradConv { input, output, transform, phases: wphases, up, cin, cout, nv, lanes, block, u, bias, min, max }));
+                let (up, stride) = match (dense3, gather) {
+                    (true, _) => (1, 1),
+                    (_, true) => (1, 2),
+                    _ => (2, 1),
+                };
+                return Ok(StepKind::Winograd(WinogradConv { input, output, transform, phases: wphases, up, stride, cin, cout, nv, lanes, block, u, bias, min, max }));
             }
             // 8-pixel-wide maps: tiles along rows waste no border pixels (AVX-512 tile 8×2).
             let positions = match positions {
@@ -687,6 +719,7 @@ fn choose_winograd(h: usize, w: usize, cin: usize, cout: usize, phases: usize, r
     match policy {
         WinogradPolicy::Never => None,
         WinogradPolicy::Always => Some(best),
+        WinogradPolicy::Tile(m) => (candidates.contains(&m) && h >= m && w >= m).then_some(m),
         WinogradPolicy::Auto | WinogradPolicy::AutoRepacked { .. } => (cin >= WINOGRAD_MIN_CHANNELS && winograd_total(best) < direct_total).then_some(best),
     }
 }

@@ -201,11 +201,14 @@ pub fn kind_name(kind: &StepKind) -> &'static str {
                 Positions::Rows { .. } => "direct-rows",
             },
             StepKind::SmallK(_) => "dot",
-            StepKind::Winograd(w) => match (w.transform.m, w.transform.r) {
-                (4, 3) => "winograd-f4x4-3x3",
-                (2, 2) => "winograd-f2x2-2x2",
-                (3, 2) => "winograd-f3x3-2x2",
-                _ => "winograd-f4x4-2x2",
+            StepKind::Winograd(w) => match (w.transform.m, w.transform.r, w.stride) {
+                (4, 3, _) => "winograd-f4x4-3x3",
+                (2, 2, 1) => "winograd-f2x2-2x2",
+                (3, 2, 1) => "winograd-f3x3-2x2",
+                (_, _, 1) => "winograd-f4x4-2x2",
+                (2, 2, _) => "winograd-gather-f2x2-2x2",
+                (3, 2, _) => "winograd-gather-f3x3-2x2",
+                _ => "winograd-gather-f4x4-2x2",
             },
             StepKind::Depthwise(_) => "depthwise",
             StepKind::MaxPool(_) => "maxpool",
@@ -287,8 +290,10 @@ pub enum WinogradPolicy {
     /// Where the cost model expects it to pay.
     Auto,
     Never,
-    /// Every 3×3 stride-1 layer it can run.
+    /// Every layer it can run.
     Always,
+    /// Every layer it can run with tiles of `m×m` outputs (where the map holds one): tests.
+    Tile(usize),
     /// As `Auto`, for weights packed anew on every call (training, whose weights change every
     /// step): the packing counts too, on one of `threads` threads.
     AutoRepacked { threads: usize },

@@ -8,6 +8,12 @@
 //!   pixel of the doubled map), each with its own 2×2 kernel and input offset. They use
 //!   F(m×m, 2×2) with m from 2 to 4 (the compiler picks m by the map size): 9, 16 or 25
 //!   multiplies instead of 16, 36 or 64.
+//! - A Conv(k4, s2, p1), the input gradient of such a ConvTranspose, is the same four 2×2
+//!   correlations the other way round ("gather", `stride` 2): output pixel `i` sums, per
+//!   dimension, the even input pixels `2(i + u)` through kernel taps `[1, 3]` and the odd ones
+//!   `2(i + u) − 1` through taps `[0, 2]`. Each tile transforms the four stride-2 patches, and
+//!   one GEMM reduces over all four phases' channels at once (`V`'s rows hold the phases side
+//!   by side, the GEMM's segments step across them), into one output map.
 //!
 //! The transform matrices come from the Cook–Toom construction in double precision:
 //! `Bᵀ = C⁻ᵀ` for the Vandermonde matrix `C` of the points (with ∞), `G = V_r`, `Aᵀ = V_mᵀ`.
@@ -299,15 +305,17 @@ impl Transforms for Dynamic {
     }
 }
 
-/// One output phase of a Winograd step: where its patches start (input pixels, relative to
-/// the tile's first output) and which sub-pixel of an up-sampled output it writes.
+/// One phase of a Winograd step: where its patches start (input pixels, relative to the
+/// tile's first output times the stride) and which sub-pixel of an up-sampled output it
+/// writes (gathering steps write one output and ignore `sub`).
 #[derive(Debug, Clone, Copy)]
 pub struct WinogradPhase {
     pub origin: (isize, isize),
     pub sub: (usize, usize),
 }
 
-/// A stride-1 correlation by F(m×m, r×r), for one or more output phases.
+/// A stride-1 correlation by F(m×m, r×r), for one or more output phases, or (`stride` 2) the
+/// sum of one or more stride-2 phase correlations into one output.
 #[derive(Debug, Clone)]
 pub struct WinogradConv {
     pub input: View,
@@ -316,15 +324,18 @@ pub struct WinogradConv {
     pub phases: Vec<WinogradPhase>,
     /// Output map size over the phase grid (1, or 2 for transposed convolutions).
     pub up: usize,
+    /// 1: every phase is its own output (items per phase); 2: the phases read every other
+    /// input pixel and are summed into one output (`V` rows hold all phases).
+    pub stride: usize,
     pub cin: usize,
     pub cout: usize,
     pub nv: usize,
     pub lanes: usize,
     /// Tiles per block (a multiple of the GEMM tile rows).
     pub block: usize,
-    /// `[phase][ξ][panel][cin][nv·lanes]`.
+    /// `[phase][ξ][panel][cin][nv·lanes]`; gathering, `[ξ][panel][phase][cin][nv·lanes]`.
     pub u: Vec<f32>,
-    /// Zero-padded to whole panels, `[phase][panel·nr]`.
+    /// Zero-padded to whole panels, `[phase][panel·nr]` (one phase when gathering).
     pub bias: Vec<f32>,
     pub min: f32,
     pub max: f32,
@@ -344,21 +355,32 @@ impl WinogradConv {
         self.cin.div_ceil(self.lanes) * self.lanes
     }
 
-    /// Tiles per image and phase: the phase grid is the input map.
+    /// Phases transformed into one `V` row, and output items per block.
+    fn row_phases(&self) -> (usize, usize) {
+        if self.stride == 1 { (1, self.phases.len()) } else { (self.phases.len(), 1) }
+    }
+
+    /// The phase grid: the output map over the sub-pixels.
+    fn grid(&self) -> (usize, usize) {
+        (self.output.h / self.up, self.output.w / self.up)
+    }
+
+    /// Tiles per image and phase.
     fn tiles_per_image(&self) -> (usize, usize) {
         let m = self.transform.m;
-        (self.input.h.div_ceil(m), self.input.w.div_ceil(m))
+        let (gh, gw) = self.grid();
+        (gh.div_ceil(m), gw.div_ceil(m))
     }
 
     /// Floats of per-thread scratch: `V` for a block, `M` for one panel of it.
     pub fn scratch_floats(&self) -> usize {
-        self.xi() * self.block * (self.cin_padded() + self.nv * self.lanes)
+        self.xi() * self.block * (self.row_phases().0 * self.cin_padded() + self.nv * self.lanes)
     }
 
     pub fn split(&self, n: usize, threads: usize) -> Split {
         let (th, tw) = self.tiles_per_image();
         let blocks = (n * th * tw).div_ceil(self.block);
-        let outer = blocks * self.phases.len();
+        let outer = blocks * self.row_phases().1;
         if threads <= 1 {
             return Split { groups: 1, chunks: blocks };
         }
@@ -369,7 +391,7 @@ impl WinogradConv {
     }
 
     pub fn items(&self, split: Split) -> usize {
-        self.phases.len() * split.groups * split.chunks
+        self.row_phases().1 * split.groups * split.chunks
     }
 
     /// # Safety
@@ -401,7 +423,9 @@ impl WinogradConv {
         let per_phase = split.groups * split.chunks;
         let (phase_index, rest) = (item / per_phase, item % per_phase);
         let (block_index, group) = (rest / split.groups, rest % split.groups);
-        let phase = self.phases[phase_index];
+        let (row_phases, _) = self.row_phases();
+        let stride = self.stride;
+        let sub = if stride == 1 { self.phases[phase_index].sub } else { (0, 0) };
         let tr = &self.transform;
         let (tm, alpha) = (tr.m, tr.alpha);
         let xi_count = alpha * alpha;
@@ -411,56 +435,64 @@ impl WinogradConv {
         let t0 = block_index * self.block;
         let count = self.block.min(total - t0);
         let cp = self.cin_padded();
+        // V's row: the phases' channels side by side.
+        let ldv = row_phases * cp;
         let nr = NV * S::LANES;
         let v = scratch;
-        let mbuf = scratch.add(xi_count * self.block * cp);
+        let mbuf = scratch.add(xi_count * self.block * ldv);
         let input = ctx.ptr(&self.input);
         let output = ctx.ptr(&self.output);
         let (ih, iw, ics) = (self.input.h, self.input.w, self.input.cs);
         let wp = iw + 2;
         let image_floats = self.input.positions() * ics;
 
-        // Input transform: V[ξ][t][c].
+        // Input transform: V[ξ][t][phase·cp + c].
         for t in 0..self.block {
             if t >= count {
                 for xi in 0..xi_count {
-                    std::ptr::write_bytes(v.add((xi * self.block + t) * cp), 0, cp);
+                    std::ptr::write_bytes(v.add((xi * self.block + t) * ldv), 0, ldv);
                 }
                 continue;
             }
             let g = t0 + t;
             let (img, local) = (g / per_image, g % per_image);
             let (ty, tx) = (local / tw, local % tw);
-            // Padded coordinates of the patch's top-left corner (origin ≥ −1).
-            let py = (ty * tm) as isize + phase.origin.0 + 1;
-            let px = (tx * tm) as isize + phase.origin.1 + 1;
-            let (py, px) = (py as usize, px as usize);
-            let inside = py + alpha <= ih + 2 && px + alpha <= iw + 2;
-            let base = input.add(img * image_floats + (py * wp + px) * ics);
-            let mut c = 0;
-            while c < self.cin {
-                let n = self.cin - c;
-                let mut rows = [[S::zero(); MAX_ALPHA]; MAX_ALPHA];
-                for (y, row) in rows.iter_mut().enumerate().take(alpha) {
-                    let mut d = [S::zero(); MAX_ALPHA];
-                    for (x, dv) in d.iter_mut().enumerate().take(alpha) {
-                        if inside || (py + y < ih + 2 && px + x < iw + 2) {
-                            *dv = S::load_n(base.add((y * wp + x) * ics + c), n);
+            for q in 0..row_phases {
+                let phase = self.phases[if stride == 1 { phase_index } else { q }];
+                // Padded coordinates of the patch's top-left corner (origin ≥ −1); its
+                // points are `stride` pixels apart.
+                let py = (stride * ty * tm) as isize + phase.origin.0 + 1;
+                let px = (stride * tx * tm) as isize + phase.origin.1 + 1;
+                let (py, px) = (py as usize, px as usize);
+                let span = stride * (alpha - 1);
+                let inside = py + span < ih + 2 && px + span < iw + 2;
+                let base = input.add(img * image_floats + (py * wp + px) * ics);
+                let vq = v.add(q * cp);
+                let mut c = 0;
+                while c < self.cin {
+                    let n = self.cin - c;
+                    let mut rows = [[S::zero(); MAX_ALPHA]; MAX_ALPHA];
+                    for (y, row) in rows.iter_mut().enumerate().take(alpha) {
+                        let mut d = [S::zero(); MAX_ALPHA];
+                        for (x, dv) in d.iter_mut().enumerate().take(alpha) {
+                            if inside || (py + stride * y < ih + 2 && px + stride * x < iw + 2) {
+                                *dv = S::load_n(base.add((stride * (y * wp + x)) * ics + c), n);
+                            }
+                        }
+                        *row = X::input::<S>(tr, &d);
+                    }
+                    for xi_x in 0..alpha {
+                        let mut column = [S::zero(); MAX_ALPHA];
+                        for (y, col) in column.iter_mut().enumerate().take(alpha) {
+                            *col = rows[y][xi_x];
+                        }
+                        let out = X::input::<S>(tr, &column);
+                        for (xi_y, value) in out.iter().enumerate().take(alpha) {
+                            S::store(vq.add(((xi_y * alpha + xi_x) * self.block + t) * ldv + c), *value);
                         }
                     }
-                    *row = X::input::<S>(tr, &d);
+                    c += S::LANES;
                 }
-                for xi_x in 0..alpha {
-                    let mut column = [S::zero(); MAX_ALPHA];
-                    for (y, col) in column.iter_mut().enumerate().take(alpha) {
-                        *col = rows[y][xi_x];
-                    }
-                    let out = X::input::<S>(tr, &column);
-                    for (xi_y, value) in out.iter().enumerate().take(alpha) {
-                        S::store(v.add(((xi_y * alpha + xi_x) * self.block + t) * cp + c), *value);
-                    }
-                }
-                c += S::LANES;
             }
         }
 
@@ -472,15 +504,20 @@ impl WinogradConv {
         let (lo, hi) = (S::splat(self.min), S::splat(self.max));
         let rows = count.div_ceil(MR);
         let up = self.up;
-        let u = self.u.as_ptr().add(phase_index * xi_count * panels * self.cin * nr);
+        let (gh, gw) = self.grid();
+        let segment = row_phases * self.cin * nr;
+        let u = self.u.as_ptr().add(phase_index * xi_count * panels * segment);
         let bias_base = self.bias.as_ptr().add(phase_index * panels * nr);
+        // The GEMM's segments: each phase's channels of the row.
+        let offsets: [isize; 4] = std::array::from_fn(|q| (q * cp) as isize);
+        let offsets = &offsets[..row_phases];
         for p in p_lo..p_hi {
             // The α² GEMMs of this panel: M[ξ][t][k].
             for xi in 0..xi_count {
-                let a = v.add(xi * self.block * cp);
-                let b = u.add((xi * panels + p) * self.cin * nr);
+                let a = v.add(xi * self.block * ldv);
+                let b = u.add((xi * panels + p) * segment);
                 for rt in 0..rows {
-                    let acc = tile::<S, MR, NV>(a.add(rt * MR * cp), cp, &[0], self.cin, b);
+                    let acc = tile::<S, MR, NV>(a.add(rt * MR * ldv), ldv, offsets, self.cin, b);
                     let dst = mbuf.add((xi * self.block + rt * MR) * nr);
                     for (r, row) in acc.iter().enumerate() {
                         for (j, value) in row.iter().enumerate() {
@@ -512,7 +549,7 @@ impl WinogradConv {
                     }
                     let bias = S::load(bias_base.add(k));
                     for dy in 0..tm {
-                        if oy + dy >= ih {
+                        if oy + dy >= gh {
                             break;
                         }
                         let mut row = [S::zero(); MAX_ALPHA];
@@ -520,12 +557,12 @@ impl WinogradConv {
                             *r = cols[xi_x][dy];
                         }
                         let out = X::output::<S>(tr, &row);
-                        let y = (oy + dy) * up + phase.sub.0 + 1;
+                        let y = (oy + dy) * up + sub.0 + 1;
                         for (dx, value) in out.iter().enumerate().take(tm) {
-                            if ox + dx >= iw {
+                            if ox + dx >= gw {
                                 break;
                             }
-                            let x = (ox + dx) * up + phase.sub.1 + 1;
+                            let x = (ox + dx) * up + sub.1 + 1;
                             let value = S::min(S::max(S::add(*value, bias), lo), hi);
                             S::store_n(output.add(img * out_image + (y * owp + x) * ocs + k), value, valid);
                         }
@@ -631,6 +668,80 @@ mod tests {
         same(2, &F22::BT, &F22::AT);
         same(3, &F32::BT, &F32::AT);
         same(4, &F42::BT, &F42::AT);
+    }
+
+    /// A Conv(k4, s2, p1) (a ConvTranspose's input gradient) as gathered Winograd phases, with
+    /// every tile size, on every instruction set, split for one and three threads, against the
+    /// definition: odd and even maps, partial tiles, channel counts off whole vectors.
+    #[test]
+    fn gathered_phases_compute_the_strided_convolution() {
+        use crate::engine::graph::{Act, ConvKind, ConvOp};
+        use crate::engine::kernels::{Kernel, KernelOptions, slack_floats, zero_borders};
+        use crate::engine::{Isa, WinogradPolicy};
+        let isas = [Isa::Avx512, Isa::Avx2, Isa::Portable].into_iter().filter(|i| i.supported());
+        for isa in isas {
+            for (n, cin, cout, h, w) in [(2, 8, 20, 8, 8), (1, 24, 40, 9, 7), (3, 17, 33, 4, 6), (2, 40, 24, 16, 16)] {
+                let wlen = cout * cin * 16;
+                let weight: Vec<f32> = (0..wlen).map(|i| ((i * 7919 % 1009) as f32 / 504.5 - 1.0) * 0.3).collect();
+                let bias: Vec<f32> = (0..cout).map(|o| o as f32 * 0.01 - 0.1).collect();
+                let op = ConvOp { kind: ConvKind::Dense, cin, cout, k: 4, stride: 2, pad: 1, weight: weight.clone(), bias: bias.clone(), act: Act::Identity };
+                let (oh, ow) = (h / 2, w / 2);
+                let (wp, owp) = (w + 2, ow + 2);
+                let image = (h + 2) * wp * cin;
+                let mut x = vec![0f32; n * image + slack_floats(w, cin)];
+                let value = |i: usize, y: usize, xx: usize, c: usize| ((i * 131 + y * 31 + xx * 17 + c * 7) % 97) as f32 / 48.5 - 1.0;
+                for i in 0..n {
+                    for y in 0..h {
+                        for xx in 0..w {
+                            for c in 0..cin {
+                                x[i * image + ((y + 1) * wp + xx + 1) * cin + c] = value(i, y, xx, c);
+                            }
+                        }
+                    }
+                }
+                for m in [2, 3, 4] {
+                    if oh < m || ow < m {
+                        continue;
+                    }
+                    let options = KernelOptions { isa, winograd: WinogradPolicy::Tile(m), batch: n };
+                    let kernel = Kernel::conv(&op, h, w, &options).unwrap();
+                    assert!(kernel.name().starts_with("winograd-gather"), "{isa:?} m {m}: {}", kernel.name());
+                    for threads in [1, 3] {
+                        let oimage = (oh + 2) * owp * cout;
+                        let mut out = vec![f32::NAN; n * oimage];
+                        let work = kernel.work(n, threads);
+                        let mut scratch = vec![0f32; kernel.scratch_floats()];
+                        unsafe {
+                            zero_borders(out.as_mut_ptr(), n, oh, ow, cout);
+                            for item in 0..work.items {
+                                kernel.run(x.as_ptr(), out.as_mut_ptr(), n, &work, item, scratch.as_mut_ptr());
+                            }
+                        }
+                        for i in 0..n {
+                            for oy in 0..oh {
+                                for ox in 0..ow {
+                                    for o in 0..cout {
+                                        let mut want = bias[o] as f64;
+                                        for c in 0..cin {
+                                            for ky in 0..4 {
+                                                for kx in 0..4 {
+                                                    let (y, xx) = ((2 * oy + ky) as isize - 1, (2 * ox + kx) as isize - 1);
+                                                    if y >= 0 && xx >= 0 && (y as usize) < h && (xx as usize) < w {
+                                                        want += weight[((o * cin + c) * 4 + ky) * 4 + kx] as f64 * value(i, y as usize, xx as usize, c) as f64;
+                                                    }
+                                                }
+                                            }
+                                        }
+                                        let got = out[i * oimage + ((oy + 1) * owp + ox + 1) * cout + o] as f64;
+                                        assert!((got - want).abs() <= 1e-3 * want.abs().max(1.0), "{isa:?} m {m} threads {threads} {cin}→{cout} {h}×{w} image {i} ({oy}, {ox}) channel {o}: {got} vs {want}");
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
