@@ -626,7 +626,7 @@ pub(super) fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Opt
                     // taps [3, 1] (a = 0) or [2, 0] (a = 1) of the 4×4 transposed kernel.
                     let taps = |a: usize| if a == 0 { [3usize, 1] } else { [2, 0] };
                     let mut wphases = Vec::new();
-                    let mut u = Vec::new();
+                    let mut u = Vec::with_capacity(4 * xi * cout.div_ceil(nr) * cin * nr);
                     for a in 0..2 {
                         for b in 0..2 {
                             wphases.push(winograd::WinogradPhase { origin: (a as isize - 1, b as isize - 1), sub: (a, b) });

@@ -27,7 +27,7 @@
 #![allow(unsafe_op_in_unsafe_fn)]
 
 use super::conv::{Split, range};
-use super::gemm::{tile, tile_rows};
+use super::gemm::{self, tile, tile_rows};
 use super::plan::{Ctx, View};
 use super::simd::Simd;
 
@@ -577,18 +577,23 @@ impl WinogradConv {
 /// `g(k, c, out)` writes the r×r kernel (row-major) of output channel `k` and input channel
 /// `c`. The transform `U = G g Gᵀ` runs a panel of output channels at a time (vectorized
 /// along them), in f32.
-pub fn pack(transform: &Transform, cin: usize, cout: usize, nr: usize, g: impl Fn(usize, usize, &mut [f32])) -> Vec<f32> {
+pub fn pack(transform: &Transform, cin: usize, cout: usize, nr: usize, g: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
     let (a, r) = (transform.alpha, transform.r);
     let xi_count = a * a;
     let panels = cout.div_ceil(nr);
     let gm: Vec<f32> = transform.g.iter().map(|v| *v as f32).collect();
-    let mut out = vec![0f32; xi_count * panels * cin * nr];
-    let mut one = [0f32; 9];
-    // [i][j][lane], [x][j][lane], [x][y][lane].
-    let mut kern = vec![0f32; r * r * nr];
-    let mut tmp = vec![0f32; a * r * nr];
-    let mut u = vec![0f32; a * a * nr];
-    for p in 0..panels {
+    let len = xi_count * panels * cin * nr;
+    let mut out = Vec::with_capacity(len);
+    let base = gemm::PackPtr(out.as_mut_ptr());
+    // One panel of output channels per call, on up to four threads (weights transformed on
+    // every training step).
+    let pack_panel = |p: usize| {
+        let base = &base;
+        let mut one = [0f32; 9];
+        // [i][j][lane], [x][j][lane], [x][y][lane].
+        let mut kern = vec![0f32; r * r * nr];
+        let mut tmp = vec![0f32; a * r * nr];
+        let mut u = vec![0f32; a * a * nr];
         for c in 0..cin {
             for lane in 0..nr {
                 let k = p * nr + lane;
@@ -628,10 +633,15 @@ pub fn pack(transform: &Transform, cin: usize, cout: usize, nr: usize, g: impl F
                 }
             }
             for xi in 0..xi_count {
-                out[((xi * panels + p) * cin + c) * nr..][..nr].copy_from_slice(&u[xi * nr..][..nr]);
+                // SAFETY: row (ξ, p, c) lies in `out`'s capacity; each panel `p` is written
+                // by one call only.
+                unsafe { std::ptr::copy_nonoverlapping(u.as_ptr().add(xi * nr), base.0.add(((xi * panels + p) * cin + c) * nr), nr) };
             }
         }
-    }
+    };
+    gemm::for_indices(panels, len, &pack_panel);
+    // SAFETY: every (ξ, panel, channel) row of `nr` floats was written above.
+    unsafe { out.set_len(len) };
     out
 }
 
