@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail, ensure};
 use super::Isa;
 use super::bf16::{Bf16Conv, Bf16Unit};
 use super::int8::{Int8Conv, Int8Unit, activation_quant};
-use super::conv::{DirectConv, Phase, Positions, SMALL_K, SmallKConv};
+use super::conv::{self, DirectConv, Phase, Positions, SMALL_K, SmallKConv};
 use super::gemm::{self, panel_vectors};
 use super::graph::{ConvKind, ConvOp, Graph, NodeId, Op};
 use super::plan::{Buffer, LARGE_BATCH, LazyKernel, Plan, PlanOptions, Precision, Step, StepKind, View, WinogradPolicy};
@@ -610,7 +610,7 @@ pub(super) fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Opt
                     // Phase (a, b) reads input pixels 2(i + u) − a, 2(j + v) − b through kernel
                     // taps [1, 3] (a = 0) or [0, 2] (a = 1); U's channels are the phases'
                     // channels in turn, `q·cin + c`.
-                    let taps = |a: usize| if a == 0 { [1usize, 3] } else { [0, 2] };
+                    let taps = |a: usize| conv::K4S2_PHASE_TAPS[a];
                     let wphases = (0..4).map(|q| winograd::WinogradPhase { origin: (-((q / 2) as isize), -((q % 2) as isize)), sub: (0, 0) }).collect();
                     let u = winograd::pack(&transform, 4 * cin, cout, nr, |o, qc, g| {
                         let (q, c) = (qc / cin, qc % cin);
@@ -624,7 +624,10 @@ pub(super) fn lower_conv(conv: &ConvOp, input: View, output: View, residual: Opt
                 } else {
                     // Phase (a, b) correlates 2×2 inputs from offset (a − 1, b − 1) with kernel
                     // taps [3, 1] (a = 0) or [2, 0] (a = 1) of the 4×4 transposed kernel.
-                    let taps = |a: usize| if a == 0 { [3usize, 1] } else { [2, 0] };
+                    let taps = |a: usize| {
+                        let [near, far] = conv::K4S2_PHASE_TAPS[a];
+                        [far, near]
+                    };
                     let mut wphases = Vec::new();
                     let mut u = Vec::with_capacity(4 * xi * cout.div_ceil(nr) * cin * nr);
                     for a in 0..2 {

@@ -21,6 +21,13 @@ use super::gemm::{self, tile, tile_rows};
 use super::plan::{Ctx, View};
 use super::simd::Simd;
 
+/// The kernel taps of a k4, stride-2, padding-1 pairing per phase along one dimension: pixel
+/// `i` of the small map meets pixel `2i − 1 + t` of the large one through tap `t`, so the
+/// large map's even pixels (phase 0) meet taps `[1, 3]` (at `2i`, `2i + 2`) and its odd ones
+/// (phase 1) taps `[0, 2]` (at `2i − 1`, `2i + 1`). A ConvTranspose(k4, s2, p1), its input
+/// gradient and its weight gradient all split into these four 2×2 phases.
+pub const K4S2_PHASE_TAPS: [[usize; 2]; 2] = [[1, 3], [0, 2]];
+
 /// Layers with at most this many output channels use [`SmallKConv`].
 pub const SMALL_K: usize = 4;
 

@@ -176,7 +176,7 @@ pub fn pack_dense(weight: &[f32], taps: usize, cin: usize, cout: usize, nr: usiz
 /// `(taps(a)[t / 2], taps(b)[t % 2])` with `taps(0) = [1, 3]`, `taps(1) = [0, 2]`. Each
 /// panel's `nr × 16` floats per input channel are read once for all four phases.
 pub fn pack_transposed_k4(weight: &[f32], cin: usize, cout: usize, nr: usize) -> Vec<f32> {
-    let taps_1d = |a: usize| if a == 0 { [1usize, 3] } else { [0, 2] };
+    let taps_1d = |a: usize| super::conv::K4S2_PHASE_TAPS[a];
     let panels = cout.div_ceil(nr);
     let per_chunk = 4 * cin * nr;
     let len = 4 * panels * per_chunk;
@@ -319,7 +319,7 @@ mod tests {
 
     #[test]
     fn transposed_packing_is_the_per_value_packing() {
-        let taps_1d = |a: usize| if a == 0 { [1usize, 3] } else { [0, 2] };
+        let taps_1d = |a: usize| crate::engine::conv::K4S2_PHASE_TAPS[a];
         for (cin, cout, nr) in [(7, 40, 32), (3, 5, 16), (300, 70, 32), (1100, 64, 32)] {
             let w = weights(cin * cout * 16);
             let mut expected = Vec::new();

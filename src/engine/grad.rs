@@ -82,6 +82,22 @@ fn tile_sides(a: MapShape, b: MapShape, k: usize, rows_from_b: bool, merge_taps:
     if rows_from_b { (if merge_taps { k * b.c } else { b.c }, a.c) } else { (a.c, b.c) }
 }
 
+/// Writes weight-layout rows `a_range` (`[a][b][tap]`) of `out` (which holds just those rows)
+/// from a `[tap][rows][vectors]` buffer, its rows being `A`'s `ca` channels (or `B`'s `cb`
+/// with `rows_from_b`) and its vectors the other map's.
+pub fn tap_major_to_weights(buffer: &[f32], taps: usize, ca: usize, cb: usize, rows_from_b: bool, a_range: std::ops::Range<usize>, out: &mut [f32]) {
+    let (r_c, v_c) = if rows_from_b { (cb, ca) } else { (ca, cb) };
+    for (ia, a) in a_range.enumerate() {
+        for b in 0..cb {
+            let dst = &mut out[(ia * cb + b) * taps..][..taps];
+            let (r, v) = if rows_from_b { (b, a) } else { (a, b) };
+            for (t, d) in dst.iter_mut().enumerate() {
+                *d = buffer[(t * r_c + r) * v_c + v];
+            }
+        }
+    }
+}
+
 /// Pixels of `A` per block of rows when items split the pixels.
 const BLOCK_PIXELS: usize = 512;
 
@@ -202,18 +218,7 @@ impl WeightGrad {
     /// Writes weight-layout rows `a_range` (`[a][b][tap]`, candle's layout) of `out` (which
     /// holds just those rows) from a buffer [`Self::run`] filled.
     pub fn finish(&self, buffer: &[f32], a_range: std::ops::Range<usize>, out: &mut [f32]) {
-        let taps = self.k * self.k;
-        let (ca, cb) = (self.a.c, self.b.c);
-        let (r_c, v_c) = if self.rows_from_b { (cb, ca) } else { (ca, cb) };
-        for (ia, a) in a_range.enumerate() {
-            for b in 0..cb {
-                let dst = &mut out[(ia * cb + b) * taps..][..taps];
-                let (r, v) = if self.rows_from_b { (b, a) } else { (a, b) };
-                for (t, d) in dst.iter_mut().enumerate() {
-                    *d = buffer[(t * r_c + r) * v_c + v];
-                }
-            }
-        }
+        tap_major_to_weights(buffer, self.k * self.k, self.a.c, self.b.c, self.rows_from_b, a_range, out);
     }
 
     /// Adds item `item`'s share of the gradient into `grad` (see [`Self::buffer_len`]; zeroed

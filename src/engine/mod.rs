@@ -30,6 +30,7 @@ pub mod compile;
 pub mod conv;
 pub mod gemm;
 pub mod grad;
+pub mod grad_winograd;
 pub mod graph;
 pub mod int8;
 pub mod kernels;

@@ -17,7 +17,8 @@ use rayon::prelude::*;
 
 use super::fmap::{self, alloc_map, profile, data, map_of, par_items, row_grain, shape_of, storage, sum_rows, with_scratch, with_slack};
 use crate::engine::graph::{Act, ConvKind, ConvOp};
-use crate::engine::grad::WeightGrad;
+use crate::engine::grad::{WeightGrad, tap_major_to_weights};
+use crate::engine::grad_winograd::GradWinograd;
 use crate::engine::kernels::{Kernel, KernelOptions, zero_borders};
 use crate::engine::maps::{CPtr, DepthwiseGradInputS2, DepthwiseGradWeight, MapShape, Ptr, RowSums, StridedGradInput};
 use crate::engine::{Isa, WinogradPolicy};
@@ -367,6 +368,9 @@ fn grad_weight_inner(g: ConvGeometry, x: &[f32], xm: MapShape, dy: &[f32], om: M
         } else {
             // A: the small-side map (output gradient of a convolution, input of a transposed one).
             let (a, am, b, bm) = if g.kind == ConvKind::Transposed { (x, xm, dy, om) } else { (dy, om, x, xm) };
+            if let Some(m) = GradWinograd::choose(am, bm, g.k, g.stride, g.pad) {
+                return grad_weight_winograd(a, am, b, bm, n, m, threads, isa);
+            }
             let wg = WeightGrad::new(am, bm, g.k, g.stride, g.pad, n, threads, isa).map_err(|e| candle_core::Error::Msg(format!("convolution gradient: {e:#}")))?;
             let items = wg.items();
             let len = wg.buffer_len();
@@ -409,6 +413,43 @@ fn grad_weight_inner(g: ConvGeometry, x: &[f32], xm: MapShape, dy: &[f32], om: M
             out
         };
         Ok(out)
+}
+
+/// [`grad_weight_inner`] of a k4 s2 p1 pairing by F(2, m) Winograd tiles ([`GradWinograd`]):
+/// `a` the small-side map, `b` the one twice its size, both with slack.
+#[allow(clippy::too_many_arguments)]
+fn grad_weight_winograd(a: &[f32], am: MapShape, b: &[f32], bm: MapShape, n: usize, m: usize, threads: usize, isa: Isa) -> Result<Vec<f32>> {
+    let wg = GradWinograd::new(am, bm, n, m, isa).map_err(|e| candle_core::Error::Msg(format!("convolution gradient: {e:#}")))?;
+    let (ap, bp) = (CPtr(a.as_ptr()), CPtr(b.as_ptr()));
+    let mut pa = fmap::zeros(wg.a_panels_len());
+    let mut pb = fmap::zeros(wg.b_panels_len());
+    let (pap, pbp) = (Ptr(pa.as_mut_ptr()), Ptr(pb.as_mut_ptr()));
+    (0..wg.transform_items()).into_par_iter().for_each(|item| {
+        let (ap, bp, pap, pbp) = (&ap, &bp, &pap, &pbp);
+        // SAFETY: both maps hold n padded images and their slack; the panels are sized by
+        // `wg`; items write disjoint tiles of them.
+        unsafe { wg.transform(ap.0, bp.0, item, pap.0, pbp.0) };
+    });
+    // Every float of the buffer is written once by the GEMM items.
+    let mut buffer: Vec<f32> = Vec::with_capacity(wg.buffer_len());
+    let gp = Ptr(buffer.as_mut_ptr());
+    let (pa, pb) = (CPtr(pa.as_ptr()), CPtr(pb.as_ptr()));
+    (0..wg.gemm_items()).into_par_iter().for_each(|item| {
+        let (pa, pb, gp) = (&pa, &pb, &gp);
+        // SAFETY: the panels are complete; items write disjoint (tap, row) ranges of the
+        // buffer's capacity.
+        unsafe { wg.gemm(pa.0, pb.0, item, gp.0) };
+    });
+    // SAFETY: the GEMM items together wrote all of it.
+    unsafe { buffer.set_len(wg.buffer_len()) };
+    let per_a = bm.c * 16;
+    let mut out = vec![0f32; am.c * per_a];
+    let rows_per_chunk = am.c.div_ceil(2 * threads).max(1);
+    out.par_chunks_mut(rows_per_chunk * per_a).enumerate().for_each(|(i, chunk)| {
+        let lo = i * rows_per_chunk;
+        tap_major_to_weights(&buffer, 16, am.c, bm.c, false, lo..lo + chunk.len() / per_a, chunk);
+    });
+    Ok(out)
 }
 
 /// `dy → db`: the sum of each channel over every pixel.
