@@ -402,15 +402,7 @@ fn grad_weight_inner(g: ConvGeometry, x: &[f32], xm: MapShape, dy: &[f32], om: M
                 });
                 grad
             };
-            // Into the weight layout, rows of A in parallel.
-            let per_a = bm.c * g.k * g.k;
-            let mut out = vec![0f32; am.c * per_a];
-            let rows_per_chunk = am.c.div_ceil(2 * threads).max(1);
-            out.par_chunks_mut(rows_per_chunk * per_a).enumerate().for_each(|(i, chunk)| {
-                let lo = i * rows_per_chunk;
-                wg.finish(&buffer, lo..lo + chunk.len() / per_a, chunk);
-            });
-            out
+            into_weight_layout(am.c, bm.c * g.k * g.k, threads, |rows, chunk| wg.finish(&buffer, rows, chunk))
         };
         Ok(out)
 }
@@ -421,8 +413,11 @@ fn grad_weight_inner(g: ConvGeometry, x: &[f32], xm: MapShape, dy: &[f32], om: M
 fn grad_weight_winograd(a: &[f32], am: MapShape, b: &[f32], bm: MapShape, n: usize, m: usize, threads: usize, isa: Isa) -> Result<Vec<f32>> {
     let wg = GradWinograd::new(am, bm, n, m, isa).map_err(|e| candle_core::Error::Msg(format!("convolution gradient: {e:#}")))?;
     let (ap, bp) = (CPtr(a.as_ptr()), CPtr(b.as_ptr()));
-    let mut pa = fmap::zeros(wg.a_panels_len());
-    let mut pb = fmap::zeros(wg.b_panels_len());
+    // Not zeroed: the transform writes every float of both panels but A's slack vector
+    // (tens of MB per layer and step).
+    let (a_len, b_len, slack) = (wg.a_panels_len(), wg.b_panels_len(), isa.lanes());
+    let mut pa: Vec<f32> = Vec::with_capacity(a_len);
+    let mut pb: Vec<f32> = Vec::with_capacity(b_len);
     let (pap, pbp) = (Ptr(pa.as_mut_ptr()), Ptr(pb.as_mut_ptr()));
     (0..wg.transform_items()).into_par_iter().for_each(|item| {
         let (ap, bp, pap, pbp) = (&ap, &bp, &pap, &pbp);
@@ -430,6 +425,12 @@ fn grad_weight_winograd(a: &[f32], am: MapShape, b: &[f32], bm: MapShape, n: usi
         // `wg`; items write disjoint tiles of them.
         unsafe { wg.transform(ap.0, bp.0, item, pap.0, pbp.0) };
     });
+    // SAFETY: the transform items wrote both panels, all but A's slack, zeroed here.
+    unsafe {
+        std::ptr::write_bytes(pa.as_mut_ptr().add(a_len - slack), 0, slack);
+        pa.set_len(a_len);
+        pb.set_len(b_len);
+    }
     // Every float of the buffer is written once by the GEMM items.
     let mut buffer: Vec<f32> = Vec::with_capacity(wg.buffer_len());
     let gp = Ptr(buffer.as_mut_ptr());
@@ -442,14 +443,19 @@ fn grad_weight_winograd(a: &[f32], am: MapShape, b: &[f32], bm: MapShape, n: usi
     });
     // SAFETY: the GEMM items together wrote all of it.
     unsafe { buffer.set_len(wg.buffer_len()) };
-    let per_a = bm.c * 16;
-    let mut out = vec![0f32; am.c * per_a];
-    let rows_per_chunk = am.c.div_ceil(2 * threads).max(1);
-    out.par_chunks_mut(rows_per_chunk * per_a).enumerate().for_each(|(i, chunk)| {
+    Ok(into_weight_layout(am.c, bm.c * 16, threads, |rows, chunk| tap_major_to_weights(&buffer, 16, am.c, bm.c, false, rows, chunk)))
+}
+
+/// The weight gradient in the weight layout, `rows` rows (A's channels) of `per_row` floats,
+/// written by `finish(rows, chunk)` in parallel chunks of rows.
+fn into_weight_layout(rows: usize, per_row: usize, threads: usize, finish: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; rows * per_row];
+    let rows_per_chunk = rows.div_ceil(2 * threads).max(1);
+    out.par_chunks_mut(rows_per_chunk * per_row).enumerate().for_each(|(i, chunk)| {
         let lo = i * rows_per_chunk;
-        tap_major_to_weights(&buffer, 16, am.c, bm.c, false, lo..lo + chunk.len() / per_a, chunk);
+        finish(lo..lo + chunk.len() / per_row, chunk);
     });
-    Ok(out)
+    out
 }
 
 /// `dy → db`: the sum of each channel over every pixel.
